@@ -1,0 +1,393 @@
+"""Pure-functional on-policy distillation estimators (PAPER.md Eqs. 1-8, App. G.3).
+
+Every function here is `jax.jit`-able, computes in float32 whatever the input dtype, treats the
+teacher as a constant (stop-gradient), and aggregates with the token-mean: the sum over every
+unmasked token of the batch divided by their count. Masked positions contribute exactly zero to
+the loss and to the gradient, even when their logits are -inf or NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+SUPPORTS = ("teacher", "student", "teacher+sampled", "student+sampled")
+TAILS = ("none", "ema_pg")
+
+# Log-probabilities are floored here before they multiply a probability, so that a token the
+# teacher rules out (-inf) where the student still has mass gives a huge but finite penalty
+# instead of inf/NaN. Real log-probabilities of float32 logits never come near this value.
+LOGP_FLOOR = -1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _f32(x: Array) -> Array:
+  return jnp.asarray(x).astype(jnp.float32)
+
+
+def _check_pair(student_logits: Array, teacher_logits: Array, mask: Array) -> None:
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(
+        "student_logits and teacher_logits must have the same shape, got student "
+        f"{tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}; "
+        "use masking.reconcile_vocab to slice both to the shared vocabulary.")
+  if student_logits.ndim < 2:
+    raise ValueError(
+        f"logits must have shape [..., V] with at least one position, got {student_logits.shape}")
+  if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
+    raise ValueError(
+        f"mask must have the logits' shape without the vocabulary axis, "
+        f"{tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}")
+
+
+def _check_positions(name: str, x: Array | None, mask: Array) -> None:
+  if x is not None and tuple(x.shape) != tuple(mask.shape):
+    raise ValueError(f"{name} must have the mask's shape {tuple(mask.shape)}, got {tuple(x.shape)}")
+
+
+def _sanitize(logits: Array, mask: Array) -> Array:
+  """float32 logits with masked positions replaced by zeros (keeps their gradient exactly 0)."""
+  return jnp.where(mask[..., None], _f32(logits), 0.0)
+
+
+def _safe_logsumexp(x: Array, axis: int = -1) -> Array:
+  """logsumexp that returns -inf (not NaN) for an all -inf row and has finite gradients."""
+  m = jnp.max(x, axis=axis, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  s = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
+  out = jnp.log(jnp.where(s > 0, s, 1.0)) + m
+  out = jnp.where(s > 0, out, -jnp.inf)
+  return jnp.squeeze(out, axis)
+
+
+def _kl_terms(logp: Array, logq: Array) -> Array:
+  """Σ_v p (log p - log q) over the last axis, exactly 0 where p = 0, finite where q = 0."""
+  p = jnp.exp(logp)
+  live = p > 0
+  safe_logp = jnp.where(live, logp, 0.0)
+  safe_logq = jnp.where(live, jnp.maximum(logq, LOGP_FLOOR), 0.0)
+  return jnp.sum(jnp.where(live, p * (safe_logp - safe_logq), 0.0), axis=-1)
+
+
+def _entropy(logp: Array) -> Array:
+  p = jnp.exp(logp)
+  return -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), axis=-1)
+
+
+def _token_mean(values: Array, mask: Array) -> tuple[Array, Array]:
+  """(Σ mask·values / max(N, 1), N) with N the number of unmasked tokens."""
+  maskf = mask.astype(jnp.float32)
+  n = jnp.sum(maskf)
+  total = jnp.sum(jnp.where(mask, values, 0.0))
+  return total / jnp.maximum(n, 1.0), n
+
+
+def _log_softmax(logits: Array) -> Array:
+  """log_softmax that is -inf everywhere (not NaN) on a row without any finite logit."""
+  lse = _safe_logsumexp(logits)[..., None]
+  return jnp.where(jnp.isfinite(lse), logits - jnp.where(jnp.isfinite(lse), lse, 0.0), -jnp.inf)
+
+
+def _gather(x: Array, idx: Array) -> Array:
+  return jnp.take_along_axis(x, idx, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# public estimators
+# ----------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: Array, tokens: Array) -> Array:
+  """Log-probability of each token under the logits' softmax.
+
+  Args:
+    logits: [..., T, V] logits (any float dtype).
+    tokens: [..., T] integer token ids in [0, V).
+
+  Returns:
+    [..., T] float32 log-probabilities.
+  """
+  if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+    raise ValueError(
+        f"tokens must have the logits' shape without the vocabulary axis, "
+        f"{tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
+  logp = _log_softmax(_f32(logits))
+  return _gather(logp, tokens[..., None].astype(jnp.int32))[..., 0]
+
+
+def full_reverse_kl(student_logits: Array, teacher_logits: Array, mask: Array
+                    ) -> tuple[Array, dict[str, Array]]:
+  """Full-vocabulary per-prefix reverse KL, KL(π_θ ‖ q) (Eq. 4), token-mean aggregated.
+
+  Args:
+    student_logits: [B, T, V] student logits (differentiated).
+    teacher_logits: [B, T, V] teacher logits (treated as constants).
+    mask: [B, T] bool, True where the position is in the loss.
+
+  Returns:
+    (loss, aux): scalar loss and a flat dict of scalar diagnostics.
+  """
+  _check_pair(student_logits, teacher_logits, mask)
+  mask = mask.astype(bool)
+  logp = _log_softmax(_sanitize(student_logits, mask))
+  logq = _log_softmax(jax.lax.stop_gradient(_sanitize(teacher_logits, mask)))
+  loss, n = _token_mean(_kl_terms(logp, logq), mask)
+  ent, _ = _token_mean(_entropy(jax.lax.stop_gradient(logp)), mask)
+  return loss, {"kl/student_entropy": ent, "kl/num_tokens": n}
+
+
+def _support_indices(student_logits: Array, teacher_logits: Array, k: int, support: str,
+                     sampled_tokens: Array | None) -> tuple[Array, Array, Array, Array]:
+  """Support slots: (indices [..., S], valid [..., S], student top-K, teacher top-K)."""
+  _, s_top = jax.lax.top_k(jax.lax.stop_gradient(student_logits), k)
+  _, t_top = jax.lax.top_k(teacher_logits, k)
+  base = t_top if support.startswith("teacher") else s_top
+  valid = jnp.ones(base.shape, bool)
+  if support.endswith("+sampled"):
+    y = sampled_tokens[..., None].astype(base.dtype)
+    extra_valid = ~jnp.any(base == y, axis=-1, keepdims=True)
+    base = jnp.concatenate([base, y], axis=-1)
+    valid = jnp.concatenate([valid, extra_valid], axis=-1)
+  return base, valid, s_top, t_top
+
+
+def _overlap(s_top: Array, t_top: Array, vocab: int) -> Array:
+  """Fraction of the teacher's top-K that is also in the student's top-K, per position."""
+  k = s_top.shape[-1]
+  if k * k <= vocab:  # pairwise comparison is cheaper than a vocabulary-sized membership table
+    hit = jnp.any(s_top[..., :, None] == t_top[..., None, :], axis=-2)
+  else:
+    member = jnp.zeros(s_top.shape[:-1] + (vocab,), bool)
+    member = jnp.put_along_axis(member, s_top, True, axis=-1, inplace=False)
+    hit = _gather(member, t_top)
+  return jnp.mean(hit.astype(jnp.float32), axis=-1)
+
+
+def topk_reverse_kl(student_logits: Array, teacher_logits: Array, mask: Array, *, k: int = 32,
+                    support: str = "teacher", renormalize: bool = True, tail: str = "none",
+                    sampled_tokens: Array | None = None,
+                    behavior_logprobs: Array | None = None,
+                    tail_weight_clip: float | None = None) -> tuple[Array, dict[str, Array]]:
+  """Reverse KL on a top-K local support: the paper's LSM (Eqs. 6-8) and its App. G.3 variants.
+
+  The default (support="teacher", renormalize=True, tail="none") is the paper's method: on the
+  teacher's K most probable tokens S, both distributions are renormalised (log_softmax over the
+  K gathered logits) and ℓ = Σ_{v∈S} π̂(v)(log π̂(v) − log q̂(v)); the gradient flows analytically
+  through the student's gathered logits, never through the support's indices.
+
+  Variants: support "student" (student top-K), "teacher+sampled" / "student+sampled" (the sampled
+  token is added as a (K+1)-th slot only when it is not already in the top-K). With
+  renormalize=False, log-probabilities are the full-vocabulary ones (the gradient also flows
+  through the student's logsumexp). tail="ema_pg" adds the sampled-token tail correction
+  ℓ_tail = w · 1[y ∉ S] · ρ · sg(log π(y) − log q(y)) with ρ = π(y)/sg(π(y)) and
+  w = sg(π(y)/π_behaviour(y)) (capped from above by `tail_weight_clip`), where S is the
+  un-augmented top-K. Without `behavior_logprobs` the rollout is taken to be on-policy (w = 1).
+  Note: head (unrenormalised) + tail estimates ∇ of Eq. 4 up to the term ∇π_θ(S), the gradient
+  of the student's mass on S, which the head's self-term adds; tests pin this identity.
+
+  Args:
+    student_logits: [B, T, V] student logits (differentiated).
+    teacher_logits: [B, T, V] teacher logits (constants).
+    mask: [B, T] bool loss mask.
+    k: support size, 1 <= k <= V.
+    support: "teacher" | "student" | "teacher+sampled" | "student+sampled".
+    renormalize: renormalise both distributions inside the support (the method) or not.
+    tail: "none" | "ema_pg".
+    sampled_tokens: [B, T] ids of the rollout's tokens; needed by "+sampled" supports and the
+      EMA-PG tail; when given, the teacher−student log-prob gap on them is logged.
+    behavior_logprobs: [B, T] log-probs of the sampled tokens under the behaviour (rollout)
+      policy, for the tail's importance weight.
+    tail_weight_clip: optional upper cap on the tail's importance weight w.
+
+  Returns:
+    (loss, aux): scalar token-mean loss and flat scalar diagnostics "kl/…".
+  """
+  _check_pair(student_logits, teacher_logits, mask)
+  vocab = student_logits.shape[-1]
+  if not isinstance(k, int) or k < 1 or k > vocab:
+    raise ValueError(f"k must be an int in [1, vocab size = {vocab}], got {k!r}")
+  if support not in SUPPORTS:
+    raise ValueError(f"unknown support {support!r}; accepted: {', '.join(SUPPORTS)}")
+  if tail not in TAILS:
+    raise ValueError(f"unknown tail {tail!r}; accepted: {', '.join(TAILS)}")
+  if sampled_tokens is None and (tail == "ema_pg" or support.endswith("+sampled")):
+    what = f"tail={tail!r}" if tail == "ema_pg" else f"support={support!r}"
+    raise ValueError(f"{what} needs sampled_tokens ([B, T] ids of the rollout tokens)")
+  if tail_weight_clip is not None and not tail_weight_clip > 0:
+    raise ValueError(f"tail_weight_clip must be > 0 or None, got {tail_weight_clip!r}")
+  _check_positions("sampled_tokens", sampled_tokens, mask)
+  _check_positions("behavior_logprobs", behavior_logprobs, mask)
+
+  mask = mask.astype(bool)
+  zs = _sanitize(student_logits, mask)
+  zt = jax.lax.stop_gradient(_sanitize(teacher_logits, mask))
+  idx, valid, s_top, t_top = _support_indices(zs, zt, k, support, sampled_tokens)
+
+  zs_sup = jnp.where(valid, _gather(zs, idx), -jnp.inf)
+  zt_sup = jnp.where(valid, _gather(zt, idx), -jnp.inf)
+  lse_s = _safe_logsumexp(zs)
+  lse_t = _safe_logsumexp(zt)
+  if renormalize:
+    logp_sup = _log_softmax(zs_sup)
+    logq_sup = _log_softmax(zt_sup)
+  else:
+    logp_sup = zs_sup - lse_s[..., None]
+    logq_sup = zt_sup - lse_t[..., None]
+  per_token = _kl_terms(logp_sup, logq_sup)
+
+  # Diagnostics on the (augmented) support, measured with full-vocabulary probabilities.
+  sg_logp_sup = jax.lax.stop_gradient(zs_sup - lse_s[..., None])
+  aux_tok = {
+      "kl/teacher_mass": jnp.sum(jnp.exp(zt_sup - lse_t[..., None]), axis=-1),
+      "kl/student_mass": jnp.sum(jnp.exp(sg_logp_sup), axis=-1),
+      "kl/overlap": _overlap(s_top, t_top, vocab),
+      "kl/student_entropy": _entropy(jax.lax.stop_gradient(_log_softmax(zs))),
+  }
+
+  if sampled_tokens is not None:
+    y = sampled_tokens[..., None].astype(jnp.int32)
+    logp_y = (_gather(zs, y) - lse_s[..., None])[..., 0]
+    logq_y = (_gather(zt, y) - lse_t[..., None])[..., 0]
+    aux_tok["kl/logp_gap"] = jax.lax.stop_gradient(logq_y - logp_y)
+    if tail == "ema_pg":
+      base_top = t_top if support.startswith("teacher") else s_top
+      outside = ~jnp.any(base_top == y, axis=-1)
+      sg_logp_y = jax.lax.stop_gradient(logp_y)
+      if behavior_logprobs is None:
+        weight = jnp.ones_like(logp_y)
+      else:
+        weight = jnp.exp(sg_logp_y - jax.lax.stop_gradient(_f32(behavior_logprobs)))
+      if tail_weight_clip is not None:
+        weight = jnp.minimum(weight, tail_weight_clip)
+      ratio = jnp.exp(logp_y - sg_logp_y)  # value 1, gradient ∇ log π(y)
+      log_ratio_y = jnp.maximum(sg_logp_y, LOGP_FLOOR) - jnp.maximum(logq_y, LOGP_FLOOR)
+      tail_term = jnp.where(outside, weight * ratio * log_ratio_y, 0.0)
+      per_token = per_token + tail_term
+      aux_tok["kl/tail_fraction"] = outside.astype(jnp.float32)
+      aux_tok["kl/tail_weight"] = jnp.where(outside, weight, 0.0)
+
+  loss, n = _token_mean(per_token, mask)
+  aux = {name: _token_mean(v, mask)[0] for name, v in aux_tok.items()}
+  aux["kl/num_tokens"] = n
+  return loss, aux
+
+
+def _check_gamma(gamma: Any) -> None:
+  if isinstance(gamma, (int, float)) and not 0.0 <= float(gamma) <= 1.0:
+    raise ValueError(f"gamma must be in [0, 1] (0 = token level, 1 = sequence level), got {gamma}")
+
+
+def reward_to_go(rewards: Array, mask: Array, gamma: float | Array) -> Array:
+  """Discounted reward-to-go G_t = Σ_{t' ≥ t} γ^{t'−t} mask_{t'} r_{t'} along the last axis.
+
+  Computed with a parallel (associative) scan, so it is O(log T) deep on accelerators. `gamma`
+  may be a traced scalar (e.g. vmapped over a grid of γ).
+
+  Args:
+    rewards: [..., T] per-token rewards.
+    mask: [..., T] bool; masked rewards are dropped (time still advances through them).
+    gamma: discount in [0, 1].
+
+  Returns:
+    [..., T] float32 returns, zero at masked positions.
+  """
+  _check_gamma(gamma)
+  if tuple(rewards.shape) != tuple(mask.shape):
+    raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must match")
+  mask = mask.astype(bool)
+  r = jnp.where(mask, _f32(rewards), 0.0)
+  g = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), r.shape)
+
+  def compose(acc, nxt):
+    # Scanning from the sequence end: each step is the affine map x -> r_t + γ·x, and the
+    # composition of the accumulated map with the next one is again affine.
+    a1, b1 = acc
+    a2, b2 = nxt
+    return a1 * a2, b2 + a2 * b1
+
+  _, returns = jax.lax.associative_scan(compose, (g, r), reverse=True, axis=r.ndim - 1)
+  return jnp.where(mask, returns, 0.0)
+
+
+def sampled_token_opd(student_logprobs: Array, teacher_logprobs: Array, mask: Array, *,
+                      gamma: float | Array = 0.0, behavior_logprobs: Array | None = None,
+                      ppo_clip: float | None = None, advantage_clip: float | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
+  """Sampled-token OPD (Eq. 5) as a policy-gradient surrogate whose gradient is ĝ_γ (Eq. 3).
+
+  Rewards are the log-ratios r_t = log π_b(y_t) − log q(y_t) under stop-gradient, where π_b is
+  the behaviour policy (`behavior_logprobs`, or the current student when None). G is their
+  γ-discounted reward-to-go (γ = 0: token level, Eq. 2; γ = 1: sequence level, Eq. 1), optionally
+  clipped to [−advantage_clip, advantage_clip]. With ratio ρ_t = π_θ(y_t)/π_b(y_t), the per-token
+  surrogate is ρ_t G_t, or with PPO clipping max(ρ_t G_t, clip(ρ_t, 1 ± ε) G_t) (the negative of
+  PPO's min with advantage −G). Token-mean aggregated, so on-policy
+  d loss / d student_logprobs[b, t] = mask[b, t] · G[b, t] / N.
+
+  Args:
+    student_logprobs: [B, T] log π_θ(y_t | c_t) of the sampled tokens (differentiated).
+    teacher_logprobs: [B, T] log q(y_t | c_t) (constants).
+    mask: [B, T] bool loss mask.
+    gamma: future-reward coupling in [0, 1] (may be traced).
+    behavior_logprobs: [B, T] log-probs under the rollout policy, for importance ratios.
+    ppo_clip: PPO clip ε (the paper's code uses 0.2) or None.
+    advantage_clip: clamp G to [−c, c] (the authors' code optionally uses 5) or None.
+
+  Returns:
+    (loss, aux): scalar surrogate (its value is the token-mean of ρ·G) and "opd/…" diagnostics.
+  """
+  _check_gamma(gamma)
+  if tuple(student_logprobs.shape) != tuple(teacher_logprobs.shape):
+    raise ValueError(
+        "student_logprobs and teacher_logprobs must have the same shape, got student "
+        f"{tuple(student_logprobs.shape)} and teacher {tuple(teacher_logprobs.shape)}")
+  _check_positions("mask", mask, student_logprobs)
+  _check_positions("behavior_logprobs", behavior_logprobs, mask)
+  if ppo_clip is not None and not 0 < ppo_clip < 1:
+    raise ValueError(f"ppo_clip must be in (0, 1) or None, got {ppo_clip!r}")
+  if advantage_clip is not None and not advantage_clip > 0:
+    raise ValueError(f"advantage_clip must be > 0 or None, got {advantage_clip!r}")
+
+  mask = mask.astype(bool)
+
+  def clean(x):  # masked positions -> 0, -inf -> finite floor
+    return jnp.where(mask, jnp.maximum(_f32(x), LOGP_FLOOR), 0.0)
+
+  logp = clean(student_logprobs)
+  logq = jax.lax.stop_gradient(clean(teacher_logprobs))
+  if behavior_logprobs is None:
+    logp_b = jax.lax.stop_gradient(logp)
+  else:
+    logp_b = jax.lax.stop_gradient(clean(behavior_logprobs))
+
+  rewards = logp_b - logq
+  returns = jax.lax.stop_gradient(reward_to_go(rewards, mask, gamma))
+  if advantage_clip is not None:
+    returns = jnp.clip(returns, -advantage_clip, advantage_clip)
+
+  ratio = jnp.exp(logp - logp_b)
+  surrogate = ratio * returns
+  if ppo_clip is not None:
+    clipped = jnp.clip(ratio, 1.0 - ppo_clip, 1.0 + ppo_clip) * returns
+    clip_frac = (clipped > surrogate).astype(jnp.float32)
+    surrogate = jnp.maximum(surrogate, clipped)
+  else:
+    clip_frac = jnp.zeros_like(surrogate)
+
+  loss, n = _token_mean(surrogate, mask)
+  aux = {
+      "opd/reward_mean": _token_mean(rewards, mask)[0],
+      "opd/return_mean": _token_mean(returns, mask)[0],
+      "opd/logp_gap": _token_mean(logq - jax.lax.stop_gradient(logp), mask)[0],
+      "opd/ratio_mean": _token_mean(jax.lax.stop_gradient(ratio), mask)[0],
+      "opd/clip_fraction": _token_mean(clip_frac, mask)[0],
+      "opd/num_tokens": n,
+  }
+  return loss, aux

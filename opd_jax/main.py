@@ -1,0 +1,40 @@
+"""Command line: `python -m opd_jax.main --config=experiments/<name>.py[:arg] --config.x=...`."""
+
+from __future__ import annotations
+
+import importlib
+
+from absl import app
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file exposing get_config(); ':arg' is passed to it.",
+    lock_config=True)
+
+# config.experiment -> "module:function" taking the ConfigDict. Imported lazily so that an
+# experiment only pays for the modules it uses.
+RUNNERS = {
+    "estimator_demo": "opd_jax.demo:run",
+}
+
+
+def run_experiment(config) -> object:
+  """Dispatch a ConfigDict to the runner named by `config.experiment`."""
+  name = config.get("experiment")
+  if name not in RUNNERS:
+    raise ValueError(
+        f"config.experiment={name!r} is not a known experiment; accepted: {', '.join(RUNNERS)}")
+  module, fn = RUNNERS[name].split(":")
+  return getattr(importlib.import_module(module), fn)(config)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=experiments/<name>.py is required")
+  run_experiment(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
