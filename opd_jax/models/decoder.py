@@ -1,0 +1,268 @@
+"""Flax NNX decoder for the Llama 3 / Qwen2 / Qwen3 families: layers, full pass, hidden states."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opd_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+# Attention scores of masked keys. Finite, so that a query row with no valid key (a left-padding
+# position) gives a uniform, finite softmax instead of NaN; such rows are never used.
+_MASKED_SCORE = -1e30
+
+
+def _per_feature(w: Array, ndim: int) -> Array:
+  """Reshapes a [F] parameter to broadcast against [..., F] explicitly (rank promotion is off)."""
+  return w.reshape((1,) * (ndim - 1) + w.shape)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch's weight)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs,
+               std: float = 0.02):
+    self.kernel = nnx.Param(
+        (std * jax.random.normal(rngs.params(), (in_features, out_features))).astype(dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.einsum("...d,df->...f", x, self.kernel[...])
+    if self.bias is not None:
+      y = y + _per_feature(self.bias[...], y.ndim)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, scaled in the parameter dtype (as transformers does)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+    return _per_feature(self.weight[...], y.ndim) * y
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, D]."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
+    self.embedding = nnx.Param(
+        (std * jax.random.normal(rngs.params(), (vocab_size, dim))).astype(dtype))
+
+  def __call__(self, tokens: Array) -> Array:
+    return jnp.take(self.embedding[...], tokens, axis=0)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies [H/2] (float32), with Llama 3 scaling when configured."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  inv_freq = inv_freq.astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  # Long wavelengths are divided by the factor, short ones kept, the band between interpolated.
+  scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+  """cos and sin [..., H] (float32) for integer positions [...]."""
+  pos = positions.astype(jnp.float32)[..., None]
+  freqs = pos * jnp.asarray(inv_freq).reshape((1,) * positions.ndim + inv_freq.shape)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
+  """Rotates the halves of the head dimension (the transformers "rotate_half" convention)."""
+  x = x_BxTxNxH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos_BxTxH[:, :, None, :], sin_BxTxH[:, :, None, :]
+  return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, valid_BxTxS: Array) -> Array:
+  """Grouped-query attention with an explicit validity mask; scores and softmax in float32."""
+  b, t, n, h = q_BxTxNxH.shape
+  kv_heads = k_BxSxKxH.shape[2]
+  q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
+  scores = scores * (h ** -0.5)
+  scores = jnp.where(valid_BxTxS[:, None, None, :, :], scores, _MASKED_SCORE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  return out.reshape(b, t, n * h)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with rotary embeddings and optional q/k RMSNorm (Qwen3)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, dt = config.hidden_size, config.head_dim, config.dtype
+    self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
+    self.q_proj = Linear(d, config.num_heads * h, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
+    self.k_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
+    self.v_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
+    self.o_proj = Linear(config.num_heads * h, d, use_bias=config.o_bias, dtype=dt, rngs=rngs)
+    self.q_norm = RMSNorm(h, eps=config.rms_norm_eps, dtype=dt) if config.qk_norm else None
+    self.k_norm = RMSNorm(h, eps=config.rms_norm_eps, dtype=dt) if config.qk_norm else None
+
+  def __call__(self, x_BxTxD: Array, cos: Array, sin: Array, valid_BxTxS: Array,
+               kv_cache: tuple[Array, Array] | None = None, index: Array | None = None,
+               attend_to_cache: bool = False) -> tuple[Array, tuple[Array, Array] | None]:
+    """Returns the attention output and, when a cache is given, the cache with k, v written.
+
+    With `kv_cache`, the new keys/values are written at slot `index` of its sequence axis;
+    `attend_to_cache` then chooses whether the queries attend to the whole cache (decoding, mask
+    over cache slots) or only to the new keys (prefill, mask over the new positions).
+    """
+    b, t, _ = x_BxTxD.shape
+    q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      start = (0, index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      kv_cache = (k_cache, v_cache)
+      if attend_to_cache:
+        k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    return self.o_proj(attend(q, k, v, valid_BxTxS)), kv_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    d, f, dt, bias = config.hidden_size, config.intermediate_size, config.dtype, config.mlp_bias
+    self.gate_proj = Linear(d, f, use_bias=bias, dtype=dt, rngs=rngs)
+    self.up_proj = Linear(d, f, use_bias=bias, dtype=dt, rngs=rngs)
+    self.down_proj = Linear(f, d, use_bias=bias, dtype=dt, rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    eps, dt = config.rms_norm_eps, config.dtype
+    self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dt)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dt)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, cos, sin, valid, kv_cache=None, index=None, attend_to_cache=False):
+    attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, valid, kv_cache, index,
+                                    attend_to_cache)
+    x = x + attn
+    return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class Decoder(nnx.Module):
+  """The causal language model. Attribute names follow transformers' so that checkpoint names
+  map one-to-one (see hf_io): embed_tokens, layers[i].self_attn.q_proj, ..., norm, lm_head."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dt = config.dtype
+    self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dt, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dt)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dt,
+                           rngs=rngs))
+
+  def trunk(self, tokens_BxT: Array, positions_BxT: Array, valid_BxTxS: Array,
+            kv_caches=None, index=None, attend_to_cache=False):
+    """Embeddings -> layers -> final norm. Returns hidden [B,T,D] and the updated caches."""
+    cos, sin = rope_cos_sin(positions_BxT, rope_inv_freq(self.config))
+    x = self.embed_tokens(tokens_BxT)
+    new_caches = []
+    for i, layer in enumerate(self.layers):
+      x, kv = layer(x, cos, sin, valid_BxTxS, None if kv_caches is None else kv_caches[i], index,
+                    attend_to_cache)
+      new_caches.append(kv)
+    return self.norm(x), (None if kv_caches is None else tuple(new_caches))
+
+
+def unembedding(model: Decoder) -> Array:
+  """The output projection [D, V]: the embedding's transpose when tied, else lm_head's kernel."""
+  if model.lm_head is None:
+    return model.embed_tokens.embedding[...].T
+  return model.lm_head.kernel[...]
+
+
+def logits_from_hidden(model: Decoder, hidden: Array) -> Array:
+  """float32 logits [..., V] from final hidden states [..., D] (as returned with return_hidden)."""
+  return jnp.einsum("...d,dv->...v", hidden, unembedding(model),
+                    preferred_element_type=jnp.float32)
+
+
+def check_tokens(tokens: Array, attention_mask: Array) -> None:
+  """Static shape checks shared by forward and prefill."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must have shape [B, T], got {tuple(tokens.shape)}")
+  if tuple(attention_mask.shape) != tuple(tokens.shape):
+    raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
+                     f"got {tuple(attention_mask.shape)}")
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Rotary position of each token: its index among the row's valid tokens (0 on padding)."""
+  mask = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def causal_valid(attention_mask: Array) -> Array:
+  """[B, T, T]: query t may attend key s when s <= t and key s is not padding."""
+  t = attention_mask.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  return causal[None, :, :] & attention_mask.astype(bool)[:, None, :]
+
+
+def forward(model: Decoder, tokens: Array, attention_mask: Array, *,
+            return_hidden: bool = False) -> Array:
+  """Full causal pass (no cache), for scoring and tests; call it under jax.jit or nnx.jit.
+
+  Args:
+    model: the Decoder.
+    tokens: int [B, T]; batches may be left-padded.
+    attention_mask: bool/int [B, T], true on real tokens. Rotary positions are counted per row
+      over the real tokens, so left padding does not shift them.
+    return_hidden: return the final hidden states [B, T, D] (after the last RMSNorm, before the
+      unembedding, in the model dtype) instead of the logits.
+
+  Returns:
+    float32 logits [B, T, V] (or the hidden states). Values at padding positions are finite but
+    meaningless.
+  """
+  check_tokens(tokens, attention_mask)
+  hidden, _ = model.trunk(tokens, positions_from_mask(attention_mask),
+                          causal_valid(attention_mask))
+  return hidden if return_hidden else logits_from_hidden(model, hidden)

@@ -1,0 +1,291 @@
+"""Hugging Face checkpoint folders <-> Decoder: streamed safetensors loading, saving, tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from opd_jax.models.config import SUPPORTED_DTYPES, ModelConfig, config_from_hf, config_to_hf
+from opd_jax.models.decoder import Decoder
+from opd_jax.models.partitioning import check_mesh, param_partition_spec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHOWN = 5  # names listed in an error message
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder that cannot be loaded: the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  path: tuple            # flat NNX path of the parameter
+  variable: Any          # its abstract nnx.Variable
+  transpose: bool        # torch Linear weights are [out, in]; our kernels are [in, out]
+
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    shape = tuple(self.variable.shape)
+    return shape[::-1] if self.transpose else shape
+
+
+def hf_tensor_name(path: tuple) -> tuple[str, bool]:
+  """transformers' tensor name of the parameter at NNX `path`, and whether it is transposed."""
+  names = [str(p) for p in path]
+  if names[0] == "lm_head":
+    return "lm_head.weight", True
+  leaf = names[-1]
+  suffix = "bias" if leaf == "bias" else "weight"
+  return "model." + ".".join(names[:-1] + [suffix]), leaf == "kernel"
+
+
+def _listing(names) -> str:
+  names = sorted(names)
+  more = f" (and {len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
+  return ", ".join(names[:_SHOWN]) + more
+
+
+def _dtype_name(dtype) -> str:
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError as e:
+    raise ValueError(f"dtype={dtype!r} is not a dtype; accepted: {SUPPORTED_DTYPES}") from e
+  if name not in SUPPORTED_DTYPES:
+    raise ValueError(f"dtype={name!r} is not supported; accepted: {SUPPORTED_DTYPES}")
+  return name
+
+
+def _read_config(folder: pathlib.Path, dtype: str) -> ModelConfig:
+  config_file = folder / "config.json"
+  if not config_file.is_file():
+    raise CheckpointError(f"checkpoint folder {str(folder)!r} has no config.json")
+  try:
+    hf = json.loads(config_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+  try:
+    return config_from_hf(hf, dtype=dtype)
+  except ValueError as e:
+    raise CheckpointError(f"{config_file}: {e}") from e
+
+
+def _tensor_files(folder: pathlib.Path) -> dict[str, list[str]]:
+  """File name -> names of the tensors it should hold, from the index or the single file."""
+  index_file = folder / INDEX_FILE
+  if index_file.is_file():
+    try:
+      weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{index_file} is not a valid safetensors index (needs a "
+                            f"'weight_map' object): {e}") from e
+    files: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+      files.setdefault(file, []).append(name)
+    absent = [f for f in files if not (folder / f).is_file()]
+    if absent:
+      raise CheckpointError(f"{index_file} refers to missing files: {_listing(absent)}")
+    return files
+  if (folder / SINGLE_FILE).is_file():
+    return {SINGLE_FILE: []}
+  found = sorted(p.name for p in folder.glob("*.safetensors"))
+  raise CheckpointError(f"checkpoint folder {str(folder)!r} has neither {SINGLE_FILE} nor "
+                        f"{INDEX_FILE} (safetensors files found: {found or 'none'})")
+
+
+def _open(file: pathlib.Path):
+  try:
+    return safe_open(str(file), framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"{file} is truncated or corrupt (not a readable safetensors file): "
+                          f"{e}") from e
+
+
+def _headers(folder: pathlib.Path, files: dict[str, list[str]]) -> dict[str, tuple[str, tuple]]:
+  """Tensor name -> (file, shape), reading only the headers."""
+  found: dict[str, tuple[str, tuple]] = {}
+  for file, indexed in files.items():
+    with _open(folder / file) as f:
+      keys = set(f.keys())
+      for name in keys:
+        found[name] = (file, tuple(f.get_slice(name).get_shape()))
+    if indexed and set(indexed) - keys:
+      raise CheckpointError(f"{folder / file} lacks tensors that {INDEX_FILE} places there: "
+                            f"{_listing(set(indexed) - keys)}")
+  return found
+
+
+def _ignorable(name: str, config: ModelConfig) -> bool:
+  # Old checkpoints store rotary buffers; tied ones sometimes keep a copy of the embedding.
+  return name.endswith("rotary_emb.inv_freq") or (
+      name == "lm_head.weight" and config.tie_word_embeddings)
+
+
+def load_hf_checkpoint(path, *, dtype=jnp.float32, mesh: Mesh | None = None):
+  """Loads a local Hugging Face Llama / Qwen2 / Qwen3 checkpoint folder into a Decoder.
+
+  Tensors are streamed one at a time from safetensors (single file or sharded with
+  model.safetensors.index.json); each device reads only its own slice and the array is created
+  directly with its target sharding, so the host never holds two copies of the model.
+
+  Args:
+    path: folder with config.json and the safetensors file(s).
+    dtype: parameter and compute dtype (float32, bfloat16 or float16); logits stay float32.
+    mesh: optional mesh with Auto axes data, fsdp, tensor; parameters are sharded on it (see
+      partitioning.param_partition_spec). None: everything on the first device.
+
+  Returns:
+    (model, config): the Decoder and its ModelConfig.
+
+  Raises:
+    CheckpointError (a ValueError) for a missing folder or file, an unsupported model_type,
+    missing/unexpected tensors, a shape mismatch, or a truncated/corrupt safetensors file.
+  """
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist or is not a folder")
+  config = _read_config(folder, _dtype_name(dtype))
+  if mesh is not None:
+    check_mesh(mesh)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+  targets = {}
+  for p, var in nnx.to_flat_state(abstract):
+    name, transpose = hf_tensor_name(p)
+    targets[name] = _Target(p, var, transpose)
+
+  files = _tensor_files(folder)
+  found = _headers(folder, files)
+  missing = set(targets) - set(found)
+  if missing:
+    raise CheckpointError(f"{folder} lacks {len(missing)} tensors the {config.model_type} "
+                          f"config needs: {_listing(missing)}")
+  unexpected = {n for n in found if n not in targets and not _ignorable(n, config)}
+  if unexpected:
+    raise CheckpointError(f"{folder} has {len(unexpected)} tensors the {config.model_type} "
+                          f"config does not use: {_listing(unexpected)}")
+  for name, target in targets.items():
+    if found[name][1] != target.hf_shape:
+      raise CheckpointError(f"tensor {name} in {folder / found[name][0]} has shape "
+                            f"{found[name][1]}, expected {target.hf_shape} from config.json")
+
+  np_dtype = jnp.dtype(config.dtype)
+  default = SingleDeviceSharding(jax.devices()[0])
+  loaded = []
+  for file in files:
+    with _open(folder / file) as f:
+      for name, target in targets.items():
+        if found[name][0] != file:
+          continue
+        tensor = f.get_slice(name)
+
+        def read(index, tensor=tensor, target=target, name=name, file=file):
+          try:
+            x = tensor[index[::-1] if target.transpose else index]
+          except SafetensorError as e:
+            raise CheckpointError(f"{folder / file}: cannot read tensor {name}: {e}") from e
+          x = x.T if target.transpose else x
+          return np.ascontiguousarray(x).astype(np_dtype)
+        sharding = default if mesh is None else NamedSharding(
+            mesh, param_partition_spec(target.path, target.variable.shape, mesh))
+        array = jax.make_array_from_callback(tuple(target.variable.shape), sharding, read)
+        loaded.append((target.path, target.variable.replace(array)))
+  model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
+  return model, config
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
+                       max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+  Tensors are gathered to the host one at a time and written in safetensors shards of at most
+  `max_shard_bytes` (plus model.safetensors.index.json when there are several), in `config.dtype`.
+  On several hosts every process must call it; only process 0 writes.
+
+  Args:
+    model: the Decoder.
+    config: its ModelConfig (may differ from model.config in dtype and carried-through keys).
+    path: output folder, created if needed; earlier model*.safetensors files there are removed.
+    max_shard_bytes: largest size of one safetensors file.
+  """
+  arch = dataclasses.replace(config, dtype=model.config.dtype,
+                             hf_extra_json=model.config.hf_extra_json)
+  if arch != model.config:
+    raise ValueError(f"config {config} does not describe the model's architecture "
+                     f"{model.config}")
+  if max_shard_bytes <= 0:
+    raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  folder = pathlib.Path(path)
+  writer = jax.process_index() == 0
+  if writer:
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
+      if old.is_file():
+        old.unlink()
+  np_dtype = jnp.dtype(config.dtype)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  shard_bytes, written, weight_map, total = 0, [], {}, 0
+
+  def flush():
+    tmp = folder / f"model-tmp-{len(written):05d}.safetensors"
+    if writer:
+      save_file(shards[0], str(tmp), metadata={"format": "pt"})
+    written.append((tmp, list(shards[0])))
+    shards[0] = {}
+
+  for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, transpose = hf_tensor_name(p)
+    x = _to_host(var[...])
+    x = np.ascontiguousarray(x.T if transpose else x).astype(np_dtype)
+    if shards[0] and shard_bytes + x.nbytes > max_shard_bytes:
+      flush()
+      shard_bytes = 0
+    shards[0][name] = x
+    shard_bytes += x.nbytes
+    total += x.nbytes
+  flush()
+  if writer:
+    n = len(written)
+    for i, (tmp, names) in enumerate(written):
+      final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+      os.replace(tmp, folder / final)
+      weight_map.update({name: final for name in names})
+    if n > 1:
+      index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+      (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config_to_hf(config), indent=2,
+                                                   sort_keys=True) + "\n")
+
+
+def load_tokenizer(path):
+  """`transformers.AutoTokenizer` from a local folder, offline (chat template included).
+
+  Args:
+    path: folder with tokenizer.json / tokenizer_config.json (usually the checkpoint folder).
+
+  Returns:
+    The tokenizer.
+  """
+  folder = pathlib.Path(path)
+  if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+    raise CheckpointError(f"tokenizer folder {str(path)!r} has no tokenizer.json or "
+                          "tokenizer_config.json")
+  import transformers  # pylint: disable=import-outside-toplevel  (slow import, only needed here)
+  return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -1,0 +1,363 @@
+"""Decoder against transformers' PyTorch Qwen2/Qwen3/Llama, KV-cache decoding, checkpoint I/O."""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
+from safetensors.numpy import load_file, save_file
+
+import model_helpers as mh
+from opd_jax import models
+
+B, T = 4, 12          # left-padded parity batch: rows padded by 0, 1, 3, 5
+P, N = 9, 6           # prompt length and decode steps of the cache test
+# How each family's checkpoint is saved: untied/tied output head, single file or sharded.
+SETUPS = {
+    "qwen2": dict(tie_word_embeddings=False),
+    "qwen3": dict(tie_word_embeddings=True),
+    "llama": dict(tie_word_embeddings=False, max_shard_size="40KB"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """family -> (folder, torch model, torch logits on the parity batch); built once."""
+  tokens, mask = mh.left_padded_batch(0, B, T, 128)
+  out = {}
+  for family, setup in SETUPS.items():
+    folder = tmp_path_factory.mktemp(family)
+    torch_model = mh.make_hf_checkpoint(folder, family, seed=1, **setup)
+    out[family] = (folder, torch_model, mh.torch_logits(torch_model, tokens, mask))
+  return out
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoints):
+  """family -> (model, config) loaded in float32 on one device."""
+  return {f: models.load_hf_checkpoint(folder) for f, (folder, _, _) in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.make_mesh((2, 2, 2), models.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+_forward = nnx.jit(models.forward, static_argnames="return_hidden")
+
+
+def _batch():
+  tokens, mask = mh.left_padded_batch(0, B, T, 128)
+  return jnp.asarray(tokens), jnp.asarray(mask), mask
+
+
+# ----------------------------------------------------------------------------------------------
+# parity with transformers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_cover_the_formats(checkpoints):
+  assert (checkpoints["llama"][0] / "model.safetensors.index.json").is_file()
+  assert (checkpoints["qwen2"][0] / "model.safetensors").is_file()
+  with open(checkpoints["qwen3"][0] / "config.json") as f:
+    assert json.load(f)["tie_word_embeddings"] is True
+
+
+@pytest.mark.parametrize("family", mh.FAMILIES)
+def test_logits_match_transformers_on_left_padded_batch(family, checkpoints, loaded):
+  model, config = loaded[family]
+  tokens, mask_j, mask = _batch()
+  logits = _forward(model, tokens, mask_j)
+  want = checkpoints[family][2]
+  assert logits.dtype == jnp.float32 and logits.shape == (B, T, config.vocab_size)
+  assert np.abs(want[mask]).max() > 1.0     # the comparison is not between near-zero numbers
+  np.testing.assert_allclose(np.asarray(logits)[mask], want[mask], atol=1e-4, rtol=0)
+  assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_config_matches_transformers_and_round_trips(checkpoints, loaded):
+  for family, (model, config) in loaded.items():
+    torch_model = checkpoints[family][1]
+    n_torch = sum(p.numel() for p in torch_model.parameters())
+    n_ours = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert config.num_params == n_ours == n_torch, family
+    assert models.config_from_hf(models.config_to_hf(config)) == config
+  assert loaded["llama"][1].rope_scaling == models.RopeScaling(8.0, 1.0, 4.0, 16)
+  assert loaded["qwen2"][1].qkv_bias and not loaded["qwen2"][1].o_bias
+  assert loaded["qwen3"][1].qk_norm and loaded["qwen3"][1].head_dim == 16
+
+
+# ----------------------------------------------------------------------------------------------
+# hidden states, unembedding, dtype
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])   # untied and tied output head
+def test_hidden_states_times_unembedding_give_logits(family, loaded):
+  model, config = loaded[family]
+  tokens, mask_j, _ = _batch()
+  hidden = _forward(model, tokens, mask_j, return_hidden=True)
+  w = models.unembedding(model)
+  assert hidden.shape == (B, T, config.hidden_size)
+  assert w.shape == (config.hidden_size, config.vocab_size)
+  if config.tie_word_embeddings:
+    np.testing.assert_array_equal(w, model.embed_tokens.embedding[...].T)
+  else:
+    assert not np.allclose(w, model.embed_tokens.embedding[...].T)
+  np.testing.assert_allclose(jnp.einsum("btd,dv->btv", hidden, w),
+                             _forward(model, tokens, mask_j), atol=1e-5)
+  np.testing.assert_allclose(models.logits_from_hidden(model, hidden),
+                             _forward(model, tokens, mask_j), atol=1e-5)
+
+
+def test_bfloat16_load_keeps_float32_logits(checkpoints, loaded):
+  folder, _, want = checkpoints["qwen2"]
+  model, config = models.load_hf_checkpoint(folder, dtype=jnp.bfloat16)
+  assert config.dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("bfloat16")}
+  tokens, mask_j, mask = _batch()
+  logits = np.asarray(_forward(model, tokens, mask_j))
+  assert logits.dtype == np.float32
+  err = np.abs(logits[mask] - want[mask]).max()
+  assert err < 0.05 * np.abs(want[mask]).max(), err
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache: prefill + decode steps == full forward, inside jit / fori_loop with split/merge
+# ----------------------------------------------------------------------------------------------
+
+
+def _prefill_then_decode(graphdef, state, prompts, prompt_mask, continuation):
+  """The pattern the sampler uses: model merged inside jit, decode steps in a lax loop."""
+  model = nnx.merge(graphdef, state)
+  b, p = prompts.shape
+  n = continuation.shape[1]
+  cache = models.init_cache(model.config, b, p + n)
+  prefill_logits, cache = models.prefill(model, prompts, prompt_mask, cache)
+  last_hidden, _ = models.prefill(model, prompts, prompt_mask, cache, return_hidden=True)
+
+  def body(i, carry):
+    cache, out = carry
+    logits, cache = models.decode_step(model, continuation[:, i], cache)
+    return cache, out.at[:, i].set(logits)
+  out = jnp.zeros((b, n, model.config.vocab_size), jnp.float32)
+  cache, out = jax.lax.fori_loop(0, n, body, (cache, out))
+  return prefill_logits, last_hidden[:, -1], out, cache
+
+
+_prefill_then_decode_jit = jax.jit(_prefill_then_decode, static_argnums=0)
+
+
+def _check_decode_matches_forward(model):
+  full_tokens, full_mask = mh.left_padded_batch(3, B, P + N, 128, pads=[0, 2, 5, 8])
+  prompts, prompt_mask, continuation = full_tokens[:, :P], full_mask[:, :P], full_tokens[:, P:]
+  assert full_mask[:, P:].all()
+  want = np.asarray(_forward(model, jnp.asarray(full_tokens), jnp.asarray(full_mask)))
+  graphdef, state = nnx.split(model)
+  prefill_logits, last_hidden, decoded, cache = _prefill_then_decode_jit(
+      graphdef, state, prompts, prompt_mask, continuation)
+  np.testing.assert_allclose(np.asarray(prefill_logits)[prompt_mask], want[:, :P][prompt_mask],
+                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(models.logits_from_hidden(model, last_hidden), want[:, P - 1],
+                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(decoded, want[:, P:], atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(cache.valid, full_mask)
+  np.testing.assert_array_equal(cache.next_position, full_mask.sum(-1))
+  assert int(cache.index) == P + N
+  return state
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_prefill_and_decode_steps_equal_full_forward(family, loaded):
+  _check_decode_matches_forward(loaded[family][0])
+
+
+def test_cache_is_a_fixed_shape_pytree(loaded):
+  config = loaded["qwen2"][1]
+  cache = models.init_cache(config, 3, 7)
+  leaves = jax.tree.leaves(cache)
+  assert len(leaves) == 2 * config.num_layers + 3
+  assert cache.k[0].shape == (3, 7, config.num_kv_heads, config.head_dim)
+  assert cache.k[0].dtype == jnp.float32 and cache.max_len == 7
+  assert models.init_cache(config, 3, 7, jnp.bfloat16).v[1].dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="max_len"):
+    models.init_cache(config, 3, 0)
+  with pytest.raises(ValueError, match="tokens must have shape"):
+    models.decode_step(loaded["qwen2"][0], jnp.zeros((2,), jnp.int32), cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# sharding
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sharded_load_equals_single_device(checkpoints, loaded, mesh):
+  folder = checkpoints["llama"][0]
+  model, _ = models.load_hf_checkpoint(folder, mesh=mesh)
+  q = model.layers[0].self_attn.q_proj.kernel[...]
+  assert q.sharding.spec == PartitionSpec("fsdp", "tensor")
+  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (16, 16)
+  assert model.embed_tokens.embedding[...].sharding.spec == PartitionSpec("tensor", "fsdp")
+  assert model.layers[1].mlp.down_proj.kernel[...].sharding.spec == PartitionSpec("tensor", "fsdp")
+  assert model.norm.weight[...].sharding.spec == PartitionSpec(None)
+  single = jax.tree.leaves(nnx.state(loaded["llama"][0], nnx.Param))
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), single):
+    np.testing.assert_array_equal(a, b)
+  tokens, mask_j, mask = _batch()
+  np.testing.assert_allclose(np.asarray(_forward(model, tokens, mask_j))[mask],
+                             checkpoints["llama"][2][mask], atol=1e-4, rtol=0)
+  # Decoding with the sharded model and a cache placed on the mesh gives the same logits.
+  state = _check_decode_matches_forward(model)
+  assert state["layers"][0]["mlp"]["up_proj"]["kernel"][...].sharding.spec == PartitionSpec(
+      "fsdp", "tensor")
+  cache = models.init_cache(model.config, 4, 8, mesh=mesh)
+  assert cache.k[0].sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor", None)
+
+
+def test_init_model_places_parameters_on_the_mesh(mesh):
+  config = mh.tiny_model_config()
+  model = models.init_model(config, seed=3, mesh=mesh)
+  again = models.init_model(config, seed=3)
+  v = model.layers[0].self_attn.v_proj.kernel[...]
+  assert v.sharding.spec == PartitionSpec("fsdp", "tensor")
+  np.testing.assert_array_equal(v, again.layers[0].self_attn.v_proj.kernel[...])
+  assert model.layers[0].self_attn.q_proj.bias[...].sharding.spec == PartitionSpec("tensor")
+  tokens, mask_j, _ = _batch()
+  assert np.all(np.isfinite(np.asarray(_forward(model, tokens, mask_j))))
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family,max_shard_bytes", [("qwen2", 30_000), ("qwen3", 2**30)])
+def test_save_then_transformers_load_gives_same_logits(family, max_shard_bytes, checkpoints,
+                                                       loaded, tmp_path):
+  import transformers  # pylint: disable=import-outside-toplevel
+  model, config = loaded[family]
+  models.save_hf_checkpoint(model, config, tmp_path, max_shard_bytes=max_shard_bytes)
+  sharded = (tmp_path / "model.safetensors.index.json").is_file()
+  assert sharded == (max_shard_bytes < 2**30)
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, attn_implementation="eager", local_files_only=True)
+  tokens, mask = mh.left_padded_batch(0, B, T, 128)
+  np.testing.assert_allclose(mh.torch_logits(torch_model, tokens, mask)[mask],
+                             checkpoints[family][2][mask], atol=1e-5, rtol=0)
+  again, config_again = models.load_hf_checkpoint(tmp_path)
+  assert config_again == config
+  for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_rejects_a_config_of_another_architecture(loaded, tmp_path):
+  model, config = loaded["qwen2"]
+  with pytest.raises(ValueError, match="architecture"):
+    models.save_hf_checkpoint(model, dataclasses.replace(config, num_layers=3), tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+
+
+def _edit_config(folder, **changes):
+  config = json.loads((folder / "config.json").read_text())
+  config.update(changes)
+  (folder / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(folder, fn):
+  tensors = load_file(folder / "model.safetensors")
+  fn(tensors)
+  save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _truncate(folder):
+  data = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+
+def _corrupt_header(folder):
+  data = bytearray((folder / "model.safetensors").read_bytes())
+  data[8:40] = b"#" * 32
+  (folder / "model.safetensors").write_bytes(bytes(data))
+
+
+def _wrong_shape(tensors):
+  tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
+
+
+ERROR_CASES = {
+    "no_config": (lambda f: (f / "config.json").unlink(), "has no config.json"),
+    "model_type": (lambda f: _edit_config(f, model_type="gpt2"),
+                   r"model_type='gpt2' is not supported; supported: llama, qwen2, qwen3"),
+    "activation": (lambda f: _edit_config(f, hidden_act="gelu"), "hidden_act='gelu'"),
+    "rope_type": (lambda f: _edit_config(f, rope_parameters={"rope_type": "yarn"}),
+                  r"rope_type='yarn' is not supported; supported: default, llama3"),
+    "no_weights": (lambda f: (f / "model.safetensors").unlink(), "neither model.safetensors"),
+    "missing": (lambda f: _edit_tensors(f, lambda t: t.pop("model.norm.weight")),
+                r"lacks 1 tensors .*: model\.norm\.weight"),
+    "unexpected": (lambda f: _edit_tensors(
+        f, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(2, np.float32)})),
+                   r"does not use: model\.layers\.0\.extra\.weight"),
+    "shape": (lambda f: _edit_tensors(f, _wrong_shape),
+              r"tensor model\.layers\.1\.self_attn\.k_proj\.weight .* has shape \(8, 32\), "
+              r"expected \(16, 32\)"),
+    "truncated": (_truncate, "truncated or corrupt"),
+    "corrupt": (_corrupt_header, "truncated or corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_load_errors_name_the_problem(case, checkpoints, tmp_path):
+  folder = tmp_path / "ckpt"
+  shutil.copytree(checkpoints["qwen2"][0], folder)
+  edit, message = ERROR_CASES[case]
+  edit(folder)
+  with pytest.raises(models.CheckpointError, match=message):
+    models.load_hf_checkpoint(folder)
+
+
+def test_load_errors_for_folder_index_dtype_and_mesh(checkpoints, tmp_path):
+  with pytest.raises(models.CheckpointError, match="does not exist"):
+    models.load_hf_checkpoint(tmp_path / "nowhere")
+  folder = tmp_path / "ckpt"
+  shutil.copytree(checkpoints["llama"][0], folder)
+  with pytest.raises(ValueError, match=r"dtype='int32' is not supported"):
+    models.load_hf_checkpoint(folder, dtype=jnp.int32)
+  explicit = jax.make_mesh((2, 2, 2), models.MESH_AXES, axis_types=(AxisType.Explicit,) * 3)
+  with pytest.raises(ValueError, match="not AxisType.Auto"):
+    models.load_hf_checkpoint(folder, mesh=explicit)
+  wrong_names = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+  with pytest.raises(ValueError, match=r"lack \['data', 'fsdp', 'tensor'\]"):
+    models.load_hf_checkpoint(folder, mesh=wrong_names)
+  shard = sorted(folder.glob("model-*.safetensors"))[-1]
+  shard.unlink()
+  with pytest.raises(models.CheckpointError, match=f"refers to missing files: {shard.name}"):
+    models.load_hf_checkpoint(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_folder_loads_offline_with_chat_template(tmp_path):
+  mh.make_tokenizer(tmp_path, vocab_size=300)
+  tok = models.load_tokenizer(tmp_path)
+  text = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                 tokenize=False, add_generation_prompt=True)
+  assert text == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+  ids = tok(text)["input_ids"]
+  assert max(ids) < len(tok) <= 300
+  assert tok.convert_ids_to_tokens(ids[0]) == "<|im_start|>"
+  assert tok.decode(ids) == text
+  assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+  with pytest.raises(models.CheckpointError, match="no tokenizer.json"):
+    models.load_tokenizer(tmp_path / "nowhere")
