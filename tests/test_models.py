@@ -205,6 +205,10 @@ def test_sharded_load_equals_single_device(checkpoints, loaded, mesh):
   assert model.embed_tokens.embedding[...].sharding.spec == PartitionSpec("tensor", "fsdp")
   assert model.layers[1].mlp.down_proj.kernel[...].sharding.spec == PartitionSpec("tensor", "fsdp")
   assert model.norm.weight[...].sharding.spec == PartitionSpec(None)
+  params = nnx.state(model, nnx.Param)
+  for got, want in zip(jax.tree.leaves(params),
+                       jax.tree.leaves(models.model_shardings(params, mesh))):
+    assert got.sharding == want
   single = jax.tree.leaves(nnx.state(loaded["llama"][0], nnx.Param))
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), single):
     np.testing.assert_array_equal(a, b)

@@ -26,10 +26,8 @@ def _per_feature(w: Array, ndim: int) -> Array:
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch's weight)."""
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs,
-               std: float = 0.02):
-    self.kernel = nnx.Param(
-        (std * jax.random.normal(rngs.params(), (in_features, out_features))).astype(dtype))
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype):
+    self.kernel = nnx.Param(jnp.zeros((in_features, out_features), dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
   def __call__(self, x: Array) -> Array:
@@ -56,9 +54,8 @@ class RMSNorm(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table [V, D]."""
 
-  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
-    self.embedding = nnx.Param(
-        (std * jax.random.normal(rngs.params(), (vocab_size, dim))).astype(dtype))
+  def __init__(self, vocab_size: int, dim: int, *, dtype):
+    self.embedding = nnx.Param(jnp.zeros((vocab_size, dim), dtype))
 
   def __call__(self, tokens: Array) -> Array:
     return jnp.take(self.embedding[...], tokens, axis=0)
@@ -117,13 +114,13 @@ def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, valid_BxTxS: Ar
 class Attention(nnx.Module):
   """Grouped-query self-attention with rotary embeddings and optional q/k RMSNorm (Qwen3)."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig):
     d, h, dt = config.hidden_size, config.head_dim, config.dtype
     self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
-    self.q_proj = Linear(d, config.num_heads * h, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
-    self.k_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
-    self.v_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
-    self.o_proj = Linear(config.num_heads * h, d, use_bias=config.o_bias, dtype=dt, rngs=rngs)
+    self.q_proj = Linear(d, config.num_heads * h, use_bias=config.qkv_bias, dtype=dt)
+    self.k_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt)
+    self.v_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt)
+    self.o_proj = Linear(config.num_heads * h, d, use_bias=config.o_bias, dtype=dt)
     self.q_norm = RMSNorm(h, eps=config.rms_norm_eps, dtype=dt) if config.qk_norm else None
     self.k_norm = RMSNorm(h, eps=config.rms_norm_eps, dtype=dt) if config.qk_norm else None
 
@@ -157,11 +154,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig):
     d, f, dt, bias = config.hidden_size, config.intermediate_size, config.dtype, config.mlp_bias
-    self.gate_proj = Linear(d, f, use_bias=bias, dtype=dt, rngs=rngs)
-    self.up_proj = Linear(d, f, use_bias=bias, dtype=dt, rngs=rngs)
-    self.down_proj = Linear(f, d, use_bias=bias, dtype=dt, rngs=rngs)
+    self.gate_proj = Linear(d, f, use_bias=bias, dtype=dt)
+    self.up_proj = Linear(d, f, use_bias=bias, dtype=dt)
+    self.down_proj = Linear(f, d, use_bias=bias, dtype=dt)
 
   def __call__(self, x: Array) -> Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -170,12 +167,12 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig):
     eps, dt = config.rms_norm_eps, config.dtype
     self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dt)
-    self.self_attn = Attention(config, rngs=rngs)
+    self.self_attn = Attention(config)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dt)
-    self.mlp = MLP(config, rngs=rngs)
+    self.mlp = MLP(config)
 
   def __call__(self, x, cos, sin, valid, kv_cache=None, index=None, attend_to_cache=False):
     attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, valid, kv_cache, index,
@@ -185,18 +182,22 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """The causal language model. Attribute names follow transformers' so that checkpoint names
-  map one-to-one (see hf_io): embed_tokens, layers[i].self_attn.q_proj, ..., norm, lm_head."""
+  """The causal language model.
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  Attribute names follow transformers' so that checkpoint names map one-to-one (see hf_io):
+  embed_tokens, layers[i].self_attn.q_proj, ..., norm, lm_head. The constructor only allocates
+  (kernels zero, norm scales one); get weights from `load_hf_checkpoint` or `init_model`, and
+  build the structure alone with `nnx.eval_shape(lambda: Decoder(config))`.
+  """
+
+  def __init__(self, config: ModelConfig):
     self.config = config
     dt = config.dtype
-    self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dt, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dt)
+    self.layers = nnx.List([DecoderLayer(config) for _ in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dt)
     self.lm_head = (None if config.tie_word_embeddings else
-                    Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dt,
-                           rngs=rngs))
+                    Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dt))
 
   def trunk(self, tokens_BxT: Array, positions_BxT: Array, valid_BxTxS: Array,
             kv_caches=None, index=None, attend_to_cache=False):

@@ -159,7 +159,7 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, mesh: Mesh | None = None):
   config = _read_config(folder, _dtype_name(dtype))
   if mesh is not None:
     check_mesh(mesh)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config)))
   targets = {}
   for p, var in nnx.to_flat_state(abstract):
     name, transpose = hf_tensor_name(p)
