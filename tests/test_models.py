@@ -347,6 +347,16 @@ def test_load_errors_for_folder_index_dtype_and_mesh(checkpoints, tmp_path):
     models.load_hf_checkpoint(folder)
 
 
+def test_load_skips_rotary_buffers_and_a_tied_head_copy(checkpoints, loaded, tmp_path):
+  folder = tmp_path / "ckpt"
+  shutil.copytree(checkpoints["qwen3"][0], folder)
+  extra = {"lm_head.weight": np.ones((128, 32), np.float32),
+           "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}
+  _edit_tensors(folder, lambda t: t.update(extra))
+  model, _ = models.load_hf_checkpoint(folder)
+  np.testing.assert_array_equal(models.unembedding(model), models.unembedding(loaded["qwen3"][0]))
+
+
 # ----------------------------------------------------------------------------------------------
 # tokenizer
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 from typing import Any
 
@@ -211,11 +210,24 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def _shard_groups(names_and_bytes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+  """Consecutive groups of tensor names whose sizes add up to at most max_bytes (or one tensor)."""
+  groups: list[list[str]] = [[]]
+  size = 0
+  for name, nbytes in names_and_bytes:
+    if groups[-1] and size + nbytes > max_bytes:
+      groups.append([])
+      size = 0
+    groups[-1].append(name)
+    size += nbytes
+  return groups
+
+
 def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
                        max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-  Tensors are gathered to the host one at a time and written in safetensors shards of at most
+  Tensors are gathered to the host one safetensors file at a time: files of at most
   `max_shard_bytes` (plus model.safetensors.index.json when there are several), in `config.dtype`.
   On several hosts every process must call it; only process 0 writes.
 
@@ -223,7 +235,7 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
     model: the Decoder.
     config: its ModelConfig (may differ from model.config in dtype and carried-through keys).
     path: output folder, created if needed; earlier model*.safetensors files there are removed.
-    max_shard_bytes: largest size of one safetensors file.
+    max_shard_bytes: largest size of one safetensors file (a larger single tensor gets its own).
   """
   arch = dataclasses.replace(config, dtype=model.config.dtype,
                              hf_extra_json=model.config.hf_extra_json)
@@ -239,35 +251,29 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
     for old in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
       if old.is_file():
         old.unlink()
-  np_dtype = jnp.dtype(config.dtype)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  shard_bytes, written, weight_map, total = 0, [], {}, 0
-
-  def flush():
-    tmp = folder / f"model-tmp-{len(written):05d}.safetensors"
-    if writer:
-      save_file(shards[0], str(tmp), metadata={"format": "pt"})
-    written.append((tmp, list(shards[0])))
-    shards[0] = {}
-
+  dtype = jnp.dtype(config.dtype)
+  params = {}
   for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     name, transpose = hf_tensor_name(p)
-    x = _to_host(var[...])
-    x = np.ascontiguousarray(x.T if transpose else x).astype(np_dtype)
-    if shards[0] and shard_bytes + x.nbytes > max_shard_bytes:
-      flush()
-      shard_bytes = 0
-    shards[0][name] = x
-    shard_bytes += x.nbytes
-    total += x.nbytes
-  flush()
+    params[name] = (var[...], transpose)
+  groups = _shard_groups([(n, x.size * dtype.itemsize) for n, (x, _) in params.items()],
+                         max_shard_bytes)
+  weight_map = {}
+  for i, group in enumerate(groups):
+    n = len(groups)
+    file = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    tensors = {}
+    for name in group:
+      x, transpose = params[name]
+      x = _to_host(x)
+      tensors[name] = np.ascontiguousarray(x.T if transpose else x).astype(dtype)
+      weight_map[name] = file
+    if writer:
+      save_file(tensors, str(folder / file), metadata={"format": "pt"})
+    del tensors
   if writer:
-    n = len(written)
-    for i, (tmp, names) in enumerate(written):
-      final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-      os.replace(tmp, folder / final)
-      weight_map.update({name: final for name in names})
-    if n > 1:
+    if len(groups) > 1:
+      total = sum(x.size * dtype.itemsize for x, _ in params.values())
       index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
       (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(config_to_hf(config), indent=2,
