@@ -177,6 +177,22 @@ def test_prefill_and_decode_steps_equal_full_forward(family, loaded):
   _check_decode_matches_forward(loaded[family][0])
 
 
+def test_decode_step_with_donated_cache_continues_the_prompt(loaded):
+  model, config = loaded["qwen2"]
+  tokens, mask_j, _ = _batch()
+  want = np.asarray(_forward(model, tokens, mask_j))[:, -1]
+  graphdef, state = nnx.split(model)
+  prefill = jax.jit(lambda s, t, m, c: models.prefill(nnx.merge(graphdef, s), t, m, c),
+                    donate_argnums=3)
+  step = jax.jit(lambda s, t, c: models.decode_step(nnx.merge(graphdef, s), t, c),
+                 donate_argnums=2)
+  cache = models.init_cache(config, B, T)
+  _, cache = prefill(state, tokens[:, :-1], mask_j[:, :-1], cache)
+  logits, cache = step(state, tokens[:, -1], cache)
+  np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+  assert int(cache.index) == T
+
+
 def test_cache_is_a_fixed_shape_pytree(loaded):
   config = loaded["qwen2"][1]
   cache = models.init_cache(config, 3, 7)
