@@ -1,0 +1,210 @@
+"""XLA-compiled rollout sampler: prefill + `lax.while_loop` decode with top-p/top-k and token masks."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from opd_jax import models
+from opd_jax import sampling_rules as rules
+
+Array = jax.Array
+
+# Prompt lengths are padded (on the left) up to the next bucket so that a new length reuses the
+# compiled program: powers of two from this minimum, unless a list is given.
+MIN_BUCKET = 16
+_TRACES = {"generate": 0}
+
+
+@flax.struct.dataclass
+class Rollout:
+  """G sampled responses per prompt; rows b*G .. b*G+G-1 belong to prompt b.
+
+  tokens: int32 [B*G, N] response tokens (0 after a row has stopped).
+  mask: bool [B*G, N] true on real response tokens; the stop token itself is included.
+  sample_logprobs: float32 [B*G, N] log-prob of each token under the distribution it was actually
+    drawn from: temperature, bans, top-k and top-p applied and renormalised (0 for greedy). This
+    is the behaviour policy π_b of an importance weight.
+  policy_logprobs: float32 [B*G, N] log-prob under the untruncated student at temperature 1,
+    log softmax(logits)[y]: the π_θ(y_t | c_t) the OPD estimators differentiate.
+  """
+  tokens: Array
+  mask: Array
+  sample_logprobs: Array
+  policy_logprobs: Array
+
+
+@flax.struct.dataclass
+class _DecodeState:
+  step: Array           # [] int32, next response column to fill
+  logits: Array         # [R, V] float32 logits for the next token
+  done: Array           # [R] bool, row has emitted a stop token
+  tokens: Array         # [R, N]
+  mask: Array           # [R, N]
+  sample_logprobs: Array
+  policy_logprobs: Array
+  cache: models.KVCache
+
+
+def compiled_programs() -> int:
+  """How many times the sampler's program has been traced (compiled) in this process."""
+  return _TRACES["generate"]
+
+
+def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
+  """The padded prompt length used for a prompt of `length` tokens."""
+  if buckets:
+    fits = [b for b in sorted(buckets) if b >= length]
+    if not fits:
+      raise ValueError(f"prompt length {length} exceeds the largest prompt bucket "
+                       f"{max(buckets)}; add a larger bucket to prompt_buckets")
+    return fits[0]
+  return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+
+
+def _gather_logprob(logits: Array, tokens: Array) -> Array:
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
+                     "mesh"))
+def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
+              max_new_tokens, top_k, banned, stop, num_samples, mesh):
+  # The KV cache is allocated here, inside the program, and the while loop updates its carry in
+  # place: no copy of it ever exists outside the compiled program.
+  _TRACES["generate"] += 1
+  model = nnx.merge(graphdef, state)
+  cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + max_new_tokens)
+
+  def constrain(x):  # rows over the mesh's batch axes
+    if mesh is None:
+      return x
+    spec = PartitionSpec(models.partitioning.BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def constrain_tree(tree):
+    return jax.tree.map(lambda x: constrain(x) if x.ndim else x, tree)
+
+  hidden, cache = models.prefill(model, prompts, prompt_mask, constrain_tree(cache),
+                                 return_hidden=True)
+  logits = models.logits_from_hidden(model, hidden[:, -1])
+  if num_samples > 1:  # G rollouts per prompt share one prefill
+    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x, cache)
+    logits = jnp.repeat(logits, num_samples, axis=0)
+  cache = constrain_tree(cache)
+  n_rows = logits.shape[0]
+  stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
+  zeros = functools.partial(jnp.zeros, (n_rows, max_new_tokens))
+
+  def cond(s: _DecodeState):
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def body(s: _DecodeState):
+    u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_rows,))
+    tok, sample_lp = rules.draw(s.logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
+                                banned_ids=banned)
+    live = ~s.done
+    tok = jnp.where(live, tok, 0)
+    policy_lp = _gather_logprob(s.logits, tok)
+    col = (slice(None), s.step)
+    done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    more = (s.step + 1 < max_new_tokens) & ~jnp.all(done)
+    logits, cache = jax.lax.cond(
+        more, lambda c: models.decode_step(model, tok, c), lambda c: (s.logits, c), s.cache)
+    return _DecodeState(
+        step=s.step + 1, logits=constrain(logits), done=done,
+        tokens=s.tokens.at[col].set(tok), mask=s.mask.at[col].set(live),
+        sample_logprobs=s.sample_logprobs.at[col].set(jnp.where(live, sample_lp, 0.0)),
+        policy_logprobs=s.policy_logprobs.at[col].set(jnp.where(live, policy_lp, 0.0)),
+        cache=cache)
+
+  init = _DecodeState(step=jnp.zeros((), jnp.int32), logits=constrain(logits),
+                      done=jnp.zeros((n_rows,), bool), tokens=zeros(jnp.int32),
+                      mask=zeros(bool), sample_logprobs=zeros(jnp.float32),
+                      policy_logprobs=zeros(jnp.float32), cache=cache)
+  out = jax.lax.while_loop(cond, body, init)
+  return Rollout(tokens=out.tokens, mask=out.mask, sample_logprobs=out.sample_logprobs,
+                 policy_logprobs=out.policy_logprobs)
+
+
+def _check_args(prompts, prompt_mask, vocab, *, max_new_tokens, temperature, top_p, top_k,
+                banned, stop, num_samples):
+  if prompts.ndim != 2 or tuple(prompt_mask.shape) != tuple(prompts.shape):
+    raise ValueError(f"prompts must be [B, P] with a prompt_mask of the same shape, got prompts "
+                     f"{tuple(prompts.shape)} and prompt_mask {tuple(prompt_mask.shape)}")
+  lengths = np.asarray(prompt_mask).astype(bool).sum(axis=1)
+  if prompts.shape[0] == 0 or prompts.shape[1] == 0 or np.any(lengths == 0):
+    empty = np.flatnonzero(lengths == 0).tolist() if prompts.shape[1] else "all"
+    raise ValueError(f"prompts: every prompt needs at least one real token; empty rows: {empty}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  if not 0.0 < float(top_p) <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+  if float(temperature) < 0.0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+  for name, ids in (("banned_token_ids", banned), ("stop_token_ids", stop)):
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+      raise ValueError(f"{name} {bad} are outside the vocabulary [0, {vocab})")
+  both = sorted(set(banned) & set(stop))
+  if both:
+    raise ValueError(f"stop_token_ids {both} are also in banned_token_ids: they could never be "
+                     "sampled, so the sequences would never stop on them")
+
+
+def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature: float = 1.0,
+           top_p: float = 1.0, top_k: int = 0, banned_token_ids: Sequence[int] = (),
+           stop_token_ids: Sequence[int] = (), num_samples: int = 1,
+           prompt_buckets: Sequence[int] | None = None, mesh: Mesh | None = None) -> Rollout:
+  """Sample `num_samples` responses per prompt with one compiled program per shape.
+
+  Args:
+    model: an `opd_jax.models.Decoder`.
+    prompts: int32 [B, P] left-padded prompt tokens.
+    prompt_mask: bool [B, P], true on real prompt tokens.
+    rng: a PRNG key; step t draws one uniform per row from fold_in(rng, t).
+    max_new_tokens: N, the response budget (the loop ends earlier when every row has stopped).
+    temperature: >= 0, 0 is greedy; traced (changing it does not recompile).
+    top_p: nucleus mass in (0, 1], exact over the full vocabulary; traced.
+    top_k: keep the k most likely tokens (0 = off); static.
+    banned_token_ids: ids set to -inf before any truncation; never sampled.
+    stop_token_ids: ids that end a sequence (kept in the response, later positions masked).
+    num_samples: G rollouts per prompt; the prompt is prefilled once.
+    prompt_buckets: padded prompt lengths to compile for (default: powers of two >= 16).
+    mesh: optional (data, fsdp, tensor) mesh; rows are sharded over data and fsdp.
+
+  Returns:
+    A Rollout with [B*G, N] fields.
+  """
+  prompts = jnp.asarray(prompts)
+  config = model.config
+  banned, stop = tuple(int(i) for i in banned_token_ids), tuple(int(i) for i in stop_token_ids)
+  _check_args(prompts, prompt_mask, config.vocab_size, max_new_tokens=max_new_tokens,
+              temperature=temperature, top_p=top_p, top_k=top_k, banned=banned, stop=stop,
+              num_samples=num_samples)
+  b, p = prompts.shape
+  padded = bucket_length(p, prompt_buckets)
+  pad = ((0, 0), (padded - p, 0))
+  prompts = jnp.pad(prompts.astype(jnp.int32), pad)
+  prompt_mask = jnp.pad(jnp.asarray(prompt_mask).astype(bool), pad)
+  if mesh is not None:
+    rows = NamedSharding(mesh, PartitionSpec(models.partitioning.BATCH_AXES))
+    prompts, prompt_mask = jax.device_put((prompts, prompt_mask), rows)
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, prompts, prompt_mask, rng,
+                   jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
+                   top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh)

@@ -1,0 +1,173 @@
+"""Pure sampling rules on one step's logits: token bans, temperature, top-k, exact top-p.
+
+Every rule draws by inverse CDF from one uniform number per row. Without top-k the draw walks
+the vocabulary in token-id order among the tokens at or above the nucleus threshold, so whether
+the threshold came from the fast path or the exact bisection never changes a row's sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Candidates examined by the top-p fast path: a `lax.top_k` of this many entries decides the
+# nucleus whenever their mass already reaches p (the common case for trained language models);
+# otherwise an exact bisection over the vocabulary runs instead. Either way the result is exact.
+TOP_P_CANDIDATES = 64
+
+
+def _top_k(x: Array, k: int) -> tuple[Array, Array]:
+  """`lax.top_k` kept as a TopK op: without the barrier, XLA's simplifier folds the slice of the
+  values/indices into their consumers and the CPU backend then sorts the whole vocabulary
+  (measured: 70 ms instead of 0.5 ms for [8, 32000], k = 50)."""
+  return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+
+
+def ban_tokens(logits: Array, banned_ids: Sequence[int]) -> Array:
+  """Set the logits of banned token ids to -inf (before any truncation)."""
+  if not banned_ids:
+    return logits
+  ids = jnp.asarray(tuple(banned_ids), jnp.int32)
+  return logits.at[..., ids].set(-jnp.inf)
+
+
+def apply_temperature(logits: Array, temperature: float | Array) -> Array:
+  """logits / temperature; temperature 0 keeps the logits (the sampler then takes the argmax)."""
+  t = jnp.asarray(temperature, jnp.float32)
+  return logits / jnp.where(t > 0, t, 1.0)
+
+
+def _nucleus(vals: Array, lse: Array, top_p: Array) -> tuple[Array, Array]:
+  """(kept [R, C], decided [R]) for candidates `vals` sorted in descending order.
+
+  A candidate is kept while the mass strictly before it is < p (so the token that crosses p is
+  kept), together with every candidate tied with the last kept one. `decided` says that no
+  token outside the candidates can belong to the nucleus.
+  """
+  probs = jnp.exp(vals - lse[:, None])
+  before = jnp.cumsum(probs, axis=-1) - probs
+  n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1), 1)
+  threshold = jnp.take_along_axis(vals, n_keep[:, None] - 1, axis=-1)
+  kept = vals >= threshold
+  decided = (jnp.sum(probs, axis=-1) >= top_p) & (vals[:, -1] < threshold[:, 0])
+  return kept, decided
+
+
+def _draw_sorted(vals: Array, idx: Array, kept: Array, u: Array) -> tuple[Array, Array]:
+  """Inverse-CDF draw among the kept prefix of descending candidates: (token, log-prob)."""
+  kept_vals = jnp.where(kept, vals, -jnp.inf)
+  top = vals[:, :1]
+  weights = jnp.exp(kept_vals - top)
+  cum = jnp.cumsum(weights, axis=-1)
+  total = cum[:, -1]
+  j = jnp.sum(cum <= (u * total)[:, None], axis=-1)
+  j = jnp.minimum(j, jnp.sum(kept & jnp.isfinite(vals), axis=-1) - 1)
+  token = jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0]
+  logp = jnp.take_along_axis(vals, j[:, None], axis=-1)[:, 0] - top[:, 0] - jnp.log(total)
+  return token.astype(jnp.int32), logp
+
+
+def _order_keys(x: Array) -> Array:
+  """uint32 keys whose unsigned order is the float order of x (for an exact bisection)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  negative = (bits >> 31) == 1
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _bisect_threshold(x: Array, lse: Array, top_p: Array) -> Array:
+  """Largest logit θ per row with mass{x >= θ} >= p: the exact nucleus without sorting.
+
+  A 32-step bisection over the order-preserving integer keys of the logits; each step is one
+  pass over the vocabulary.
+  """
+  keys = _order_keys(x)
+  probs = jnp.exp(x - lse[:, None])
+
+  def step(_, bounds):
+    lo, hi = bounds                                   # mass(>= lo) >= p > mass(>= hi)
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(jnp.where(keys >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  lo = jnp.min(keys, axis=-1)
+  hi = jnp.max(keys, axis=-1) + 1
+  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  # The smallest logit whose key is >= lo is the threshold itself.
+  return jnp.min(jnp.where(keys >= lo[:, None], x, jnp.inf), axis=-1)
+
+
+def _draw_above(x: Array, lse: Array, threshold: Array, u: Array) -> tuple[Array, Array]:
+  """Inverse-CDF draw, in token-id order, among the tokens with x >= threshold."""
+  weights = jnp.where(x >= threshold[:, None], jnp.exp(x - lse[:, None]), 0.0)
+  cum = jnp.cumsum(weights, axis=-1)
+  total = cum[:, -1]
+  token = jnp.sum(cum <= (u * total)[:, None], axis=-1)
+  last = x.shape[-1] - 1 - jnp.argmax((weights > 0)[:, ::-1], axis=-1)
+  token = jnp.minimum(token, last).astype(jnp.int32)
+  logp = jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0] - lse - jnp.log(total)
+  return token, logp
+
+
+def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
+         top_p: float | Array = 1.0, banned_ids: Sequence[int] = (),
+         candidates: int = TOP_P_CANDIDATES) -> tuple[Array, Array]:
+  """Sample one token per row: bans, temperature, top-k, exact top-p, then an inverse-CDF draw.
+
+  Top-k keeps exactly k tokens (ties broken towards lower ids, as `lax.top_k`); top-p keeps the
+  smallest descending prefix whose mass reaches p (the crossing token included) plus any token
+  tied with its last one, renormalised after top-k as transformers does. Temperature 0 is greedy.
+  Without top-k, the nucleus threshold comes from a `lax.top_k` of `candidates` entries when their
+  mass reaches p in every row, else from an exact bisection over the vocabulary (no sort); the
+  draw itself does not depend on which of the two found the threshold.
+
+  Args:
+    logits: [R, V] logits of the next token.
+    u: [R] uniform numbers in [0, 1), one per row (the only randomness).
+    temperature: >= 0; may be traced.
+    top_k: 0 (off) or the number of tokens kept; static.
+    top_p: nucleus mass in (0, 1]; may be traced.
+    banned_ids: token ids that are never sampled.
+    candidates: size of the fast top-p path's `lax.top_k`.
+
+  Returns:
+    (tokens [R] int32, log-probs [R] of the tokens under the distribution sampled from; 0 for
+    greedy).
+  """
+  x = apply_temperature(ban_tokens(logits.astype(jnp.float32), banned_ids), temperature)
+  p = jnp.asarray(top_p, jnp.float32)
+  vocab = x.shape[-1]
+  if top_k > 0:
+    vals, idx = _top_k(x, min(top_k, vocab))
+    kept, _ = _nucleus(vals, jax.nn.logsumexp(vals, axis=-1), p)
+    token, logp = _draw_sorted(vals, idx, kept, u)
+  else:
+    lse = jax.nn.logsumexp(x, axis=-1)
+
+    def nucleus_threshold(x):
+      vals, _ = _top_k(x, min(candidates, vocab))
+      kept, decided = _nucleus(vals, lse, p)
+      fast = jnp.min(jnp.where(kept, vals, jnp.inf), axis=-1)
+      return jax.lax.cond(jnp.all(decided), lambda x: fast,
+                          lambda x: _bisect_threshold(x, lse, p), x)
+
+    threshold = jax.lax.cond(p >= 1.0, lambda x: jnp.full(x.shape[:1], -jnp.inf),
+                             nucleus_threshold, x)
+    token, logp = _draw_above(x, lse, threshold, u)
+  greedy_on = jnp.asarray(temperature) <= 0
+  token = jnp.where(greedy_on, jnp.argmax(x, axis=-1).astype(jnp.int32), token)
+  return token, jnp.where(greedy_on, 0.0, logp)
+
+
+def greedy(logits: Array, rng: Array | None = None) -> Array:
+  """The argmax rule `(logits, rng) -> tokens` (rng unused)."""
+  del rng
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def sample(logits: Array, rng: Array, **settings) -> Array:
+  """The rule `(logits, rng) -> tokens` for `draw`'s settings (one uniform per row from rng)."""
+  return draw(logits, jax.random.uniform(rng, logits.shape[:1]), **settings)[0]

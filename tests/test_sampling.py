@@ -1,0 +1,155 @@
+"""The compiled sampler against transformers' generate and the model's own forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model_helpers as mh
+from opd_jax import models, sampling
+
+N_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("qwen2")
+  torch_model = mh.make_hf_checkpoint(folder, "qwen2", seed=3)
+  model, _ = models.load_hf_checkpoint(folder)
+  return torch_model, model, folder
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  return mh.left_padded_batch(1, 4, 9, 128, pads=[0, 3, 5, 8])
+
+
+def _sample(model, tokens, mask, seed=0, **kw):
+  kw.setdefault("max_new_tokens", N_NEW)
+  return sampling.sample(model, tokens, mask, jax.random.key(seed), **kw)
+
+
+def test_greedy_equals_transformers_generate(checkpoint, prompts):
+  import torch
+  torch_model, model, _ = checkpoint
+  tokens, mask = prompts
+  with torch.no_grad():
+    want = torch_model.generate(
+        input_ids=torch.as_tensor(tokens, dtype=torch.long),
+        attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=False,
+        max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0, eos_token_id=None)
+  want = want[:, tokens.shape[1]:].numpy()
+  got = _sample(model, tokens, mask, temperature=0.0)
+  np.testing.assert_array_equal(got.tokens, want)
+  assert np.all(got.mask) and np.all(np.asarray(got.sample_logprobs) == 0.0)
+
+
+def test_policy_logprobs_match_full_forward_and_top1_is_greedy(checkpoint, prompts):
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  out = _sample(model, tokens, mask, seed=5, top_p=0.7)
+  full = np.concatenate([tokens, np.asarray(out.tokens)], axis=1)
+  full_mask = np.concatenate([mask, np.ones_like(out.mask)], axis=1)
+  logp = jax.nn.log_softmax(models.forward(model, full, full_mask), axis=-1)
+  p = tokens.shape[1]
+  want = np.take_along_axis(np.asarray(logp[:, p - 1:-1]), np.asarray(out.tokens)[..., None],
+                            -1)[..., 0]
+  np.testing.assert_allclose(out.policy_logprobs, want, atol=1e-4)
+  # Truncation renormalises: the sampled distribution puts at least as much mass on the token.
+  assert np.all(np.asarray(out.sample_logprobs) >= np.asarray(out.policy_logprobs) - 1e-5)
+  top1 = _sample(model, tokens, mask, seed=9, top_p=1e-6)
+  greedy = _sample(model, tokens, mask, temperature=0.0)
+  np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+  np.testing.assert_allclose(top1.sample_logprobs, 0.0, atol=1e-6)
+
+
+def test_same_seed_same_rollout_and_rows_are_independent(checkpoint, prompts):
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  a = _sample(model, tokens, mask, seed=1)
+  b = _sample(model, tokens, mask, seed=1)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  c = _sample(model, tokens, mask, seed=2)
+  assert not np.array_equal(a.tokens, c.tokens)
+  other = tokens.copy()
+  other[1:, -2:] = (other[1:, -2:] + 7) % 128            # change every prompt but the first
+  d = _sample(model, other, mask, seed=1)
+  np.testing.assert_array_equal(d.tokens[0], a.tokens[0])
+  np.testing.assert_array_equal(d.policy_logprobs[0], a.policy_logprobs[0])
+  assert not np.array_equal(d.tokens[1:], a.tokens[1:])
+
+
+def test_new_prompts_of_one_bucket_and_new_top_p_do_not_recompile(checkpoint, prompts):
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  _sample(model, tokens, mask, top_p=0.9)
+  before = sampling.compiled_programs()
+  for i, top_p in enumerate((0.5, 0.8, 1.0)):
+    length = 10 + 2 * i                                 # 10, 12, 14: all in the 16 bucket
+    t, m = mh.left_padded_batch(i, 4, length, 128)
+    _sample(model, t, m, seed=i, top_p=top_p, temperature=0.5 + i)
+  assert sampling.compiled_programs() == before
+  assert sampling.bucket_length(9) == 16 and sampling.bucket_length(17) == 32
+  assert sampling.bucket_length(9, [12, 24]) == 12
+
+
+def test_groups_bans_and_stop_tokens(checkpoint, prompts):
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  greedy = np.asarray(_sample(model, tokens, mask, temperature=0.0).tokens)
+  banned = tuple(sorted(set(greedy[:, 0].tolist())))     # every row's greedy first token
+  stop = tuple(sorted(set(greedy[:, 3].tolist()) - set(banned)))
+  g = 3
+  out = _sample(model, tokens, mask, seed=4, num_samples=g, banned_token_ids=banned,
+                stop_token_ids=stop, top_k=20)
+  toks, m = np.asarray(out.tokens), np.asarray(out.mask)
+  assert toks.shape == (4 * g, N_NEW)
+  assert not np.isin(toks[m], banned).any()
+  for row in range(4 * g):
+    hits = np.flatnonzero(np.isin(toks[row], stop) & m[row])
+    end = hits[0] + 1 if hits.size else N_NEW
+    assert m[row, :end].all() and not m[row, end:].any()
+    assert (toks[row, end:] == 0).all()
+    assert np.all(np.asarray(out.policy_logprobs)[row, end:] == 0.0)
+  # Rows b*G .. b*G+G-1 share prompt b: greedy groups are G copies of the single greedy rollout.
+  grouped = _sample(model, tokens, mask, temperature=0.0, num_samples=g, banned_token_ids=banned,
+                    stop_token_ids=stop, top_k=20)
+  single = np.repeat(np.asarray(_sample(model, tokens, mask, temperature=0.0,
+                                        banned_token_ids=banned).tokens), g, axis=0)
+  gm = np.asarray(grouped.mask)
+  np.testing.assert_array_equal(np.asarray(grouped.tokens)[gm], single[gm])
+
+
+def test_sharded_batch_matches_single_device(checkpoint):
+  _, model, folder = checkpoint
+  tokens, mask = mh.left_padded_batch(2, 8, 9, 128)
+  mesh = jax.make_mesh((4, 1, 2), models.MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  sharded, _ = models.load_hf_checkpoint(folder, mesh=mesh)
+  ref = _sample(model, tokens, mask, seed=3)
+  out = _sample(sharded, tokens, mask, seed=3, mesh=mesh)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_allclose(out.policy_logprobs, ref.policy_logprobs, atol=1e-5)
+  assert len(out.tokens.sharding.device_set) == 8
+
+
+def test_bad_arguments_raise(checkpoint, prompts):
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  empty = mask.copy()
+  empty[2] = False
+  cases = [
+      (dict(prompt_mask=empty), "empty rows: \\[2\\]"),
+      (dict(top_p=0.0), "top_p must be in \\(0, 1\\]"),
+      (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
+      (dict(temperature=-1.0), "temperature must be >= 0"),
+      (dict(banned_token_ids=(5, 128)), "banned_token_ids \\[128\\] are outside"),
+      (dict(stop_token_ids=(-1,)), "stop_token_ids \\[-1\\] are outside"),
+      (dict(banned_token_ids=(3, 4), stop_token_ids=(4,)), "stop_token_ids \\[4\\] are also"),
+      (dict(max_new_tokens=0), "max_new_tokens"),
+      (dict(num_samples=0), "num_samples"),
+  ]
+  for kw, msg in cases:
+    m = kw.pop("prompt_mask", mask)
+    with pytest.raises(ValueError, match=msg):
+      _sample(model, tokens, m, **kw)

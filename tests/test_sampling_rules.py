@@ -1,0 +1,130 @@
+"""Sampling rules: exact truncated distributions, chi-square tests, bans, greedy, fast path."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from opd_jax import sampling_rules as rules
+
+N_SAMPLES = 20_000
+
+
+def _exact_truncated(logits, top_k=0, top_p=1.0, temperature=1.0, banned=()):
+  """Reference: sort the vocabulary in numpy and apply the textbook definitions."""
+  x = np.asarray(logits, np.float64).copy()
+  x[list(banned)] = -np.inf
+  x = x / temperature
+  if top_k:
+    keep = np.argsort(-x, kind="stable")[:top_k]          # exactly k, ties to lower ids
+    x = np.where(np.isin(np.arange(x.size), keep), x, -np.inf)
+  p = np.exp(x - x.max())
+  p /= p.sum()
+  if top_p < 1.0:
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    last_kept = p[order[before < top_p]].min()
+    p = np.where(p >= last_kept, p, 0.0)        # tokens tied with the last kept one stay
+    p = p / p.sum()
+  return p
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "n", "banned", "candidates"))
+def _draw(logits, seed, top_p, temperature, *, top_k, n, banned=(), candidates=64):
+  u = jax.random.uniform(jax.random.key(seed), (n,))
+  return rules.draw(jnp.broadcast_to(logits, (n,) + logits.shape), u, temperature=temperature,
+                    top_k=top_k, top_p=top_p, banned_ids=banned, candidates=candidates)
+
+
+def _check_samples(tokens, logps, probs):
+  tokens, logps = np.asarray(tokens), np.asarray(logps)
+  counts = np.bincount(tokens, minlength=probs.size)
+  support = probs > 0
+  assert counts[~support].sum() == 0, "sampled a token outside the truncated support"
+  np.testing.assert_allclose(logps, np.log(probs[tokens]), atol=1e-5)
+  expected = probs[support] * tokens.size
+  assert stats.chisquare(counts[support], expected).pvalue > 1e-3
+
+
+LOGITS = np.random.default_rng(0).normal(size=50).astype(np.float32) * 2.0
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [
+    (0, 1.0, 1.0), (0, 0.9, 1.0), (0, 0.5, 0.7), (10, 1.0, 1.0), (10, 0.8, 1.3), (0, 0.999, 1.0)])
+def test_empirical_distribution_matches_exact_truncation(top_k, top_p, temperature):
+  tokens, logps = _draw(LOGITS, 1, top_p, temperature, top_k=top_k, n=N_SAMPLES)
+  _check_samples(tokens, logps, _exact_truncated(LOGITS, top_k, top_p, temperature))
+
+
+def test_exact_fallback_when_candidates_do_not_cover_p():
+  """A flat distribution over 3000 tokens is not covered by 64 candidates: the full sort runs."""
+  logits = (np.random.default_rng(2).normal(size=3000) * 0.3).astype(np.float32)
+  tokens, logps = _draw(logits, 3, 0.9, 1.0, top_k=0, n=N_SAMPLES)
+  want = _exact_truncated(logits, top_p=0.9)
+  assert np.count_nonzero(want) > 64
+  tokens = np.asarray(tokens)
+  assert np.all(want[tokens] > 0)
+  np.testing.assert_allclose(logps, np.log(want[tokens]), atol=1e-5)
+  # Coarse chi-square over 20 bins of equal expected mass (3000 categories are too many cells).
+  order = np.argsort(-want)
+  bins = np.minimum((np.cumsum(want[order]) * 20).astype(int), 19)
+  bin_of = np.empty(3000, int)
+  bin_of[order] = bins
+  counts = np.bincount(bin_of[tokens], minlength=20)
+  expected = np.bincount(bins, weights=want[order], minlength=20) * tokens.size
+  assert stats.chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_fast_path_and_full_sort_pick_the_same_token_for_the_same_uniform():
+  rng = np.random.default_rng(4)
+  for scale in (0.05, 1.0, 6.0):
+    logits = jnp.asarray(rng.normal(size=(256, 500)) * scale, jnp.float32)
+    u = jax.random.uniform(jax.random.key(5), (256,))
+    for p in (0.3, 0.95):
+      few = rules.draw(logits, u, top_p=p, candidates=4)
+      full = rules.draw(logits, u, top_p=p, candidates=500)
+      np.testing.assert_array_equal(few[0], full[0])
+      np.testing.assert_allclose(few[1], full[1], atol=1e-5)
+
+
+def test_a_rows_sample_does_not_depend_on_the_other_rows():
+  peaked = np.random.default_rng(6).normal(size=300).astype(np.float32) * 5
+  flat = np.zeros(300, np.float32)                      # forces the full-sort path for the batch
+  u = jnp.array([0.37, 0.81])
+  alone = rules.draw(jnp.stack([peaked, peaked]), u, top_p=0.9)[0]
+  mixed = rules.draw(jnp.stack([peaked, flat]), u, top_p=0.9)[0]
+  assert alone[0] == mixed[0]
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+  logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+  u = jnp.linspace(0.0, 0.999, 1000)
+
+  def support(p):
+    return set(np.asarray(rules.draw(jnp.broadcast_to(logits, (1000, 4)), u, top_p=p)[0]))
+  assert support(0.6) == {0, 1}                         # 0.5 < 0.6 <= 0.8
+  assert support(0.5) == {0}
+  assert support(1.0) == {0, 1, 2, 3}
+
+
+def test_top1_equals_greedy_and_temperature_zero_is_greedy():
+  logits = jax.random.normal(jax.random.key(3), (16, 40))
+  u = jax.random.uniform(jax.random.key(4), (16,))
+  want = rules.greedy(logits)
+  np.testing.assert_array_equal(rules.draw(logits, u, top_k=1)[0], want)
+  np.testing.assert_array_equal(rules.draw(logits, u, top_p=1e-6)[0], want)
+  tok, logp = rules.draw(logits, u, temperature=0.0)
+  np.testing.assert_array_equal(tok, want)
+  assert np.all(np.asarray(logp) == 0.0)
+  np.testing.assert_array_equal(rules.sample(logits, jax.random.key(1), top_k=1), want)
+
+
+def test_banned_tokens_are_never_sampled():
+  logits = np.random.default_rng(8).normal(size=20).astype(np.float32)
+  logits[3] = 10.0                                     # the favourite token is banned
+  tokens, logps = _draw(logits, 7, 0.9, 1.0, top_k=5, n=5000, banned=(3, 7))
+  assert not np.isin(np.asarray(tokens), [3, 7]).any()
+  _check_samples(tokens, logps, _exact_truncated(logits, 5, 0.9, banned=(3, 7)))
