@@ -70,8 +70,8 @@ def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
 
 
 def _gather_logprob(logits: Array, tokens: Array) -> Array:
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 @functools.partial(
@@ -84,7 +84,8 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
   # place: no copy of it ever exists outside the compiled program.
   _TRACES["generate"] += 1
   model = nnx.merge(graphdef, state)
-  cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + max_new_tokens)
+  cache = models.init_cache(model.config, prompts.shape[0],
+                            prompts.shape[1] + max_new_tokens + 1)
 
   def constrain(x):  # rows over the mesh's batch axes
     if mesh is None:
@@ -118,9 +119,9 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     policy_lp = _gather_logprob(s.logits, tok)
     col = (slice(None), s.step)
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-    more = (s.step + 1 < max_new_tokens) & ~jnp.all(done)
-    logits, cache = jax.lax.cond(
-        more, lambda c: models.decode_step(model, tok, c), lambda c: (s.logits, c), s.cache)
+    # The last iteration's decode step is wasted work (1/N of it); a lax.cond around it would
+    # make XLA copy the whole cache every step instead.
+    logits, cache = models.decode_step(model, tok, s.cache)
     return _DecodeState(
         step=s.step + 1, logits=constrain(logits), done=done,
         tokens=s.tokens.at[col].set(tok), mask=s.mask.at[col].set(live),

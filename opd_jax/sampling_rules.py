@@ -138,6 +138,17 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
     greedy).
   """
   x = apply_temperature(ban_tokens(logits.astype(jnp.float32), banned_ids), temperature)
+
+  def greedy_draw(x):
+    return greedy(x), jnp.zeros(x.shape[:1], jnp.float32)
+
+  return jax.lax.cond(jnp.asarray(temperature) > 0,
+                      lambda x: _draw_truncated(x, u, top_k, top_p, candidates),
+                      greedy_draw, x)
+
+
+def _draw_truncated(x: Array, u: Array, top_k: int, top_p: float | Array,
+                    candidates: int) -> tuple[Array, Array]:
   p = jnp.asarray(top_p, jnp.float32)
   vocab = x.shape[-1]
   if top_k > 0:
@@ -157,9 +168,7 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
     threshold = jax.lax.cond(p >= 1.0, lambda x: jnp.full(x.shape[:1], -jnp.inf),
                              nucleus_threshold, x)
     token, logp = _draw_above(x, lse, threshold, u)
-  greedy_on = jnp.asarray(temperature) <= 0
-  token = jnp.where(greedy_on, jnp.argmax(x, axis=-1).astype(jnp.int32), token)
-  return token, jnp.where(greedy_on, 0.0, logp)
+  return token, logp
 
 
 def greedy(logits: Array, rng: Array | None = None) -> Array:
