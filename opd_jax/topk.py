@@ -10,7 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
@@ -120,7 +120,8 @@ def _local_forward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, of
     return out
 
   chunks = _token_chunks(ct, h, cols_loc, mask)
-  m, s, a, got, top_v, top_i = (x.reshape((-1,) + x.shape[2:])[:n] for x in lax.map(sweep, chunks))
+  flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])[:n]
+  m, s, a, got, top_v, top_i = (flat(x) for x in lax.map(sweep, chunks))
   if plan.tensor_axis is not None:  # exact merge of the per-shard partial results
     m_g = lax.pmax(m, plan.tensor_axis)
     scale = jnp.exp(m - m_g)
@@ -206,12 +207,21 @@ def _offset(plan: _Plan, v_loc: int) -> Array:
   return lax.axis_index(plan.tensor_axis).astype(jnp.int32) * v_loc
 
 
+def _explicit(plan: _Plan) -> bool:
+  return plan.mesh is not None and AxisType.Explicit in plan.mesh.axis_types
+
+
 def _sharded(plan: _Plan, fn, in_specs, out_specs):
   if plan.mesh is None:
     return fn
   # check_vma off: the bodies are never differentiated by JAX (custom_vjp owns the backward).
-  return jax.shard_map(fn, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)
+  mapped = jax.shard_map(fn, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+  if not _explicit(plan):
+    return mapped
+  # Explicit axes carry the sharding in the type: shard_map wants it resharded first.
+  return lambda *args: mapped(*(jax.reshard(a, NamedSharding(plan.mesh, spec))
+                                for a, spec in zip(args, in_specs)))
 
 
 def _forward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array) -> _Stats:
@@ -240,6 +250,8 @@ def _student_stats_bwd(plan, res, g):
   in_specs = (row2, P(None, voc), row2, row, row, row2, row)
   dh, dw = _sharded(plan, fn, in_specs, (row2, P(None, voc)))(
       h, w, cols, mask, lse, g.gathered, g.lse)
+  if _explicit(plan):  # cotangents must carry their primal's sharding type
+    dh, dw = (jax.reshard(x, jax.typeof(p).sharding) for x, p in ((dh, h), (dw, w)))
   return dh, dw, None, None
 
 
@@ -290,6 +302,16 @@ def _flat_rows(plan: _Plan, *xs: Array | None) -> list[Array | None]:
   return [None if x is None else _pad_rows(x.reshape((n,) + x.shape[lead:]), n_pad) for x in xs]
 
 
+def _unflat(plan: _Plan, x: Array, lead: tuple[int, ...]) -> Array:
+  """Drop the padding rows and restore the leading shape of [N, ...] per-token results."""
+  n = math.prod(lead)
+  if _explicit(plan) and (x.shape[0] != n or len(lead) != 1):
+    # With explicit axes an uneven slice or reshape of a sharded dimension is a type error;
+    # these per-token arrays are O(N × K), so replicating them costs little.
+    x = jax.reshard(x, NamedSharding(plan.mesh, P()))
+  return x[:n].reshape(lead + x.shape[1:])
+
+
 def teacher_topk_from_hidden(hidden: Array, unembed: Array, *, k: int,
                              sampled_tokens: Array | None = None, chunk_tokens: int = 1024,
                              chunk_vocab: int = 8192, mesh: Mesh | None = None,
@@ -325,12 +347,11 @@ def teacher_topk_from_hidden(hidden: Array, unembed: Array, *, k: int,
   if sampled_tokens is not None and tuple(sampled_tokens.shape) != tuple(lead):
     raise ValueError(f"sampled_tokens must have hidden's shape without D, {tuple(lead)}, got "
                      f"{tuple(sampled_tokens.shape)}")
-  n = math.prod(lead)
   cols = (jnp.zeros(lead + (0,), jnp.int32) if sampled_tokens is None
           else sampled_tokens[..., None].astype(jnp.int32))
   h, cols, mask = _flat_rows(plan, lax.stop_gradient(hidden), cols, jnp.ones(lead, bool))
   stats = _forward(plan, h, lax.stop_gradient(unembed), cols, mask)
-  unflat = lambda x: x[:n].reshape(lead + x.shape[1:])
+  unflat = lambda x: _unflat(plan, x, tuple(lead))
   sampled = None if sampled_tokens is None else unflat(stats.gathered[:, 0])
   return TopK(unflat(stats.top_indices), unflat(stats.top_logits), unflat(stats.lse), sampled)
 
@@ -435,10 +456,9 @@ def topk_reverse_kl_from_hidden(
     zt_y = jnp.where(mask, lax.stop_gradient(teacher_topk.sampled_logits).astype(jnp.float32), 0.0)
     cols = jnp.concatenate([t_top, y[..., None]], axis=-1)
 
-  n = math.prod(lead)
   h, w_cols, w_mask = _flat_rows(plan, student_hidden, cols, mask)
   stats = _student_stats(plan, h, student_unembed, w_cols, w_mask)
-  unflat = lambda x: x[:n].reshape(lead + x.shape[1:])
+  unflat = lambda x: _unflat(plan, x, tuple(lead))
   got, lse_s = unflat(stats.gathered), unflat(stats.lse)
   if not dense:
     lse_s = lax.stop_gradient(lse_s)  # the sparse backward drops the logsumexp's cotangent
