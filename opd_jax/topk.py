@@ -285,7 +285,7 @@ def _make_plan(hidden: Array, unembed: Array, *, k: int, chunk_tokens: int, chun
             f"unembed's vocabulary size {v_loc} must be divisible by the size "
             f"{mesh.shape[tensor_axis]} of the tensor axis {tensor_axis!r}; pad the unembedding")
       v_loc //= mesh.shape[tensor_axis]
-  if not 1 <= k <= min(v_loc, chunk_vocab):
+  if not isinstance(k, int) or not 1 <= k <= min(v_loc, chunk_vocab):
     raise ValueError(
         f"k must be an int in [1, min(vocabulary per device = {v_loc}, chunk_vocab = "
         f"{chunk_vocab})], got {k!r}")

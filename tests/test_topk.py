@@ -231,3 +231,16 @@ def test_bad_options_raise(data, kwargs, match):
   with pytest.raises(ValueError, match="teacher_topk.indices"):
     topk.topk_reverse_kl_from_hidden(d["hs"], d["ws"], teacher._replace(
         indices=teacher.indices[:1]), d["mask"])
+
+
+def test_bfloat16_inputs_are_computed_in_float32(data):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  hs, ws = d["hs"].astype(jnp.bfloat16), d["ws"].astype(jnp.bfloat16)
+  got = _fused(hs, ws, teacher, d["mask"], d["y"], d["blp"], opt="unnormalized")
+  (loss, _), grads = _fused(hs.astype(jnp.float32), ws.astype(jnp.float32), teacher, d["mask"],
+                            d["y"], d["blp"], opt="unnormalized")
+  assert got[0][0].dtype == jnp.float32 and got[1][1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(got[0][0], loss, rtol=1e-6)
+  for g, want in zip(got[1], grads):
+    np.testing.assert_array_equal(g, want.astype(jnp.bfloat16))
