@@ -63,15 +63,20 @@ def num_params(params: Params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
+def _dense(layer: Params, x: Array) -> Array:
+  bias = layer["b"].reshape((1,) * (x.ndim - 1) + layer["b"].shape)  # explicit broadcast
+  return x @ layer["w"] + bias
+
+
 def hidden_features(params: Params, obs: Array) -> Array:
   """Activations feeding the output layer, [..., hidden]."""
-  h = jnp.tanh(obs @ params["hidden1"]["w"] + params["hidden1"]["b"])
-  return jnp.tanh(h @ params["hidden2"]["w"] + params["hidden2"]["b"])
+  h = jnp.tanh(_dense(params["hidden1"], obs))
+  return jnp.tanh(_dense(params["hidden2"], h))
 
 
 def head(out_params: Params, features: Array, spec: PolicySpec) -> tuple[Array, Array]:
   """Output layer: features -> (mean, std), bounded mean and floored std."""
-  raw = features @ out_params["w"] + out_params["b"]
+  raw = _dense(out_params, features)
   return spec.max_step * jnp.tanh(raw[..., 0]), spec.std_floor + jax.nn.softplus(raw[..., 1])
 
 
