@@ -93,11 +93,9 @@ def _train_step(s: StudySettings, tx, params, opt_state, gamma, teachers, key, i
       params, _split(traj.obs, m), _split(traj.actions, m), _split(logq, m), gamma, s.spec)
   grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_M)
   updates, opt_state = tx.update(grads, opt_state, params)
-  _, std = policy.apply(params, traj.obs, s.spec)
   metrics = {
       "var": microbatch_variance(grads_M[policy.OUTPUT_LAYER]),
       "dist": jnp.mean(env.final_distance(traj, task)),
-      "std": jnp.mean(std),
       "kl": jnp.mean(kl_M),  # sequence-level KL estimate Σ_t r_t
   }
   return optax.apply_updates(params, updates), opt_state, metrics
