@@ -1,11 +1,11 @@
 """Toy variance study (paper App. E): two mirror 1-D tasks, REINFORCE teachers, OPD with ĝ_γ.
 
 Run:      python -m opd_jax.main --config=experiments/toy_variance.py --config.workdir=DIR
-Per-step: ... --config.teacher_reward=per_step     (teachers trained on −|s_{t+1} − target| each step)
+Per-step: ... --config.teacher_reward=per_step   (teachers trained on −|s_{t+1} − target| per step)
 Smoke:    python -m opd_jax.main --config=experiments/toy_variance.py:smoke --config.workdir=DIR
 Short:    ':short' is the shortened study the tests assert the expected result on.
-Runtime:  full study (3 seeds x 5 γ x 2,000 iterations, teachers included) about 1.5 min on a
-          2-core CPU; short about 25 s; smoke a few seconds plus compilation.
+Runtime:  full study (3 seeds x 5 γ x 2,000 iterations, teachers and compilation included)
+          56 s measured on a 2-core CPU; short 25-35 s; smoke about 15 s (mostly compilation).
 Expected: medians over seeds: late variance rises with γ and γ = 1 is >= 5x γ = 0; the early
           peak of γ = 1 is >= 10x γ = 0; γ = 0 ends within 2x the teachers' distance on both
           tasks; γ = 1 ends no closer than γ = 0. Writes summary.csv, same_params.csv and one PNG

@@ -276,7 +276,7 @@ def test_short_study_reproduces_the_paper(short_study):
   assert all(a < b for a, b in zip(same, same[1:])), same
 
 
-def test_short_study_outputs(short_study, capsys):
+def test_short_study_outputs(short_study):
   workdir, config, result = short_study
   for seed in config.seeds:
     assert (workdir / f"toy_variance_seed{seed}.png").stat().st_size > 10_000

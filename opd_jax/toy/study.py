@@ -158,8 +158,9 @@ def median_rows(rows: list[dict]) -> list[dict]:
 def expected_result(rows: list[dict]) -> list[tuple[str, bool]]:
   """The paper's findings as checks on the medians over seeds: (statement, holds)."""
   med = median_rows(rows)
-  lo, hi = med[int(np.argmin([m["gamma"] for m in med]))], med[int(np.argmax([m["gamma"] for m in med]))]
-  late = [m["late_var"] for m in sorted(med, key=lambda m: m["gamma"])]
+  by_gamma = sorted(med, key=lambda m: m["gamma"])
+  lo, hi = by_gamma[0], by_gamma[-1]
+  late = [m["late_var"] for m in by_gamma]
   near = all(lo[f"final_dist_{t}"] <= 2 * lo[f"teacher_dist_{t}"] for t in env.TASK_NAMES)
   return [
       ("late variance rises with γ", bool(np.all(np.diff(late) > 0))),

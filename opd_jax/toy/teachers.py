@@ -19,7 +19,7 @@ TEACHER_REWARDS = ("final", "per_step")
 @dataclasses.dataclass(frozen=True)
 class TeacherSettings:
   """Static settings of teacher training (hashable: passed to jit as a static argument)."""
-  reward: str = "final"       # "final": −|s_T − target| once; "per_step": −|s_{t+1} − target| each step
+  reward: str = "final"       # "final": −|s_T − target|; "per_step": −|s_{t+1} − target| each step
   iterations: int = 600       # REINFORCE updates per teacher
   batch: int = 64             # trajectories per update
   lr: float = 1e-3            # Adam learning rate
