@@ -15,6 +15,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 # experiment only pays for the modules it uses.
 RUNNERS = {
     "estimator_demo": "opd_jax.demo:run",
+    "toy_variance": "opd_jax.toy.study:run",
+    "toy_exact": "opd_jax.toy.exact:run",
 }
 
 

@@ -1,0 +1,509 @@
+"""Top-K reverse KL fused with the unembedding: chunked, vocabulary-sharded, never [N, V] logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+
+SUPPORTS = ("teacher", "teacher+sampled")
+TAILS = ("none", "ema_pg")
+# Same floor as opd_jax.losses (this module is a leaf and does not import it; a test pins both).
+LOGP_FLOOR = -1e9
+
+
+class TopK(NamedTuple):
+  """The teacher's statistics the top-K loss needs, per position.
+
+  indices: [..., K] int32, by decreasing logit; equal logits: lower vocabulary index first.
+  logits: [..., K] float32 logits at `indices`.
+  logsumexp: [...] float32 logsumexp over the whole vocabulary.
+  sampled_logits: [...] float32 logit of the sampled token (None unless asked for); needed by
+    the EMA-PG tail, the "teacher+sampled" support and the "kl/logp_gap" diagnostic.
+  """
+  indices: Array
+  logits: Array
+  logsumexp: Array
+  sampled_logits: Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of one chunked pass (hashable: it keys the custom_vjp)."""
+  k: int                    # running top-K size (0: none)
+  chunk_tokens: int
+  chunk_vocab: int
+  entropy: bool             # also accumulate the full-vocabulary entropy
+  dense_grad: bool          # the loss depends on the logsumexp: backward sweeps the vocabulary
+  mesh: Mesh | None
+  data_axis: tuple[str, ...]
+  tensor_axis: str | None
+
+
+class _Stats(NamedTuple):
+  gathered: Array           # [n, C] logits at the requested columns
+  lse: Array                # [n]
+  entropy: Array            # [n] (zeros unless plan.entropy)
+  top_logits: Array         # [n, k]
+  top_indices: Array        # [n, k] int32
+
+
+# ----------------------------------------------------------------------------------------------
+# per-device chunked passes (offset: the global index of this device's first vocabulary column)
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunk_start(j: Array, cv: int, v_loc: int) -> Array:
+  # The last chunk slides back to end at v_loc instead of padding the unembedding (a D×V copy);
+  # the columns it shares with the previous chunk are masked to -inf, so each is counted once.
+  return jnp.minimum(j * cv, v_loc - cv)
+
+
+def _pad_rows(x: Array, n_pad: int) -> Array:
+  if x.shape[0] == n_pad:
+    return x
+  return jnp.pad(x, [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _token_chunks(ct: int, *xs: Array) -> list[Array]:
+  n_pad = -(-xs[0].shape[0] // ct) * ct
+  return [_pad_rows(x, n_pad).reshape((n_pad // ct, ct) + x.shape[1:]) for x in xs]
+
+
+def _local_forward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, offset: Array
+                   ) -> _Stats:
+  """Online logsumexp, entropy, running top-K and gathered logits over this device's vocabulary."""
+  n, v_loc = h.shape[0], w.shape[1]
+  ct, cv = min(plan.chunk_tokens, n), min(plan.chunk_vocab, v_loc)
+  n_vchunks, k = -(-v_loc // cv), plan.k
+  cols_loc = cols - offset
+
+  def sweep(xs):
+    h_c, cols_c, mask_c = xs
+    h_c = jnp.where(mask_c[:, None], h_c.astype(jnp.float32), 0.0)  # masked rows: zero logits
+
+    def body(carry, j):
+      m, s, a, got, top_v, top_i = carry
+      start = _chunk_start(j, cv, v_loc)
+      z = h_c @ lax.dynamic_slice_in_dim(w, start, cv, axis=1).astype(jnp.float32)
+      z = jnp.where((start + jnp.arange(cv) >= j * cv)[None, :], z, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+      delta = jnp.where(jnp.isfinite(m), m - m_new, 0.0)
+      scale = jnp.where(jnp.isfinite(m), jnp.exp(delta), 0.0)
+      e = jnp.exp(z - m_new[:, None])
+      if plan.entropy:  # a = Σ e^{z-m} (z - m), rescaled like s when the running max moves
+        a = scale * (a + delta * s) + jnp.sum(jnp.where(e > 0, e * (z - m_new[:, None]), 0.0), -1)
+      s = scale * s + jnp.sum(e, axis=-1)
+      owned = (cols_c >= j * cv) & (cols_c < start + cv)
+      picked = jnp.take_along_axis(z, jnp.clip(cols_c - start, 0, cv - 1), axis=-1)
+      got = jnp.where(owned, picked, got)
+      if k:  # the running list comes first: on equal logits the lower index wins, as lax.top_k
+        cv_v, cv_i = lax.top_k(z, k)
+        top_v, pos = lax.top_k(jnp.concatenate([top_v, cv_v], -1), k)
+        top_i = jnp.take_along_axis(
+            jnp.concatenate([top_i, cv_i + start + offset], -1), pos, axis=-1)
+      return (m_new, s, a, got, top_v, top_i), None
+
+    zeros = jnp.zeros((ct,), jnp.float32)
+    init = (zeros - jnp.inf, zeros, zeros, jnp.zeros(cols_c.shape, jnp.float32),
+            jnp.full((ct, k), -jnp.inf, jnp.float32), jnp.zeros((ct, k), jnp.int32))
+    out, _ = lax.scan(body, init, jnp.arange(n_vchunks))
+    return out
+
+  chunks = _token_chunks(ct, h, cols_loc, mask)
+  flat = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])[:n]
+  m, s, a, got, top_v, top_i = (flat(x) for x in lax.map(sweep, chunks))
+  if plan.tensor_axis is not None:  # exact merge of the per-shard partial results
+    m_g = lax.pmax(m, plan.tensor_axis)
+    scale = jnp.exp(m - m_g)
+    a = lax.psum(scale * (a + (m - m_g) * s), plan.tensor_axis)
+    s = lax.psum(scale * s, plan.tensor_axis)
+    m = m_g
+    got = lax.psum(got, plan.tensor_axis)  # each column is owned by one shard, 0 elsewhere
+    if k:  # gathered in shard order = vocabulary order, so ties still go to the lower index
+      top_v, pos = lax.top_k(lax.all_gather(top_v, plan.tensor_axis, axis=1, tiled=True), k)
+      top_i = jnp.take_along_axis(
+          lax.all_gather(top_i, plan.tensor_axis, axis=1, tiled=True), pos, axis=-1)
+  entropy = jnp.log(s) - a / s if plan.entropy else jnp.zeros_like(s)
+  return _Stats(got, m + jnp.log(s), entropy, top_v, top_i)
+
+
+def _local_backward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, lse: Array,
+                    g_got: Array, g_lse: Array, offset: Array) -> tuple[Array, Array]:
+  """(dh, dw) of this device's vocabulary: dz = g_lse·softmax + scatter(g_got), in chunks."""
+  n, d, v_loc = h.shape[0], h.shape[1], w.shape[1]
+  ct, cv = min(plan.chunk_tokens, n), min(plan.chunk_vocab, v_loc)
+  cols_loc = cols - offset
+  g_got = jnp.where(mask[:, None] & (cols_loc >= 0) & (cols_loc < v_loc), g_got, 0.0)
+  g_lse = jnp.where(mask, g_lse, 0.0)
+
+  def dense(dw, xs):
+    h_c, cols_c, mask_c, lse_c, gg_c, gl_c = xs
+    h_c = jnp.where(mask_c[:, None], h_c.astype(jnp.float32), 0.0)
+    rows = jnp.arange(ct)[:, None]
+
+    def body(carry, j):
+      dh, dw = carry
+      start = _chunk_start(j, cv, v_loc)
+      w_j = lax.dynamic_slice_in_dim(w, start, cv, axis=1).astype(jnp.float32)
+      z = h_c @ w_j
+      owned = (start + jnp.arange(cv) >= j * cv)[None, :]
+      dz = jnp.where(owned, gl_c[:, None] * jnp.exp(z - lse_c[:, None]), 0.0)
+      hit = (cols_c >= j * cv) & (cols_c < start + cv)
+      dz = dz.at[rows, jnp.clip(cols_c - start, 0, cv - 1)].add(jnp.where(hit, gg_c, 0.0))
+      dh = dh + dz @ w_j.T
+      dw_j = lax.dynamic_slice_in_dim(dw, start, cv, axis=1) + h_c.T @ dz
+      return (dh, lax.dynamic_update_slice_in_dim(dw, dw_j, start, axis=1)), None
+
+    init = (jnp.zeros((ct, d), jnp.float32), dw)
+    (dh, dw), _ = lax.scan(body, init, jnp.arange(-(-v_loc // cv)))
+    return dw, dh
+
+  def sparse(dw, xs):
+    # Only the gathered columns carry gradient: one column gather / scatter per slot, so no
+    # vocabulary sweep and no matmul against the whole unembedding.
+    h_c, cols_c, mask_c, _, gg_c, _ = xs
+    h_c = jnp.where(mask_c[:, None], h_c.astype(jnp.float32), 0.0)
+
+    def body(carry, slot):
+      dh, dw = carry
+      idx, g = slot
+      idx = jnp.clip(idx, 0, v_loc - 1)
+      dh = dh + g[:, None] * jnp.take(w, idx, axis=1).astype(jnp.float32).T
+      return (dh, dw.at[:, idx].add(h_c.T * g[None, :])), None
+
+    init = (jnp.zeros((ct, d), jnp.float32), dw)
+    (dh, dw), _ = lax.scan(body, init, (cols_c.T, gg_c.T))
+    return dw, dh
+
+  chunks = _token_chunks(ct, h, cols_loc, mask, lse, g_got, g_lse)
+  dw0 = jnp.zeros(w.shape, jnp.float32)
+  dw, dh = lax.scan(dense if plan.dense_grad else sparse, dw0, chunks)
+  dh = dh.reshape(-1, d)[:n]
+  if plan.tensor_axis is not None:
+    dh = lax.psum(dh, plan.tensor_axis)
+  if plan.data_axis:
+    dw = lax.psum(dw, plan.data_axis)
+  return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# global entry points: plain calls, or shard_map over (data: tokens, tensor: vocabulary)
+# ----------------------------------------------------------------------------------------------
+
+
+def _offset(plan: _Plan, v_loc: int) -> Array:
+  if plan.tensor_axis is None:
+    return jnp.int32(0)
+  return lax.axis_index(plan.tensor_axis).astype(jnp.int32) * v_loc
+
+
+def _explicit(plan: _Plan) -> bool:
+  return plan.mesh is not None and AxisType.Explicit in plan.mesh.axis_types
+
+
+def _sharded(plan: _Plan, fn, in_specs, out_specs):
+  if plan.mesh is None:
+    return fn
+  # check_vma off: the bodies are never differentiated by JAX (custom_vjp owns the backward).
+  mapped = jax.shard_map(fn, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
+  if not _explicit(plan):
+    return mapped
+  # Explicit axes carry the sharding in the type: shard_map wants it resharded first.
+  return lambda *args: mapped(*(jax.reshard(a, NamedSharding(plan.mesh, spec))
+                                for a, spec in zip(args, in_specs)))
+
+
+def _forward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array) -> _Stats:
+  tok, voc = plan.data_axis or None, plan.tensor_axis
+  fn = lambda h, w, c, m: _local_forward(plan, h, w, c, m, _offset(plan, w.shape[1]))
+  out_specs = _Stats(P(tok, None), P(tok), P(tok), P(tok, None), P(tok, None))
+  return _sharded(plan, fn, (P(tok, None), P(None, voc), P(tok, None), P(tok)), out_specs)(
+      h, w, cols, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _student_stats(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array) -> _Stats:
+  return _forward(plan, h, w, cols, mask)
+
+
+def _student_stats_fwd(plan, h, w, cols, mask):
+  stats = _forward(plan, h, w, cols, mask)
+  return stats, (h, w, cols, mask, stats.lse)
+
+
+def _student_stats_bwd(plan, res, g):
+  h, w, cols, mask, lse = res
+  tok, voc = plan.data_axis or None, plan.tensor_axis
+  fn = lambda *a: _local_backward(plan, *a, _offset(plan, a[1].shape[1]))
+  row, row2 = P(tok), P(tok, None)
+  in_specs = (row2, P(None, voc), row2, row, row, row2, row)
+  dh, dw = _sharded(plan, fn, in_specs, (row2, P(None, voc)))(
+      h, w, cols, mask, lse, g.gathered, g.lse)
+  if _explicit(plan):  # cotangents must carry their primal's sharding type
+    dh, dw = (jax.reshard(x, jax.typeof(p).sharding) for x, p in ((dh, h), (dw, w)))
+  return dh, dw, None, None
+
+
+_student_stats.defvjp(_student_stats_fwd, _student_stats_bwd)
+
+
+def _make_plan(hidden: Array, unembed: Array, *, k: int, chunk_tokens: int, chunk_vocab: int,
+               entropy: bool, dense_grad: bool, mesh: Mesh | None,
+               data_axis: str | tuple[str, ...] | None, tensor_axis: str | None) -> _Plan:
+  """Validate the shapes and options shared by both public functions."""
+  if hidden.ndim not in (2, 3) or unembed.ndim != 2 or hidden.shape[-1] != unembed.shape[0]:
+    raise ValueError(
+        f"hidden must be [N, D] or [B, T, D] and unembed [D, V] with the same D, got hidden "
+        f"{tuple(hidden.shape)} and unembed {tuple(unembed.shape)}")
+  for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  data = () if data_axis is None else (data_axis,) if isinstance(data_axis, str) else tuple(
+      data_axis)
+  v_loc = unembed.shape[1]
+  if mesh is None:
+    data, tensor_axis = (), None
+  else:
+    for axis in data + ((tensor_axis,) if tensor_axis is not None else ()):
+      if axis not in mesh.shape:
+        raise ValueError(f"mesh axis {axis!r} (data_axis/tensor_axis) is not in the mesh's axes "
+                         f"{tuple(mesh.axis_names)}; pass None to leave that dimension unsharded")
+    if tensor_axis is not None:
+      if v_loc % mesh.shape[tensor_axis]:
+        raise ValueError(
+            f"unembed's vocabulary size {v_loc} must be divisible by the size "
+            f"{mesh.shape[tensor_axis]} of the tensor axis {tensor_axis!r}; pad the unembedding")
+      v_loc //= mesh.shape[tensor_axis]
+  if not isinstance(k, int) or not 1 <= k <= min(v_loc, chunk_vocab):
+    raise ValueError(
+        f"k must be an int in [1, min(vocabulary per device = {v_loc}, chunk_vocab = "
+        f"{chunk_vocab})], got {k!r}")
+  return _Plan(k=k, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, entropy=entropy,
+               dense_grad=dense_grad, mesh=mesh, data_axis=data, tensor_axis=tensor_axis)
+
+
+def _flat_rows(plan: _Plan, *xs: Array | None) -> list[Array | None]:
+  """Flatten [B, T, ...] to [N, ...] and pad N to a multiple of the data-parallel size."""
+  lead = 1 if xs[0].ndim == 2 else 2
+  n = math.prod(xs[0].shape[:lead])
+  dp = math.prod(plan.mesh.shape[a] for a in plan.data_axis) if plan.data_axis else 1
+  n_pad = -(-n // dp) * dp
+  return [None if x is None else _pad_rows(x.reshape((n,) + x.shape[lead:]), n_pad) for x in xs]
+
+
+def _unflat(plan: _Plan, x: Array, lead: tuple[int, ...]) -> Array:
+  """Drop the padding rows and restore the leading shape of [N, ...] per-token results."""
+  n = math.prod(lead)
+  if _explicit(plan) and (x.shape[0] != n or len(lead) != 1):
+    # With explicit axes an uneven slice or reshape of a sharded dimension is a type error;
+    # these per-token arrays are O(N × K), so replicating them costs little.
+    x = jax.reshard(x, NamedSharding(plan.mesh, P()))
+  return x[:n].reshape(lead + x.shape[1:])
+
+
+def teacher_topk_from_hidden(hidden: Array, unembed: Array, *, k: int,
+                             sampled_tokens: Array | None = None, chunk_tokens: int = 1024,
+                             chunk_vocab: int = 8192, mesh: Mesh | None = None,
+                             data_axis: str | tuple[str, ...] | None = "data",
+                             tensor_axis: str | None = "tensor") -> TopK:
+  """Teacher top-K logits and full logsumexp from final hidden states, without [N, V] logits.
+
+  Logits are produced in [chunk_tokens, chunk_vocab] blocks, merged into a running top-K and an
+  online logsumexp, so peak memory is O(chunk_tokens × chunk_vocab). The result equals
+  `lax.top_k` and `logsumexp` of `hidden @ unembed` in float32 (ties: lower index first). With a
+  mesh, tokens are split over `data_axis` and the vocabulary over `tensor_axis` (the unembedding
+  stays sharded; the per-shard top-K and partial logsumexp are merged exactly). Treated as a
+  constant (stop-gradient).
+
+  Args:
+    hidden: [N, D] or [B, T, D] final hidden states (any float dtype).
+    unembed: [D, V] unembedding (output projection) matrix.
+    k: number of top entries, 1 <= k <= min(V per device, chunk_vocab).
+    sampled_tokens: optional [N] / [B, T] token ids whose logits are also returned.
+    chunk_tokens: tokens per block.
+    chunk_vocab: vocabulary entries per block.
+    mesh: optional mesh for the sharded version.
+    data_axis: mesh axis (or axes) splitting the tokens; None: not split.
+    tensor_axis: mesh axis splitting the vocabulary; None: not split.
+
+  Returns:
+    TopK(indices, logits, logsumexp, sampled_logits) shaped like hidden without D (plus K).
+  """
+  plan = _make_plan(hidden, unembed, k=k, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab,
+                    entropy=False, dense_grad=False, mesh=mesh, data_axis=data_axis,
+                    tensor_axis=tensor_axis)
+  lead = hidden.shape[:-1]
+  if sampled_tokens is not None and tuple(sampled_tokens.shape) != tuple(lead):
+    raise ValueError(f"sampled_tokens must have hidden's shape without D, {tuple(lead)}, got "
+                     f"{tuple(sampled_tokens.shape)}")
+  cols = (jnp.zeros(lead + (0,), jnp.int32) if sampled_tokens is None
+          else sampled_tokens[..., None].astype(jnp.int32))
+  h, cols, mask = _flat_rows(plan, lax.stop_gradient(hidden), cols, jnp.ones(lead, bool))
+  stats = _forward(plan, h, lax.stop_gradient(unembed), cols, mask)
+  unflat = lambda x: _unflat(plan, x, tuple(lead))
+  sampled = None if sampled_tokens is None else unflat(stats.gathered[:, 0])
+  return TopK(unflat(stats.top_indices), unflat(stats.top_logits), unflat(stats.lse), sampled)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss (mirrors losses.topk_reverse_kl on the K (+1) gathered logits)
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_softmax(x: Array) -> Array:
+  """log_softmax over the last axis; -inf (not NaN) on a row without a finite entry."""
+  m = lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  s = jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
+  lse = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1.0)) + m, -jnp.inf)
+  return jnp.where(jnp.isfinite(lse), x - jnp.where(jnp.isfinite(lse), lse, 0.0), -jnp.inf)
+
+
+def _kl_terms(logp: Array, logq: Array) -> Array:
+  """Σ p (log p - log q) over the last axis, exactly 0 where p = 0, finite where q = 0."""
+  p = jnp.exp(logp)
+  live = p > 0
+  safe_logp = jnp.where(live, logp, 0.0)
+  safe_logq = jnp.where(live, jnp.maximum(logq, LOGP_FLOOR), 0.0)
+  return jnp.sum(jnp.where(live, p * (safe_logp - safe_logq), 0.0), axis=-1)
+
+
+def _token_mean(values: Array, mask: Array) -> tuple[Array, Array]:
+  n = jnp.sum(mask.astype(jnp.float32))
+  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(n, 1.0), n
+
+
+def topk_reverse_kl_from_hidden(
+    student_hidden: Array, student_unembed: Array, teacher_topk: TopK, mask: Array, *,
+    support: str = "teacher", renormalize: bool = True, tail: str = "none",
+    sampled_tokens: Array | None = None, behavior_logprobs: Array | None = None,
+    tail_weight_clip: float | None = None, chunk_tokens: int = 1024, chunk_vocab: int = 8192,
+    mesh: Mesh | None = None, data_axis: str | tuple[str, ...] | None = "data",
+    tensor_axis: str | None = "tensor") -> tuple[Array, dict[str, Array]]:
+  """`losses.topk_reverse_kl` on the teacher's top-K, from the student's final hidden states.
+
+  Same value, gradient and "kl/…" diagnostics as materialising `student_hidden @ unembed` and
+  calling `losses.topk_reverse_kl` with the same options (`support` "teacher" or
+  "teacher+sampled"; student supports need the teacher's logits off its top-K and are not
+  available here). Forward and backward run in [chunk_tokens, chunk_vocab] blocks (custom_vjp),
+  so memory is O(chunk_tokens × chunk_vocab) plus the D × V gradient, never O(N × V). With
+  renormalize=True and no tail (the paper's method) the loss only sees the support's logits and
+  the backward touches only those K (+1) columns; otherwise it sweeps the vocabulary again.
+
+  Args:
+    student_hidden: [B, T, D] (or [N, D]) student final hidden states (differentiated).
+    student_unembed: [D, V] student unembedding (differentiated).
+    teacher_topk: TopK from `teacher_topk_from_hidden` (constants), shaped like the mask; needs
+      `sampled_logits` when sampled_tokens are given.
+    mask: [B, T] (or [N]) bool loss mask; masked positions contribute exactly zero.
+    support: "teacher" | "teacher+sampled".
+    renormalize, tail, sampled_tokens, behavior_logprobs, tail_weight_clip: as in
+      `losses.topk_reverse_kl`.
+    chunk_tokens, chunk_vocab, mesh, data_axis, tensor_axis: as in `teacher_topk_from_hidden`.
+
+  Returns:
+    (loss, aux): scalar token-mean loss and the scalar diagnostics of `losses.topk_reverse_kl`.
+  """
+  if support not in SUPPORTS:
+    raise ValueError(f"support {support!r} is not available from hidden states; accepted: "
+                     f"{', '.join(SUPPORTS)} (student supports need full teacher logits)")
+  if tail not in TAILS:
+    raise ValueError(f"unknown tail {tail!r}; accepted: {', '.join(TAILS)}")
+  if sampled_tokens is None and (tail == "ema_pg" or support.endswith("+sampled")):
+    what = f"tail={tail!r}" if tail == "ema_pg" else f"support={support!r}"
+    raise ValueError(f"{what} needs sampled_tokens ([B, T] ids of the rollout tokens)")
+  if sampled_tokens is not None and teacher_topk.sampled_logits is None:
+    raise ValueError("sampled_tokens needs teacher_topk.sampled_logits: call "
+                     "teacher_topk_from_hidden(..., sampled_tokens=...)")
+  if tail_weight_clip is not None and not tail_weight_clip > 0:
+    raise ValueError(f"tail_weight_clip must be > 0 or None, got {tail_weight_clip!r}")
+  lead = tuple(student_hidden.shape[:-1])
+  k = teacher_topk.indices.shape[-1]
+  for name, x, shape in (("mask", mask, lead), ("teacher_topk.indices", teacher_topk.indices,
+                         lead + (k,)), ("teacher_topk.logits", teacher_topk.logits, lead + (k,)),
+                         ("teacher_topk.logsumexp", teacher_topk.logsumexp, lead),
+                         ("teacher_topk.sampled_logits", teacher_topk.sampled_logits, lead),
+                         ("sampled_tokens", sampled_tokens, lead),
+                         ("behavior_logprobs", behavior_logprobs, lead)):
+    if x is not None and tuple(x.shape) != shape:
+      raise ValueError(f"{name} must have shape {shape} (student_hidden's without D), got "
+                       f"{tuple(x.shape)}")
+  dense = (not renormalize) or tail == "ema_pg"
+  plan = _make_plan(student_hidden, student_unembed, k=k, chunk_tokens=chunk_tokens,
+                    chunk_vocab=chunk_vocab, entropy=True, dense_grad=dense, mesh=mesh,
+                    data_axis=data_axis, tensor_axis=tensor_axis)
+
+  # Masked positions get harmless constants, so nothing there can turn a zero gradient into NaN.
+  mask = mask.astype(bool)
+  m1 = mask[..., None]
+  t_top = jnp.where(m1, teacher_topk.indices.astype(jnp.int32), jnp.arange(k, dtype=jnp.int32))
+  zt_top = jnp.where(m1, lax.stop_gradient(teacher_topk.logits).astype(jnp.float32), 0.0)
+  lse_t = jnp.where(mask, lax.stop_gradient(teacher_topk.logsumexp).astype(jnp.float32), 0.0)
+  cols = t_top
+  if sampled_tokens is not None:
+    y = jnp.where(mask, sampled_tokens.astype(jnp.int32), 0)
+    zt_y = jnp.where(mask, lax.stop_gradient(teacher_topk.sampled_logits).astype(jnp.float32), 0.0)
+    cols = jnp.concatenate([t_top, y[..., None]], axis=-1)
+
+  h, w_cols, w_mask = _flat_rows(plan, student_hidden, cols, mask)
+  stats = _student_stats(plan, h, student_unembed, w_cols, w_mask)
+  unflat = lambda x: _unflat(plan, x, tuple(lead))
+  got, lse_s = unflat(stats.gathered), unflat(stats.lse)
+  if not dense:
+    lse_s = lax.stop_gradient(lse_s)  # the sparse backward drops the logsumexp's cotangent
+  s_top = unflat(stats.top_indices)
+
+  zs_sup, zt_sup = got[..., :k], zt_top
+  if support == "teacher+sampled":  # the sampled token as a (K+1)-th slot when not in the top-K
+    extra = ~jnp.any(t_top == y[..., None], axis=-1, keepdims=True)
+    valid = jnp.concatenate([jnp.ones(t_top.shape, bool), extra], axis=-1)
+    zs_sup = jnp.where(valid, got, -jnp.inf)
+    zt_sup = jnp.where(valid, jnp.concatenate([zt_top, zt_y[..., None]], -1), -jnp.inf)
+  if renormalize:
+    logp_sup, logq_sup = _log_softmax(zs_sup), _log_softmax(zt_sup)
+  else:
+    logp_sup, logq_sup = zs_sup - lse_s[..., None], zt_sup - lse_t[..., None]
+  per_token = _kl_terms(logp_sup, logq_sup)
+
+  hit = jnp.any(s_top[..., :, None] == t_top[..., None, :], axis=-2)
+  aux_tok = {
+      "kl/teacher_mass": jnp.sum(jnp.exp(zt_sup - lse_t[..., None]), axis=-1),
+      "kl/student_mass": jnp.sum(jnp.exp(lax.stop_gradient(zs_sup - lse_s[..., None])), -1),
+      "kl/overlap": jnp.mean(hit.astype(jnp.float32), axis=-1),
+      "kl/student_entropy": lax.stop_gradient(unflat(stats.entropy)),
+  }
+  if sampled_tokens is not None:
+    logp_y = got[..., k] - lse_s
+    logq_y = zt_y - lse_t
+    aux_tok["kl/logp_gap"] = lax.stop_gradient(logq_y - logp_y)
+    if tail == "ema_pg":
+      outside = ~jnp.any(t_top == y[..., None], axis=-1)
+      sg_logp_y = lax.stop_gradient(logp_y)
+      if behavior_logprobs is None:
+        weight = jnp.ones_like(logp_y)
+      else:
+        blp = jnp.where(mask, behavior_logprobs.astype(jnp.float32), 0.0)
+        weight = jnp.exp(sg_logp_y - lax.stop_gradient(blp))
+      if tail_weight_clip is not None:
+        weight = jnp.minimum(weight, tail_weight_clip)
+      ratio = jnp.exp(logp_y - sg_logp_y)  # value 1, gradient ∇ log π(y)
+      log_ratio_y = jnp.maximum(sg_logp_y, LOGP_FLOOR) - jnp.maximum(logq_y, LOGP_FLOOR)
+      per_token = per_token + jnp.where(outside, weight * ratio * log_ratio_y, 0.0)
+      aux_tok["kl/tail_fraction"] = outside.astype(jnp.float32)
+      aux_tok["kl/tail_weight"] = jnp.where(outside, weight, 0.0)
+
+  loss, n_tok = _token_mean(per_token, mask)
+  aux = {name: _token_mean(v, mask)[0] for name, v in aux_tok.items()}
+  aux["kl/num_tokens"] = n_tok
+  return loss, aux

@@ -1,0 +1,1 @@
+"""Toy variance study (App. E) and exact discrete bias/variance study."""

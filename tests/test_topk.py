@@ -1,0 +1,246 @@
+"""Fused top-K loss from hidden states against losses.topk_reverse_kl on materialised logits."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from opd_jax import losses, topk
+
+# N = 14 tokens (not a multiple of CT = 4), V = 44 (not a multiple of CV = 8; 11 or 22 per shard).
+B, T, D, V, K, CT, CV = 2, 7, 8, 44, 4, 4, 8
+
+OPTIONS = {
+    "lsm": dict(),
+    "lsm+logp_gap": dict(with_y=True),
+    "unnormalized": dict(renormalize=False),
+    "teacher+sampled": dict(support="teacher+sampled", with_y=True),
+    "ema_pg": dict(renormalize=False, tail="ema_pg", with_y=True),
+    "ema_pg+weights": dict(tail="ema_pg", with_y=True, with_blp=True, clip=1.5),
+}
+
+
+def _mesh(shape, axis_type=AxisType.Auto):
+  return jax.make_mesh(shape, ("data", "tensor"), axis_types=(axis_type,) * 2)
+
+
+def _data(seed=0, b=B):
+  rng = np.random.default_rng(seed)
+  f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  d = dict(hs=f32(b, T, D), ws=f32(D, V), ht=f32(b, T, D) * 1.5, wt=f32(D, V))
+  mask = rng.random((b, T)) < 0.7
+  mask[0, 0] = True
+  y = rng.integers(0, V, size=(b, T))
+  # Make some sampled tokens fall inside the teacher's top-K, so both tail branches are taken.
+  top = np.asarray(jax.lax.top_k(d["ht"] @ d["wt"], K)[1])
+  y[:, ::3] = top[:, ::3, 1]
+  d.update(mask=jnp.asarray(mask), y=jnp.asarray(y, jnp.int32),
+           blp=jnp.asarray(-3.0 * rng.random((b, T)), jnp.float32))
+  return d
+
+
+def _kwargs(opt, d):
+  o = dict(OPTIONS[opt])
+  kw = dict(support=o.get("support", "teacher"), renormalize=o.get("renormalize", True),
+            tail=o.get("tail", "none"), tail_weight_clip=o.get("clip"))
+  kw["sampled_tokens"] = d["y"] if o.get("with_y") else None
+  kw["behavior_logprobs"] = d["blp"] if o.get("with_blp") else None
+  return kw
+
+
+def _topk_of_logits(zt, y):
+  """TopK built from materialised teacher logits, the reference the fused loss must match."""
+  vals, idx = jax.lax.top_k(zt, K)
+  sampled = jnp.take_along_axis(zt, y[..., None], axis=-1)[..., 0]
+  return topk.TopK(idx, vals, jax.nn.logsumexp(zt, axis=-1), sampled)
+
+
+@functools.partial(jax.jit, static_argnames=("opt",))
+def _plain(hs, ws, ht, wt, mask, y, blp, *, opt):
+  kw = _kwargs(opt, dict(y=y, blp=blp))
+  f = lambda h, w: losses.topk_reverse_kl(h @ w, ht @ wt, mask, k=K, **kw)
+  return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hs, ws)
+
+
+@functools.partial(jax.jit, static_argnames=("opt", "mesh"))
+def _fused(hs, ws, teacher, mask, y, blp, *, opt, mesh=None):
+  kw = _kwargs(opt, dict(y=y, blp=blp))
+  f = lambda h, w: topk.topk_reverse_kl_from_hidden(h, w, teacher, mask, chunk_tokens=CT,
+                                                    chunk_vocab=CV, mesh=mesh, **kw)
+  return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hs, ws)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "k", "cv"))
+def _teacher(h, w, y, *, mesh=None, k=K, cv=CV):
+  return topk.teacher_topk_from_hidden(h, w, k=k, sampled_tokens=y, chunk_tokens=CT,
+                                       chunk_vocab=cv, mesh=mesh)
+
+
+def _assert_same(got, want, atol=2e-6, rtol=2e-5):
+  (loss_g, aux_g), grads_g = got
+  (loss_w, aux_w), grads_w = want
+  np.testing.assert_allclose(loss_g, loss_w, atol=atol, rtol=rtol)
+  assert set(aux_g) == set(aux_w)
+  for name in aux_w:
+    np.testing.assert_allclose(aux_g[name], aux_w[name], atol=atol, rtol=rtol, err_msg=name)
+  for g, w in zip(grads_g, grads_w):
+    assert g.dtype == w.dtype
+    np.testing.assert_allclose(g, w, atol=atol, rtol=rtol)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return _data()
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher side
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+def test_teacher_topk_equals_lax_top_k_on_logits(data, mesh_shape):
+  mesh = None if mesh_shape is None else _mesh(mesh_shape)
+  got = _teacher(data["ht"], data["wt"], data["y"], mesh=mesh)
+  want = _topk_of_logits(data["ht"] @ data["wt"], data["y"])
+  np.testing.assert_array_equal(got.indices, want.indices)
+  assert got.indices.shape == (B, T, K) and got.logsumexp.shape == (B, T)
+  for name in ("logits", "logsumexp", "sampled_logits"):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=2e-6, rtol=1e-6)
+
+
+def test_teacher_topk_accepts_flat_tokens(data):
+  got = topk.teacher_topk_from_hidden(data["ht"].reshape(B * T, D), data["wt"], k=K,
+                                      chunk_tokens=5, chunk_vocab=16)
+  want = _topk_of_logits(data["ht"] @ data["wt"], data["y"])
+  np.testing.assert_array_equal(got.indices, want.indices.reshape(B * T, K))
+  assert got.sampled_logits is None
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (1, 4), (2, 2)])
+def test_ties_go_to_the_lower_index_across_chunks_and_shards(mesh_shape):
+  # Integer hidden states and only 3 distinct unembedding columns: exact float32 ties everywhere,
+  # including between columns of different vocabulary chunks and different shards.
+  rng = np.random.default_rng(3)
+  h = jnp.asarray(rng.integers(-2, 3, size=(B, T, D)), jnp.float32)
+  w = jnp.asarray(rng.integers(-2, 3, size=(D, 3))[:, rng.integers(0, 3, size=V)], jnp.float32)
+  mesh = None if mesh_shape is None else _mesh(mesh_shape)
+  got = _teacher(h, w, None, mesh=mesh, k=6, cv=6)
+  vals, idx = jax.lax.top_k(h @ w, 6)
+  np.testing.assert_array_equal(got.indices, idx)
+  np.testing.assert_array_equal(got.logits, vals)
+
+
+# ----------------------------------------------------------------------------------------------
+# student side: value, diagnostics and gradients against the plain loss
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_fused_loss_and_gradients_equal_plain(data, opt):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  got = _fused(d["hs"], d["ws"], teacher, d["mask"], d["y"], d["blp"], opt=opt)
+  want = _plain(d["hs"], d["ws"], d["ht"], d["wt"], d["mask"], d["y"], d["blp"], opt=opt)
+  _assert_same(got, want)
+  assert float(got[0][1]["kl/teacher_mass"]) < 1.0  # the support is a strict subset
+
+
+@pytest.mark.parametrize("opt", ["lsm", "ema_pg"])  # the sparse and the dense backward
+@pytest.mark.parametrize("mesh_shape,axis_type", [((2, 4), AxisType.Auto),
+                                                  ((4, 2), AxisType.Explicit)])
+def test_sharded_equals_unsharded(opt, mesh_shape, axis_type):
+  d = _data(seed=1, b=3)  # 21 tokens: not a multiple of the data-parallel size
+  mesh = _mesh(mesh_shape, axis_type)
+  teacher = _teacher(d["ht"], d["wt"], d["y"])
+  want = _fused(d["hs"], d["ws"], teacher, d["mask"], d["y"], d["blp"], opt=opt)
+  args = (d["hs"], d["ws"], teacher, d["mask"], d["y"], d["blp"])
+  if axis_type == AxisType.Explicit:
+    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    args = (put(d["hs"]), put(d["ws"], None, "tensor")) + args[2:]
+    with jax.set_mesh(mesh):
+      got = _fused(*args, opt=opt, mesh=mesh)
+    assert got[1][1].sharding.spec == P(None, "tensor")  # the gradient stays vocabulary-sharded
+  else:
+    got = _fused(*args, opt=opt, mesh=mesh)
+  _assert_same(got, want)
+
+
+def test_masked_positions_cost_nothing(data):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  ref = _fused(d["hs"], d["ws"], teacher, d["mask"], d["y"], d["blp"], opt="ema_pg")
+  # Garbage (NaN / inf / out-of-range ids) at masked positions must change nothing at all.
+  m = ~d["mask"]
+  bad = lambda x, v: jnp.where(m.reshape(m.shape + (1,) * (x.ndim - 2)), v, x)
+  hs = bad(d["hs"], jnp.nan)
+  teacher = topk.TopK(bad(teacher.indices, V + 7), bad(teacher.logits, jnp.inf),
+                      bad(teacher.logsumexp, jnp.nan), bad(teacher.sampled_logits, -jnp.inf))
+  got = _fused(hs, d["ws"], teacher, d["mask"], bad(d["y"], -1), bad(d["blp"], jnp.nan),
+               opt="ema_pg")
+  _assert_same(got, ref, atol=0, rtol=0)
+  dh = np.asarray(got[1][0])
+  assert np.all(dh[np.asarray(m)] == 0) and np.all(np.isfinite(got[1][1]))
+  empty = _fused(hs, d["ws"], teacher, jnp.zeros_like(d["mask"]), d["y"], d["blp"], opt="lsm")
+  assert float(empty[0][0]) == 0.0 and not np.any(empty[1][0]) and not np.any(empty[1][1])
+
+
+def test_memory_does_not_scale_with_tokens_times_vocab():
+  # Compile only: the fused loss + gradient must not hold anything of size N × V.
+  n, d, v = 4096, 64, 32768
+  s = jax.ShapeDtypeStruct
+  f = lambda h, w, t, m: topk.topk_reverse_kl_from_hidden(h, w, t, m, renormalize=False,
+                                                          chunk_tokens=512, chunk_vocab=2048)[0]
+  teacher = topk.TopK(s((n, 32), jnp.int32), s((n, 32), jnp.float32), s((n,), jnp.float32))
+  compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(
+      s((n, d), jnp.float32), s((d, v), jnp.float32), teacher, s((n,), bool)).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < n * v * 4 / 20
+
+
+def test_floor_matches_losses():
+  assert topk.LOGP_FLOOR == losses.LOGP_FLOOR
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(support="student"), "support 'student'"),
+    (dict(tail="ema"), "unknown tail"),
+    (dict(tail="ema_pg"), "needs sampled_tokens"),
+    (dict(chunk_vocab=2), r"k must be .*chunk_vocab = 2"),
+    (dict(chunk_tokens=0), "chunk_tokens"),
+    (dict(mesh="tensor3"), "divisible by the size 3"),
+    (dict(mesh="no_tensor_axis"), "mesh axis 'tensor'"),
+    (dict(sampled_tokens="no_teacher_logits"), "sampled_logits"),
+    (dict(tail_weight_clip=0.0), "tail_weight_clip"),
+])
+def test_bad_options_raise(data, kwargs, match):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  if kwargs.get("mesh") == "tensor3":
+    kwargs["mesh"] = jax.make_mesh((2, 3), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2,
+                                   devices=jax.devices()[:6])
+  elif kwargs.get("mesh") == "no_tensor_axis":
+    kwargs["mesh"] = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  if kwargs.get("sampled_tokens") == "no_teacher_logits":
+    kwargs["sampled_tokens"], teacher = d["y"], teacher._replace(sampled_logits=None)
+  with pytest.raises(ValueError, match=match):
+    topk.topk_reverse_kl_from_hidden(d["hs"], d["ws"], teacher, d["mask"], **kwargs)
+  with pytest.raises(ValueError, match="teacher_topk.indices"):
+    topk.topk_reverse_kl_from_hidden(d["hs"], d["ws"], teacher._replace(
+        indices=teacher.indices[:1]), d["mask"])
+
+
+def test_bfloat16_inputs_are_computed_in_float32(data):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  hs, ws = d["hs"].astype(jnp.bfloat16), d["ws"].astype(jnp.bfloat16)
+  got = _fused(hs, ws, teacher, d["mask"], d["y"], d["blp"], opt="unnormalized")
+  (loss, _), grads = _fused(hs.astype(jnp.float32), ws.astype(jnp.float32), teacher, d["mask"],
+                            d["y"], d["blp"], opt="unnormalized")
+  assert got[0][0].dtype == jnp.float32 and got[1][1].dtype == jnp.bfloat16
+  np.testing.assert_allclose(got[0][0], loss, rtol=1e-6)
+  for g, want in zip(got[1], grads):
+    np.testing.assert_array_equal(g, want.astype(jnp.bfloat16))
