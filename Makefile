@@ -28,5 +28,8 @@ test-all: $(VENV)/.installed-test  ## every test, slow ones included
 demo: $(VENV)/.installed  ## the estimator comparison table
 	$(PY) -m opd_jax.main --config=experiments/estimator_demo.py
 
+toy: $(VENV)/.installed  ## the paper's toy variance study (App. E), outputs in workdir/toy_variance
+	$(PY) -m opd_jax.main --config=experiments/toy_variance.py --config.workdir=workdir/toy_variance
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
