@@ -38,9 +38,9 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values [B, K, S, H] plus per-row bookkeeping; S = max_len is fixed."""
-  k: tuple[Array, ...]      # one [B, K, S, H] array per layer (heads-major), rotary applied
-  v: tuple[Array, ...]      # one [B, K, S, H] array per layer
+  """Per-layer keys/values [B, S, K, H] plus per-row bookkeeping; S = max_len is fixed."""
+  k: tuple[Array, ...]      # one [B, S, K, H] array per layer, rotary already applied
+  v: tuple[Array, ...]      # one [B, S, K, H] array per layer
   valid: Array              # [B, S] bool: slot holds a real token of that row
   next_position: Array      # [B] int32: rotary position of the row's next token
   index: Array              # [] int32: the next slot to write (same for every row)
@@ -69,7 +69,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
 
   def zeros():
     return jnp.zeros(shape, dtype)
@@ -79,7 +79,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
                   next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
   if mesh is not None:
     check_mesh(mesh)
-    kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor", None, None))
+    kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, "tensor", None))
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     cache = KVCache(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
                     valid=jax.device_put(cache.valid, rows),

@@ -98,21 +98,16 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
   return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, valid_BxTxS: Array) -> Array:
-  """Grouped-query attention with an explicit validity mask; scores and softmax in float32.
-
-  Keys and values are heads-major, [B, K, S, H] (the KV cache's layout): with the sequence axis
-  next to the head dimension, XLA feeds them to the two batched matrix products as they are
-  instead of transposing the whole cache at every decode step.
-  """
+def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, valid_BxTxS: Array) -> Array:
+  """Grouped-query attention with an explicit validity mask; scores and softmax in float32."""
   b, t, n, h = q_BxTxNxH.shape
-  kv_heads = k_BxKxSxH.shape[1]
+  kv_heads = k_BxSxKxH.shape[2]
   q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BxKxSxH, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
   scores = scores * (h ** -0.5)
   scores = jnp.where(valid_BxTxS[:, None, None, :, :], scores, _MASKED_SCORE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
   return out.reshape(b, t, n * h)
 
 
@@ -145,10 +140,9 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, K, T, H]
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
-      start = (0, 0, index, 0)
+      start = (0, index, 0, 0)
       k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       kv_cache = (k_cache, v_cache)
