@@ -1,7 +1,6 @@
 """The compiled sampler against transformers' generate and the model's own forward pass."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -36,11 +36,12 @@ class StudySettings:
 
 
 def opd_surrogate(logp: Array, logq: Array, gamma: Array) -> tuple[Array, Array]:
-  """Batch mean of Σ_t sg(G_t) log π_θ(a_t|s_t), whose gradient is ĝ_γ averaged over the batch.
+  """`losses.sampled_token_opd` scaled by the horizon: its gradient is ĝ_γ averaged over the batch.
 
   The per-step rewards are r_t = log π_θ(a_t|s_t) − log q(a_t|s_t) (under stop-gradient) and
-  G_t their γ-discounted reward-to-go. Also returns the batch mean of Σ_t r_t (a sequence-level
-  KL estimate).
+  G_t their γ-discounted reward-to-go; the library's token-mean divides by B·T, the horizon factor
+  turns it into the batch mean of the per-trajectory ĝ_γ = Σ_t G_t ∇log π_θ(a_t|s_t). Also returns
+  the batch mean of Σ_t r_t (a sequence-level KL estimate).
 
   Args:
     logp: [B, T] log π_θ(a_t|s_t) of the sampled steps (differentiated).
@@ -50,10 +51,9 @@ def opd_surrogate(logp: Array, logq: Array, gamma: Array) -> tuple[Array, Array]
   Returns:
     (surrogate, KL estimate), scalars.
   """
-  rewards = jax.lax.stop_gradient(logp) - logq
-  returns = losses.reward_to_go(rewards, jnp.ones(rewards.shape, bool), gamma)
-  surrogate = jnp.mean(jnp.sum(jax.lax.stop_gradient(returns) * logp, axis=-1))
-  return surrogate, jnp.mean(jnp.sum(rewards, axis=-1))
+  horizon = logp.shape[-1]
+  loss, aux = losses.sampled_token_opd(logp, logq, jnp.ones(logp.shape, bool), gamma=gamma)
+  return horizon * loss, horizon * aux["opd/reward_mean"]
 
 
 def _params_surrogate(params, obs, actions, logq, gamma, spec):
