@@ -20,11 +20,36 @@ Array = jax.Array
 TOP_P_CANDIDATES = 64
 
 
-def _top_k(x: Array, k: int) -> tuple[Array, Array]:
-  """`lax.top_k` kept as a TopK op: without the barrier, XLA's simplifier folds the slice of the
-  values/indices into their consumers and the CPU backend then sorts the whole vocabulary
-  (measured: 70 ms instead of 0.5 ms for [8, 32000], k = 50)."""
-  return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+# `_top_k` first picks whole blocks of this many entries by their maxima, then the k entries
+# within the chosen blocks (recursively, one size per level): far cheaper than XLA:CPU's TopK
+# over the whole vocabulary (measured in a decode loop, [8, 32000], k = 50: 0.45 ms -> 0.15 ms).
+TOP_K_BLOCKS = (32, 8)
+
+
+def _top_k(x: Array, k: int, blocks: Sequence[int] = TOP_K_BLOCKS) -> tuple[Array, Array]:
+  """Exactly `lax.top_k(x, k)` for x [R, V] (same values, same indices, ties to lower ids).
+
+  The k largest entries lie in the k blocks with the largest maxima (ties to lower blocks): each
+  of them is at least the k-th largest block maximum, and a block holding one has a maximum at
+  least as large. The chosen blocks are put back in id order, so ties among candidates still go
+  to lower ids. Each `lax.top_k` is kept as a TopK op by a barrier: without it, XLA's simplifier
+  folds the slice of the values/indices into their consumers and the CPU backend then sorts the
+  whole row (measured: 70 ms instead of 0.5 ms for [8, 32000], k = 50).
+  """
+  r, v = x.shape
+  n_blocks = -(-v // blocks[0]) if blocks else 0
+  if n_blocks < 4 * k:  # too few blocks for the detour to pay
+    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+  block = blocks[0]
+  if n_blocks * block != v:  # -inf padding at the end: it loses every tie to a real entry
+    x = jnp.pad(x, ((0, 0), (0, n_blocks * block - v)), constant_values=-jnp.inf)
+  x_blocks = x.reshape(r, n_blocks, block)
+  _, chosen = jax.lax.optimization_barrier(jax.lax.top_k(jnp.max(x_blocks, axis=-1), k))
+  chosen = jnp.sort(chosen, axis=-1)
+  candidates = jnp.take_along_axis(x_blocks, chosen[:, :, None], axis=1).reshape(r, k * block)
+  vals, pos = _top_k(candidates, k, blocks[1:])
+  ids = jnp.take_along_axis(chosen, pos // block, axis=1) * block + pos % block
+  return vals, ids
 
 
 def ban_tokens(logits: Array, banned_ids: Sequence[int]) -> Array:
@@ -172,9 +197,14 @@ def _draw_truncated(x: Array, u: Array, top_k: int, top_p: float | Array,
 
 
 def greedy(logits: Array, rng: Array | None = None) -> Array:
-  """The argmax rule `(logits, rng) -> tokens` (rng unused)."""
+  """The argmax rule `(logits, rng) -> tokens` (rng unused); ties go to the lowest id.
+
+  Written as a max and a min over ids: XLA:CPU's variadic argmax reduction is ~10x slower.
+  """
   del rng
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  best = jnp.max(logits, axis=-1, keepdims=True)
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(logits == best, ids, logits.shape[-1] - 1), axis=-1)
 
 
 def sample(logits: Array, rng: Array, **settings) -> Array:
