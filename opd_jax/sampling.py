@@ -44,7 +44,7 @@ class Rollout:
 @flax.struct.dataclass
 class _DecodeState:
   step: Array           # [] int32, next response column to fill
-  logits: Array         # [R, V] float32 logits for the next token
+  hidden: Array         # [R, D] final hidden state of each row's last token
   done: Array           # [R] bool, row has emitted a stop token
   tokens: Array         # [R, N]
   mask: Array           # [R, N]
@@ -98,12 +98,12 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
 
   hidden, cache = models.prefill(model, prompts, prompt_mask, constrain_tree(cache),
                                  return_hidden=True)
-  logits = models.logits_from_hidden(model, hidden[:, -1])
+  hidden = hidden[:, -1]
   if num_samples > 1:  # G rollouts per prompt share one prefill
     cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x, cache)
-    logits = jnp.repeat(logits, num_samples, axis=0)
+    hidden = jnp.repeat(hidden, num_samples, axis=0)
   cache = constrain_tree(cache)
-  n_rows = logits.shape[0]
+  n_rows = hidden.shape[0]
   stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
   zeros = functools.partial(jnp.zeros, (n_rows, max_new_tokens))
 
@@ -111,25 +111,29 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s: _DecodeState):
+    # The logits live only inside one iteration (the carry holds the [R, D] hidden state): a
+    # carried [R, V] buffer is copied by XLA every step, since the next logits are written while
+    # the current ones are still read.
+    logits = constrain(models.logits_from_hidden(model, s.hidden))
     u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_rows,))
-    tok, sample_lp = rules.draw(s.logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
+    tok, sample_lp = rules.draw(logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
                                 banned_ids=banned)
     live = ~s.done
     tok = jnp.where(live, tok, 0)
-    policy_lp = _gather_logprob(s.logits, tok)
+    policy_lp = _gather_logprob(logits, tok)
     col = (slice(None), s.step)
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
     # The last iteration's decode step is wasted work (1/N of it; the cache has a spare slot for
     # it); skipping it with a lax.cond measured no faster, so the body stays straight-line.
-    logits, cache = models.decode_step(model, tok, s.cache)
+    hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True)
     return _DecodeState(
-        step=s.step + 1, logits=constrain(logits), done=done,
+        step=s.step + 1, hidden=constrain(hidden), done=done,
         tokens=s.tokens.at[col].set(tok), mask=s.mask.at[col].set(live),
         sample_logprobs=s.sample_logprobs.at[col].set(jnp.where(live, sample_lp, 0.0)),
         policy_logprobs=s.policy_logprobs.at[col].set(jnp.where(live, policy_lp, 0.0)),
         cache=cache)
 
-  init = _DecodeState(step=jnp.zeros((), jnp.int32), logits=constrain(logits),
+  init = _DecodeState(step=jnp.zeros((), jnp.int32), hidden=constrain(hidden),
                       done=jnp.zeros((n_rows,), bool), tokens=zeros(jnp.int32),
                       mask=zeros(bool), sample_logprobs=zeros(jnp.float32),
                       policy_logprobs=zeros(jnp.float32), cache=cache)
