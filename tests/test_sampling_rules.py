@@ -157,3 +157,25 @@ def test_greedy_takes_the_lowest_id_among_ties():
   np.testing.assert_array_equal(rules.greedy(logits), [1, 0, 0])
   x = jax.random.normal(jax.random.key(0), (8, 32000))
   np.testing.assert_array_equal(rules.greedy(x), jnp.argmax(x, axis=-1))
+
+
+def test_draw_above_is_the_inverse_cdf_in_token_order():
+  """Block-wise search == float64 inverse CDF over kept tokens (ragged last block, gaps)."""
+  rng = np.random.default_rng(9)
+  vocab = 3 * rules.DRAW_BLOCK + 37
+  x = rng.normal(size=(1, vocab)).astype(np.float32)
+  x[0, : rules.DRAW_BLOCK] = -np.inf                   # a whole block without mass
+  threshold = np.float32(np.quantile(x[0, rules.DRAW_BLOCK:], 0.6))
+  lse = np.log(np.sum(np.exp(x[0].astype(np.float64))))
+  u = np.linspace(0.0, 1.0, 4001, endpoint=False)
+  tokens, logps = rules._draw_above(jnp.broadcast_to(x, (u.size, vocab)),
+                                    jnp.full((u.size,), lse, jnp.float32),
+                                    jnp.full((u.size,), threshold), jnp.asarray(u, jnp.float32))
+  w = np.where(x[0] >= threshold, np.exp(x[0].astype(np.float64) - lse), 0.0)
+  cum = np.cumsum(w) / w.sum()
+  want = np.searchsorted(cum, u, side="right")
+  away = np.min(np.abs(u[:, None] - cum[None, w > 0]), axis=1) > 1e-5   # not at a boundary
+  assert away.mean() > 0.9
+  np.testing.assert_array_equal(np.asarray(tokens)[away], want[away])
+  assert np.all(w[np.asarray(tokens)] > 0) and np.all(np.diff(np.asarray(tokens)) >= 0)
+  np.testing.assert_allclose(logps, np.log(w[np.asarray(tokens)] / w.sum()), atol=1e-5)
