@@ -204,6 +204,10 @@ def test_cache_is_a_fixed_shape_pytree(loaded):
   assert models.init_cache(config, 3, 7, jnp.bfloat16).v[1].dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="max_len"):
     models.init_cache(config, 3, 0)
+  grown = models.grow_cache(cache, 10)
+  assert grown.k[0].shape[2] == grown.v[0].shape[3] == grown.max_len == 10
+  with pytest.raises(ValueError, match="cannot shrink"):
+    models.grow_cache(cache, 6)
   with pytest.raises(ValueError, match="tokens must have shape"):
     models.decode_step(loaded["qwen2"][0], jnp.zeros((2,), jnp.int32), cache)
 

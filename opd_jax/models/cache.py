@@ -90,6 +90,20 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
   return cache
 
 
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+  """The same cache with room for `max_len` slots (new slots empty); a copy of every array."""
+  extra = max_len - cache.max_len
+  if extra < 0:
+    raise ValueError(f"grow_cache cannot shrink a cache of {cache.max_len} slots to {max_len}")
+
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+  return cache.replace(k=tuple(pad(k, 2) for k in cache.k), v=tuple(pad(v, 3) for v in cache.v),
+                       valid=pad(cache.valid, 1))
+
+
 def prefill(model: Decoder, tokens: Array, attention_mask: Array, cache: KVCache, *,
             return_hidden: bool = False) -> tuple[Array, KVCache]:
   """Runs the prompt through the model and writes its keys/values to slots 0..P-1 of the cache.
