@@ -4,10 +4,12 @@ Same weights (a random ~20M-parameter Qwen2: vocab 32000, hidden 256, 4 layers, 
 heads, MLP 1024), batch 8, prompt 64, 128 new tokens, torch on 2 threads. Settings:
 (a) top-k 50 + top-p 0.9 (what `generate(do_sample=True, top_p=0.9)` does by default),
 (b) exact top-p 0.9 alone (top_k=0 for transformers). transformers runs in a child process of its
-own so that XLA's worker threads never compete with torch's; medians of --repeats calls after a
-warm-up call (whose extra time is reported as our compile time).
+own so that XLA's worker threads never compete with torch's. After a warm-up call on each side
+(ours includes compilation, reported separately), the two sides take turns, one call each per
+setting and round, so that a slow spell of a shared machine hits both; medians over --repeats
+rounds.
 
-Run: python benchmarks/bench_sampler.py [--repeats 3]
+Run: python benchmarks/bench_sampler.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -41,17 +43,8 @@ def hf_model(folder):
   return model, sum(p.numel() for p in model.parameters())
 
 
-def timed(fn, repeats):
-  out = fn()                              # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
-
-
 SETTINGS = (("a_topk50_topp0.9", 50), ("b_topp0.9", 0))
+PAUSE_S = 0.2  # between calls, so that one side's idle worker threads have gone to sleep
 
 
 def prompts_and_mask():
@@ -59,70 +52,83 @@ def prompts_and_mask():
   return prompts, np.ones((BATCH, PROMPT), bool)
 
 
-def torch_side(folder, repeats):
-  """transformers timings, run in a process of their own (no XLA threads competing)."""
+def seconds(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def torch_server(folder):
+  """Child process: answers each setting name read from stdin with the seconds of one call."""
   torch.set_num_threads(2)
   model = transformers.Qwen2ForCausalLM.from_pretrained(folder).eval()
   prompts, mask = prompts_and_mask()
-  out = {}
-  for name, top_k in SETTINGS:
-    def theirs():
-      with torch.no_grad():
-        return model.generate(
-            input_ids=torch.as_tensor(prompts, dtype=torch.long),
-            attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=True, top_p=0.9,
-            top_k=top_k, temperature=1.0, max_new_tokens=NEW, min_new_tokens=NEW,
-            pad_token_id=0, eos_token_id=None)
-    seconds, tokens = timed(theirs, repeats)
+
+  def call(top_k):
+    with torch.no_grad():
+      tokens = model.generate(
+          input_ids=torch.as_tensor(prompts, dtype=torch.long),
+          attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=True, top_p=0.9,
+          top_k=top_k, temperature=1.0, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
+          eos_token_id=None)
     assert tokens.shape == (BATCH, PROMPT + NEW)
-    out[name] = seconds
-  return out
-
-
-def jax_side(folder, repeats):
-  model, _ = models.load_hf_checkpoint(folder)
-  prompts, mask = prompts_and_mask()
-  out = {}
-  for name, top_k in SETTINGS:
-    def ours(seed=[0]):  # noqa: B006 - a new seed each call
-      seed[0] += 1
-      rollout = sampling.sample(model, prompts, mask, jax.random.key(seed[0]),
-                                max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=top_k)
-      return jax.block_until_ready(rollout)
-    start = time.perf_counter()
-    ours()
-    first_call = time.perf_counter() - start
-    seconds, rollout = timed(ours, repeats)
-    assert int(rollout.mask.sum()) == BATCH * NEW
-    out[name] = (seconds, first_call - seconds)
-  return out
+  top_ks = dict(SETTINGS)
+  for top_k in top_ks.values():
+    call(top_k)                            # warm-up
+  print("ready", flush=True)
+  for line in sys.stdin:
+    print(seconds(lambda: call(top_ks[line.strip()])), flush=True)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--torch-only", metavar="FOLDER", help=argparse.SUPPRESS)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--torch-server", metavar="FOLDER", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.torch_only:
-    print(json.dumps(torch_side(args.torch_only, args.repeats)))
+  if args.torch_server:
+    torch_server(args.torch_server)
     return
   result = {"batch": BATCH, "prompt": PROMPT, "new_tokens": NEW, "torch_threads": 2,
-            "jax_backend": jax.default_backend()}
+            "jax_backend": jax.default_backend(), "rounds": args.repeats}
   with tempfile.TemporaryDirectory() as folder:
     _, n_params = hf_model(folder)
     result["params_millions"] = round(n_params / 1e6, 2)
-    child = subprocess.run([sys.executable, __file__, "--torch-only", folder, "--repeats",
-                            str(args.repeats)], check=True, capture_output=True, text=True)
-    theirs = json.loads(child.stdout.strip().splitlines()[-1])
-    ours = jax_side(folder, args.repeats)
+    child = subprocess.Popen([sys.executable, __file__, "--torch-server", folder],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    model, _ = models.load_hf_checkpoint(folder)
+    prompts, mask = prompts_and_mask()
+    seeds = iter(range(1, 1_000_000))
+
+    def ours(top_k):
+      rollout = sampling.sample(model, prompts, mask, jax.random.key(next(seeds)),
+                                max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=top_k)
+      assert int(jax.block_until_ready(rollout).mask.sum()) == BATCH * NEW
+
+    def theirs(name):
+      child.stdin.write(name + "\n")
+      child.stdin.flush()
+      return float(child.stdout.readline())
+
+    assert child.stdout.readline().strip() == "ready"    # its warm-up done: nothing competes
+    first = {name: seconds(lambda: ours(top_k)) for name, top_k in SETTINGS}
+    times = {name: ([], []) for name, _ in SETTINGS}
+    for _ in range(args.repeats):
+      for name, top_k in SETTINGS:
+        time.sleep(PAUSE_S)
+        times[name][0].append(seconds(lambda: ours(top_k)))
+        time.sleep(PAUSE_S)
+        times[name][1].append(theirs(name))
+    child.stdin.close()
+    child.wait()
   for name, _ in SETTINGS:
-    seconds, compile_s = ours[name]
+    ours_s, theirs_s = (statistics.median(t) for t in times[name])
     result[name] = {
-        "ours_s_per_call": round(seconds, 4), "ours_compile_s": round(compile_s, 2),
-        "ours_tokens_per_s": round(BATCH * NEW / seconds, 1),
-        "transformers_s_per_call": round(theirs[name], 4),
-        "transformers_tokens_per_s": round(BATCH * NEW / theirs[name], 1),
-        "speedup": round(theirs[name] / seconds, 2)}
+        "ours_s_per_call": round(ours_s, 4), "ours_compile_s": round(first[name] - ours_s, 2),
+        "ours_tokens_per_s": round(BATCH * NEW / ours_s, 1),
+        "transformers_s_per_call": round(theirs_s, 4),
+        "transformers_tokens_per_s": round(BATCH * NEW / theirs_s, 1),
+        "speedup": round(theirs_s / ours_s, 2),
+        "speedup_per_round": [round(t / o, 2) for o, t in zip(*times[name])]}
   print(json.dumps(result))
 
 

@@ -20,6 +20,9 @@ Array = jax.Array
 # Prompt lengths are padded (on the left) up to the next bucket so that a new length reuses the
 # compiled program: powers of two from this minimum, unless a list is given.
 MIN_BUCKET = 16
+# The decode loop runs in up to SEGMENTS pieces of at least MIN_SEGMENT steps (see _segment_ends).
+SEGMENTS = 4
+MIN_SEGMENT = 32
 _TRACES = {"generate": 0}
 
 
@@ -44,7 +47,7 @@ class Rollout:
 @flax.struct.dataclass
 class _DecodeState:
   step: Array           # [] int32, next response column to fill
-  logits: Array         # [R, V] float32 logits for the next token
+  hidden: Array         # [R, D] final hidden state of each row's last token
   done: Array           # [R] bool, row has emitted a stop token
   tokens: Array         # [R, N]
   mask: Array           # [R, N]
@@ -69,6 +72,17 @@ def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
   return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
+def _segment_ends(max_new_tokens: int) -> tuple[int, ...]:
+  """Decode steps at which the loop stops to grow the KV cache.
+
+  Every decode step attends over the whole cache, so a cache sized for the final length wastes
+  reads early on. The loop runs in up to SEGMENTS pieces of at least MIN_SEGMENT steps, each with
+  a cache just long enough for it (one compiled loop body per piece).
+  """
+  n = max(1, min(SEGMENTS, max_new_tokens // MIN_SEGMENT))
+  return tuple(-(-max_new_tokens * (i + 1) // n) for i in range(n))
+
+
 def _gather_logprob(logits: Array, tokens: Array) -> Array:
   picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
   return picked - jax.nn.logsumexp(logits, axis=-1)
@@ -77,15 +91,14 @@ def _gather_logprob(logits: Array, tokens: Array) -> Array:
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
-                     "mesh"))
+                     "mesh", "segment_ends"))
 def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
-              max_new_tokens, top_k, banned, stop, num_samples, mesh):
+              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends):
   # The KV cache is allocated here, inside the program, and the while loop updates its carry in
   # place: no copy of it ever exists outside the compiled program.
   _TRACES["generate"] += 1
   model = nnx.merge(graphdef, state)
-  cache = models.init_cache(model.config, prompts.shape[0],
-                            prompts.shape[1] + max_new_tokens + 1)
+  cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + segment_ends[0])
 
   def constrain(x):  # rows over the mesh's batch axes
     if mesh is None:
@@ -98,42 +111,50 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
 
   hidden, cache = models.prefill(model, prompts, prompt_mask, constrain_tree(cache),
                                  return_hidden=True)
-  logits = models.logits_from_hidden(model, hidden[:, -1])
+  hidden = hidden[:, -1]
   if num_samples > 1:  # G rollouts per prompt share one prefill
     cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x, cache)
-    logits = jnp.repeat(logits, num_samples, axis=0)
+    hidden = jnp.repeat(hidden, num_samples, axis=0)
   cache = constrain_tree(cache)
-  n_rows = logits.shape[0]
+  n_rows = hidden.shape[0]
   stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
   zeros = functools.partial(jnp.zeros, (n_rows, max_new_tokens))
 
-  def cond(s: _DecodeState):
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+  def cond(end):
+    return lambda s: (s.step < end) & ~jnp.all(s.done)
 
   def body(s: _DecodeState):
+    # The logits live only inside one iteration (the carry holds the [R, D] hidden state): a
+    # carried [R, V] buffer is copied by XLA every step, since the next logits are written while
+    # the current ones are still read.
+    logits = constrain(models.logits_from_hidden(model, s.hidden))
     u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_rows,))
-    tok, sample_lp = rules.draw(s.logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
+    tok, sample_lp = rules.draw(logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
                                 banned_ids=banned)
     live = ~s.done
     tok = jnp.where(live, tok, 0)
-    policy_lp = _gather_logprob(s.logits, tok)
+    policy_lp = _gather_logprob(logits, tok)
     col = (slice(None), s.step)
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-    # The last iteration's decode step is wasted work (1/N of it; the cache has a spare slot for
-    # it); skipping it with a lax.cond measured no faster, so the body stays straight-line.
-    logits, cache = models.decode_step(model, tok, s.cache)
+    # The last iteration's decode step is wasted work (1/N of it); skipping it with a lax.cond
+    # measured no faster, so the body stays straight-line.
+    hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True)
     return _DecodeState(
-        step=s.step + 1, logits=constrain(logits), done=done,
+        step=s.step + 1, hidden=constrain(hidden), done=done,
         tokens=s.tokens.at[col].set(tok), mask=s.mask.at[col].set(live),
         sample_logprobs=s.sample_logprobs.at[col].set(jnp.where(live, sample_lp, 0.0)),
         policy_logprobs=s.policy_logprobs.at[col].set(jnp.where(live, policy_lp, 0.0)),
         cache=cache)
 
-  init = _DecodeState(step=jnp.zeros((), jnp.int32), logits=constrain(logits),
+  init = _DecodeState(step=jnp.zeros((), jnp.int32), hidden=constrain(hidden),
                       done=jnp.zeros((n_rows,), bool), tokens=zeros(jnp.int32),
                       mask=zeros(bool), sample_logprobs=zeros(jnp.float32),
                       policy_logprobs=zeros(jnp.float32), cache=cache)
-  out = jax.lax.while_loop(cond, body, init)
+  out = init
+  for i, end in enumerate(segment_ends):
+    if i:
+      out = out.replace(cache=constrain_tree(models.grow_cache(out.cache, prompts.shape[1] + end)))
+    out = jax.lax.while_loop(cond(end), body, out)
   return Rollout(tokens=out.tokens, mask=out.mask, sample_logprobs=out.sample_logprobs,
                  policy_logprobs=out.policy_logprobs)
 
@@ -208,4 +229,5 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompts, prompt_mask, rng,
                    jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
-                   top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh)
+                   top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh,
+                   segment_ends=_segment_ends(max_new_tokens))

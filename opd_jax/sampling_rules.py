@@ -20,11 +20,36 @@ Array = jax.Array
 TOP_P_CANDIDATES = 64
 
 
-def _top_k(x: Array, k: int) -> tuple[Array, Array]:
-  """`lax.top_k` kept as a TopK op: without the barrier, XLA's simplifier folds the slice of the
-  values/indices into their consumers and the CPU backend then sorts the whole vocabulary
-  (measured: 70 ms instead of 0.5 ms for [8, 32000], k = 50)."""
-  return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+# `_top_k` first picks whole blocks of this many entries by their maxima, then the k entries
+# within the chosen blocks (recursively, one size per level): far cheaper than XLA:CPU's TopK
+# over the whole vocabulary (measured in a decode loop, [8, 32000], k = 50: 0.45 ms -> 0.15 ms).
+TOP_K_BLOCKS = (32, 8)
+
+
+def _top_k(x: Array, k: int, blocks: Sequence[int] = TOP_K_BLOCKS) -> tuple[Array, Array]:
+  """Exactly `lax.top_k(x, k)` for x [R, V] (same values, same indices, ties to lower ids).
+
+  The k largest entries lie in the k blocks with the largest maxima (ties to lower blocks): each
+  of them is at least the k-th largest block maximum, and a block holding one has a maximum at
+  least as large. The chosen blocks are put back in id order, so ties among candidates still go
+  to lower ids. Each `lax.top_k` is kept as a TopK op by a barrier: without it, XLA's simplifier
+  folds the slice of the values/indices into their consumers and the CPU backend then sorts the
+  whole row (measured: 70 ms instead of 0.5 ms for [8, 32000], k = 50).
+  """
+  r, v = x.shape
+  n_blocks = -(-v // blocks[0]) if blocks else 0
+  if n_blocks < 4 * k:  # too few blocks for the detour to pay
+    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+  block = blocks[0]
+  if n_blocks * block != v:  # -inf padding at the end: it loses every tie to a real entry
+    x = jnp.pad(x, ((0, 0), (0, n_blocks * block - v)), constant_values=-jnp.inf)
+  x_blocks = x.reshape(r, n_blocks, block)
+  _, chosen = jax.lax.optimization_barrier(jax.lax.top_k(jnp.max(x_blocks, axis=-1), k))
+  chosen = jnp.sort(chosen, axis=-1)
+  candidates = jnp.take_along_axis(x_blocks, chosen[:, :, None], axis=1).reshape(r, k * block)
+  vals, pos = _top_k(candidates, k, blocks[1:])
+  ids = jnp.take_along_axis(chosen, pos // block, axis=1) * block + pos % block
+  return vals, ids
 
 
 def ban_tokens(logits: Array, banned_ids: Sequence[int]) -> Array:
@@ -100,14 +125,39 @@ def _bisect_threshold(x: Array, lse: Array, top_p: Array) -> Array:
   return jnp.min(jnp.where(keys >= lo[:, None], x, jnp.inf), axis=-1)
 
 
+# `_draw_above` locates the uniform's token with block sums of this many entries, then a
+# cumulative sum inside the one chosen block: a cumsum over the whole vocabulary is a slow
+# reduce-window on XLA:CPU (measured: 0.9 ms per decode step for [8, 32000]).
+DRAW_BLOCK = 128
+
+
 def _draw_above(x: Array, lse: Array, threshold: Array, u: Array) -> tuple[Array, Array]:
   """Inverse-CDF draw, in token-id order, among the tokens with x >= threshold."""
+  r, v = x.shape
   weights = jnp.where(x >= threshold[:, None], jnp.exp(x - lse[:, None]), 0.0)
-  cum = jnp.cumsum(weights, axis=-1)
-  total = cum[:, -1]
-  token = jnp.sum(cum <= (u * total)[:, None], axis=-1)
-  last = x.shape[-1] - 1 - jnp.argmax((weights > 0)[:, ::-1], axis=-1)
-  token = jnp.minimum(token, last).astype(jnp.int32)
+  n_blocks = -(-v // DRAW_BLOCK)
+  if n_blocks * DRAW_BLOCK != v:
+    weights = jnp.pad(weights, ((0, 0), (0, n_blocks * DRAW_BLOCK - v)))
+  w_blocks = weights.reshape(r, n_blocks, DRAW_BLOCK)
+  block_mass = jnp.sum(w_blocks, axis=-1)
+  block_cum = jnp.cumsum(block_mass, axis=-1)
+  total = block_cum[:, -1]
+  target = (u * total)[:, None]
+
+  def first_and_last(positive):  # first / last index of a positive entry along the last axis
+    ids = jax.lax.broadcasted_iota(jnp.int32, positive.shape, positive.ndim - 1)
+    return (jnp.min(jnp.where(positive, ids, positive.shape[-1]), axis=-1),
+            jnp.max(jnp.where(positive, ids, -1), axis=-1))
+
+  # The block where the cumulative mass first exceeds the target (clamped against rounding to
+  # blocks that hold mass), then the token inside it the same way.
+  first, last = first_and_last(block_mass > 0)
+  block = jnp.clip(jnp.sum(block_cum <= target, axis=-1), first, last)
+  before = jnp.take_along_axis(block_cum - block_mass, block[:, None], axis=-1)
+  inside = jnp.take_along_axis(w_blocks, block[:, None, None], axis=1)[:, 0]
+  first, last = first_and_last(inside > 0)
+  offset = jnp.sum(before + jnp.cumsum(inside, axis=-1) <= target, axis=-1)
+  token = (block * DRAW_BLOCK + jnp.clip(offset, first, last)).astype(jnp.int32)
   logp = jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0] - lse - jnp.log(total)
   return token, logp
 
@@ -117,7 +167,8 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
          candidates: int = TOP_P_CANDIDATES) -> tuple[Array, Array]:
   """Sample one token per row: bans, temperature, top-k, exact top-p, then an inverse-CDF draw.
 
-  Top-k keeps exactly k tokens (ties broken towards lower ids, as `lax.top_k`); top-p keeps the
+  Top-k keeps exactly k tokens (ties broken towards lower ids, as `lax.top_k`), chosen before the
+  division by the temperature, which preserves their order; top-p keeps the
   smallest descending prefix whose mass reaches p (the crossing token included) plus any token
   tied with its last one, renormalised after top-k as transformers does. Temperature 0 is greedy.
   Without top-k, the nucleus threshold comes from a `lax.top_k` of `candidates` entries when their
@@ -137,25 +188,30 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
     (tokens [R] int32, log-probs [R] of the tokens under the distribution sampled from; 0 for
     greedy).
   """
-  x = apply_temperature(ban_tokens(logits.astype(jnp.float32), banned_ids), temperature)
+  x = ban_tokens(logits.astype(jnp.float32), banned_ids)
+  temperature = jnp.asarray(temperature, jnp.float32)
 
   def greedy_draw(x):
     return greedy(x), jnp.zeros(x.shape[:1], jnp.float32)
 
-  return jax.lax.cond(jnp.asarray(temperature) > 0,
-                      lambda x: _draw_truncated(x, u, top_k, top_p, candidates),
+  # The temperature is applied inside the sampling branch, where XLA fuses the division into
+  # its first pass over the row (or, with top-k, applies it to the k survivors only).
+  return jax.lax.cond(temperature > 0,
+                      lambda x: _draw_truncated(x, u, temperature, top_k, top_p, candidates),
                       greedy_draw, x)
 
 
-def _draw_truncated(x: Array, u: Array, top_k: int, top_p: float | Array,
+def _draw_truncated(x: Array, u: Array, temperature: Array, top_k: int, top_p: float | Array,
                     candidates: int) -> tuple[Array, Array]:
   p = jnp.asarray(top_p, jnp.float32)
   vocab = x.shape[-1]
   if top_k > 0:
     vals, idx = _top_k(x, min(top_k, vocab))
+    vals = apply_temperature(vals, temperature)
     kept, _ = _nucleus(vals, jax.nn.logsumexp(vals, axis=-1), p)
     token, logp = _draw_sorted(vals, idx, kept, u)
   else:
+    x = apply_temperature(x, temperature)
     lse = jax.nn.logsumexp(x, axis=-1)
 
     def nucleus_threshold(x):
@@ -172,9 +228,14 @@ def _draw_truncated(x: Array, u: Array, top_k: int, top_p: float | Array,
 
 
 def greedy(logits: Array, rng: Array | None = None) -> Array:
-  """The argmax rule `(logits, rng) -> tokens` (rng unused)."""
+  """The argmax rule `(logits, rng) -> tokens` (rng unused); ties go to the lowest id.
+
+  Written as a max and a min over ids: XLA:CPU's variadic argmax reduction is ~10x slower.
+  """
   del rng
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  best = jnp.max(logits, axis=-1, keepdims=True)
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(logits == best, ids, logits.shape[-1] - 1), axis=-1)
 
 
 def sample(logits: Array, rng: Array, **settings) -> Array:

@@ -28,8 +28,12 @@ def _sample(model, tokens, mask, seed=0, **kw):
   return sampling.sample(model, tokens, mask, jax.random.key(seed), **kw)
 
 
-def test_greedy_equals_transformers_generate(checkpoint, prompts):
+@pytest.mark.parametrize("min_segment", [sampling.MIN_SEGMENT, 2])
+def test_greedy_equals_transformers_generate(checkpoint, prompts, monkeypatch, min_segment):
+  """Also with the decode loop cut into 4 segments of 2 steps, the KV cache grown in between."""
   import torch
+  monkeypatch.setattr(sampling, "MIN_SEGMENT", min_segment)
+  assert len(sampling._segment_ends(N_NEW)) == (1 if min_segment > N_NEW else 4)
   torch_model, model, _ = checkpoint
   tokens, mask = prompts
   with torch.no_grad():
@@ -152,3 +156,19 @@ def test_bad_arguments_raise(checkpoint, prompts):
     m = kw.pop("prompt_mask", mask)
     with pytest.raises(ValueError, match=msg):
       _sample(model, tokens, m, **kw)
+
+
+def test_segmented_decode_loop_gives_the_same_rollout(checkpoint, prompts, monkeypatch):
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  kw = dict(seed=4, top_p=0.9, top_k=20, num_samples=2)
+  stop = int(_sample(model, tokens, mask, **kw).tokens[0, 2])     # row 0 stops at step 2
+  whole = _sample(model, tokens, mask, stop_token_ids=(stop,), **kw)
+  monkeypatch.setattr(sampling, "MIN_SEGMENT", 3)
+  assert sampling._segment_ends(N_NEW) == (4, 8)
+  cut = _sample(model, tokens, mask, stop_token_ids=(stop,), **kw)
+  assert not np.asarray(whole.mask)[0, 3:].any()
+  np.testing.assert_array_equal(cut.tokens, whole.tokens)
+  np.testing.assert_array_equal(cut.mask, whole.mask)
+  np.testing.assert_allclose(cut.policy_logprobs, whole.policy_logprobs, atol=1e-5)
+  np.testing.assert_allclose(cut.sample_logprobs, whole.sample_logprobs, atol=1e-5)

@@ -128,3 +128,54 @@ def test_banned_tokens_are_never_sampled():
   tokens, logps = _draw(logits, 7, 0.9, 1.0, top_k=5, n=5000, banned=(3, 7))
   assert not np.isin(np.asarray(tokens), [3, 7]).any()
   _check_samples(tokens, logps, _exact_truncated(logits, 5, 0.9, banned=(3, 7)))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blocks"))
+def _blocked_top_k(x, *, k, blocks):
+  return rules._top_k(x, k, blocks), jax.lax.top_k(x, k)
+
+
+@pytest.mark.parametrize("vocab,k,blocks", [
+    (32000, 50, rules.TOP_K_BLOCKS), (8001, 20, (32, 8)), (5000, 3, (7,)), (6000, 1, (64, 4))])
+def test_blocked_top_k_is_exactly_lax_top_k(vocab, k, blocks):
+  """Same values and ids as lax.top_k, ties to lower ids, with -inf entries and ragged blocks."""
+  rng = np.random.default_rng(vocab)
+  # Few distinct values, so the k-th value is tied across blocks; one row mostly -inf.
+  x = rng.integers(0, 6, size=(6, vocab)).astype(np.float32)
+  x[1] = rng.normal(size=vocab)
+  x[2, rng.random(vocab) < 0.999] = -np.inf
+  x[3, :] = -np.inf
+  x[4, -k:] = 9.0                                      # the winners sit in the ragged last block
+  assert -(-vocab // blocks[0]) >= 4 * k, "the blocked path must run"
+  (vals, ids), (want_vals, want_ids) = _blocked_top_k(jnp.asarray(x), k=k, blocks=blocks)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(vals, want_vals)
+
+
+def test_greedy_takes_the_lowest_id_among_ties():
+  logits = jnp.array([[0.0, 2.0, 1.0, 2.0], [-jnp.inf] * 4, [3.0, 3.0, 3.0, 3.0]])
+  np.testing.assert_array_equal(rules.greedy(logits), [1, 0, 0])
+  x = jax.random.normal(jax.random.key(0), (8, 32000))
+  np.testing.assert_array_equal(rules.greedy(x), jnp.argmax(x, axis=-1))
+
+
+def test_draw_above_is_the_inverse_cdf_in_token_order():
+  """Block-wise search == float64 inverse CDF over kept tokens (ragged last block, gaps)."""
+  rng = np.random.default_rng(9)
+  vocab = 3 * rules.DRAW_BLOCK + 37
+  x = rng.normal(size=(1, vocab)).astype(np.float32)
+  x[0, : rules.DRAW_BLOCK] = -np.inf                   # a whole block without mass
+  threshold = np.float32(np.quantile(x[0, rules.DRAW_BLOCK:], 0.6))
+  lse = np.log(np.sum(np.exp(x[0].astype(np.float64))))
+  u = np.linspace(0.0, 1.0, 4001, endpoint=False)
+  tokens, logps = rules._draw_above(jnp.broadcast_to(x, (u.size, vocab)),
+                                    jnp.full((u.size,), lse, jnp.float32),
+                                    jnp.full((u.size,), threshold), jnp.asarray(u, jnp.float32))
+  w = np.where(x[0] >= threshold, np.exp(x[0].astype(np.float64) - lse), 0.0)
+  cum = np.cumsum(w) / w.sum()
+  want = np.searchsorted(cum, u, side="right")
+  away = np.min(np.abs(u[:, None] - cum[None, w > 0]), axis=1) > 1e-5   # not at a boundary
+  assert away.mean() > 0.9
+  np.testing.assert_array_equal(np.asarray(tokens)[away], want[away])
+  assert np.all(w[np.asarray(tokens)] > 0) and np.all(np.diff(np.asarray(tokens)) >= 0)
+  np.testing.assert_allclose(logps, np.log(w[np.asarray(tokens)] / w.sum()), atol=1e-5)

@@ -1,6 +1,6 @@
 """NNX decoder for the Llama 3 / Qwen2 / Qwen3 families, KV-cache decoding, HF checkpoint I/O."""
 
-from opd_jax.models.cache import KVCache, decode_step, init_cache, prefill
+from opd_jax.models.cache import KVCache, decode_step, grow_cache, init_cache, prefill
 from opd_jax.models.config import (SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, config_from_hf,
                                    config_to_hf)
 from opd_jax.models.decoder import Decoder, forward, logits_from_hidden, unembedding
@@ -12,6 +12,7 @@ from opd_jax.models.partitioning import (MESH_AXES, init_model, model_shardings,
 __all__ = [
     "CheckpointError", "Decoder", "KVCache", "MESH_AXES", "ModelConfig", "RopeScaling",
     "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "decode_step", "forward",
+    "grow_cache",
     "init_cache", "init_model", "load_hf_checkpoint", "load_tokenizer", "logits_from_hidden",
     "model_shardings", "param_partition_spec", "prefill", "save_hf_checkpoint", "unembedding",
 ]

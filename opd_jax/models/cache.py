@@ -38,9 +38,13 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values [B, S, K, H] plus per-row bookkeeping; S = max_len is fixed."""
-  k: tuple[Array, ...]      # one [B, S, K, H] array per layer, rotary already applied
-  v: tuple[Array, ...]      # one [B, S, K, H] array per layer
+  """Per-layer keys/values, heads-major, plus per-row bookkeeping; S = max_len is fixed.
+
+  Keys are [B, K, S, H] and values [B, K, H, S] (K key/value heads, H head dim): the layouts the
+  decode step's two attention products read without transposing the cache.
+  """
+  k: tuple[Array, ...]      # one [B, K, S, H] array per layer, rotary already applied
+  v: tuple[Array, ...]      # one [B, K, H, S] array per layer
   valid: Array              # [B, S] bool: slot holds a real token of that row
   next_position: Array      # [B] int32: rotary position of the row's next token
   index: Array              # [] int32: the next slot to write (same for every row)
@@ -69,23 +73,35 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-
-  def zeros():
-    return jnp.zeros(shape, dtype)
-  layers_k = tuple(zeros() for _ in range(config.num_layers))
-  layers_v = tuple(zeros() for _ in range(config.num_layers))
+  k_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  v_shape = (batch, config.num_kv_heads, config.head_dim, max_len)
+  layers_k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
+  layers_v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
   cache = KVCache(k=layers_k, v=layers_v, valid=jnp.zeros((batch, max_len), bool),
                   next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
   if mesh is not None:
     check_mesh(mesh)
-    kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, "tensor", None))
+    kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor", None, None))
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     cache = KVCache(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
                     valid=jax.device_put(cache.valid, rows),
                     next_position=jax.device_put(cache.next_position, rows),
                     index=cache.index)
   return cache
+
+
+def grow_cache(cache: KVCache, max_len: int) -> KVCache:
+  """The same cache with room for `max_len` slots (new slots empty); a copy of every array."""
+  extra = max_len - cache.max_len
+  if extra < 0:
+    raise ValueError(f"grow_cache cannot shrink a cache of {cache.max_len} slots to {max_len}")
+
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+  return cache.replace(k=tuple(pad(k, 2) for k in cache.k), v=tuple(pad(v, 3) for v in cache.v),
+                       valid=pad(cache.valid, 1))
 
 
 def prefill(model: Decoder, tokens: Array, attention_mask: Array, cache: KVCache, *,

@@ -111,6 +111,24 @@ def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, valid_BxTxS: Ar
   return out.reshape(b, t, n * h)
 
 
+def attend_cache(q_BxTxNxH: Array, k_BxKxSxH: Array, v_BxKxHxS: Array,
+                 valid_BxTxS: Array) -> Array:
+  """`attend` over a KV cache stored heads-major, keys [B, K, S, H] and values [B, K, H, S].
+
+  Both products then contract the operand's minor dimension, the layout XLA's CPU and GPU
+  matmuls take as they are: no per-step transpose of the cache.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  kv_heads = k_BxKxSxH.shape[1]
+  q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+  scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BxKxSxH, preferred_element_type=jnp.float32)
+  scores = scores * (h ** -0.5)
+  scores = jnp.where(valid_BxTxS[:, None, None, :, :], scores, _MASKED_SCORE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxHxS.dtype)
+  out = jnp.einsum("bkgts,bkhs->btkgh", probs, v_BxKxHxS)
+  return out.reshape(b, t, n * h)
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with rotary embeddings and optional q/k RMSNorm (Qwen3)."""
 
@@ -140,15 +158,19 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv_cache is not None:
-      k_cache, v_cache = kv_cache
-      start = (0, index, 0, 0)
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-      kv_cache = (k_cache, v_cache)
-      if attend_to_cache:
-        k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    return self.o_proj(attend(q, k, v, valid_BxTxS)), kv_cache
+    if kv_cache is None:
+      return self.o_proj(attend(q, k, v, valid_BxTxS)), None
+    k_cache, v_cache = kv_cache         # [B, K, S, H] and [B, K, H, S]
+    zero = jnp.zeros((), jnp.int32)
+    k_cache = jax.lax.dynamic_update_slice(
+        k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), (zero, zero, index, zero))
+    v_cache = jax.lax.dynamic_update_slice(
+        v_cache, v.transpose(0, 2, 3, 1).astype(v_cache.dtype), (zero, zero, zero, index))
+    if attend_to_cache:
+      out = attend_cache(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid_BxTxS)
+    else:
+      out = attend(q, k, v, valid_BxTxS)
+    return self.o_proj(out), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
