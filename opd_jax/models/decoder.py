@@ -98,34 +98,24 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
   return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, valid_BxTxS: Array) -> Array:
-  """Grouped-query attention with an explicit validity mask; scores and softmax in float32."""
-  b, t, n, h = q_BxTxNxH.shape
-  kv_heads = k_BxSxKxH.shape[2]
-  q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH, preferred_element_type=jnp.float32)
-  scores = scores * (h ** -0.5)
-  scores = jnp.where(valid_BxTxS[:, None, None, :, :], scores, _MASKED_SCORE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-  return out.reshape(b, t, n * h)
+def attend(q_BxTxNxH: Array, k: Array, v: Array, valid_BxTxS: Array, *,
+           heads_major: bool = False) -> Array:
+  """Grouped-query attention with an explicit validity mask; scores and softmax in float32.
 
-
-def attend_cache(q_BxTxNxH: Array, k_BxKxSxH: Array, v_BxKxHxS: Array,
-                 valid_BxTxS: Array) -> Array:
-  """`attend` over a KV cache stored heads-major, keys [B, K, S, H] and values [B, K, H, S].
-
-  Both products then contract the operand's minor dimension, the layout XLA's CPU and GPU
-  matmuls take as they are: no per-step transpose of the cache.
+  Keys and values are [B, S, K, H] as the projections give them, or with `heads_major` laid out
+  as the KV cache stores them: keys [B, K, S, H], values [B, K, H, S]. Both products then
+  contract the operand's minor axis, which XLA's matrix products take as it is: decoding does
+  not transpose the cache every step.
   """
   b, t, n, h = q_BxTxNxH.shape
-  kv_heads = k_BxKxSxH.shape[1]
+  k_spec, v_spec = ("bksh", "bkhs") if heads_major else ("bskh", "bskh")
+  kv_heads = k.shape[1 if heads_major else 2]
   q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BxKxSxH, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"btkgh,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (h ** -0.5)
   scores = jnp.where(valid_BxTxS[:, None, None, :, :], scores, _MASKED_SCORE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxHxS.dtype)
-  out = jnp.einsum("bkgts,bkhs->btkgh", probs, v_BxKxHxS)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"bkgts,{v_spec}->btkgh", probs, v)
   return out.reshape(b, t, n * h)
 
 
@@ -167,7 +157,8 @@ class Attention(nnx.Module):
     v_cache = jax.lax.dynamic_update_slice(
         v_cache, v.transpose(0, 2, 3, 1).astype(v_cache.dtype), (zero, zero, zero, index))
     if attend_to_cache:
-      out = attend_cache(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid_BxTxS)
+      out = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid_BxTxS,
+                   heads_major=True)
     else:
       out = attend(q, k, v, valid_BxTxS)
     return self.o_proj(out), (k_cache, v_cache)
