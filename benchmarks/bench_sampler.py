@@ -107,7 +107,10 @@ def main():
     def theirs(name):
       child.stdin.write(name + "\n")
       child.stdin.flush()
-      return float(child.stdout.readline())
+      answer = child.stdout.readline()
+      if not answer:
+        raise RuntimeError(f"the transformers process ended (exit code {child.wait()})")
+      return float(answer)
 
     assert child.stdout.readline().strip() == "ready"    # its warm-up done: nothing competes
     first = {name: seconds(lambda: ours(top_k)) for name, top_k in SETTINGS}

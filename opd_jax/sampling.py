@@ -76,8 +76,9 @@ def _segment_ends(max_new_tokens: int) -> tuple[int, ...]:
   """Decode steps at which the loop stops to grow the KV cache.
 
   Every decode step attends over the whole cache, so a cache sized for the final length wastes
-  reads early on. The loop runs in up to SEGMENTS pieces of at least MIN_SEGMENT steps, each with
-  a cache just long enough for it (one compiled loop body per piece).
+  reads early on. The loop runs in up to SEGMENTS pieces of at least MIN_SEGMENT steps (one piece
+  when max_new_tokens < 2 * MIN_SEGMENT), each with a cache just long enough for it (one compiled
+  loop body per piece).
   """
   n = max(1, min(SEGMENTS, max_new_tokens // MIN_SEGMENT))
   return tuple(-(-max_new_tokens * (i + 1) // n) for i in range(n))
@@ -94,8 +95,9 @@ def _gather_logprob(logits: Array, tokens: Array) -> Array:
                      "mesh", "segment_ends"))
 def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
               max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends):
-  # The KV cache is allocated here, inside the program, and the while loop updates its carry in
-  # place: no copy of it ever exists outside the compiled program.
+  # The KV cache is allocated here, inside the program, and each while loop updates its carry in
+  # place; between loop segments it is grown (copied) into a longer one. No copy of it ever exists
+  # outside the compiled program.
   _TRACES["generate"] += 1
   model = nnx.merge(graphdef, state)
   cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + segment_ends[0])
@@ -182,6 +184,9 @@ def _check_args(prompts, prompt_mask, vocab, *, max_new_tokens, temperature, top
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
       raise ValueError(f"{name} {bad} are outside the vocabulary [0, {vocab})")
+  if len(set(banned)) == vocab:
+    raise ValueError(f"banned_token_ids bans all {vocab} tokens of the vocabulary: nothing could "
+                     "be sampled")
   both = sorted(set(banned) & set(stop))
   if both:
     raise ValueError(f"stop_token_ids {both} are also in banned_token_ids: they could never be "

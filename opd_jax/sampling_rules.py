@@ -20,13 +20,18 @@ Array = jax.Array
 TOP_P_CANDIDATES = 64
 
 
-# `_top_k` first picks whole blocks of this many entries by their maxima, then the k entries
-# within the chosen blocks (recursively, one size per level): far cheaper than XLA:CPU's TopK
-# over the whole vocabulary (measured in a decode loop, [8, 32000], k = 50: 0.45 ms -> 0.15 ms).
+# On CPU, `_top_k` first picks whole blocks of this many entries by their maxima, then the k
+# entries within the chosen blocks (recursively, one size per level): far cheaper than XLA:CPU's
+# TopK over the whole vocabulary (measured in a decode loop, [8, 32000], k = 50: 0.45 ms ->
+# 0.15 ms). Other backends keep their own TopK kernel (the detour is not measured there).
 TOP_K_BLOCKS = (32, 8)
 
 
-def _top_k(x: Array, k: int, blocks: Sequence[int] = TOP_K_BLOCKS) -> tuple[Array, Array]:
+def _default_blocks() -> tuple[int, ...]:
+  return TOP_K_BLOCKS if jax.default_backend() == "cpu" else ()
+
+
+def _top_k(x: Array, k: int, blocks: Sequence[int] | None = None) -> tuple[Array, Array]:
   """Exactly `lax.top_k(x, k)` for x [R, V] (same values, same indices, ties to lower ids).
 
   The k largest entries lie in the k blocks with the largest maxima (ties to lower blocks): each
@@ -36,6 +41,7 @@ def _top_k(x: Array, k: int, blocks: Sequence[int] = TOP_K_BLOCKS) -> tuple[Arra
   folds the slice of the values/indices into their consumers and the CPU backend then sorts the
   whole row (measured: 70 ms instead of 0.5 ms for [8, 32000], k = 50).
   """
+  blocks = _default_blocks() if blocks is None else blocks
   r, v = x.shape
   n_blocks = -(-v // blocks[0]) if blocks else 0
   if n_blocks < 4 * k:  # too few blocks for the detour to pay
@@ -157,7 +163,9 @@ def _draw_above(x: Array, lse: Array, threshold: Array, u: Array) -> tuple[Array
   inside = jnp.take_along_axis(w_blocks, block[:, None, None], axis=1)[:, 0]
   first, last = first_and_last(inside > 0)
   offset = jnp.sum(before + jnp.cumsum(inside, axis=-1) <= target, axis=-1)
-  token = (block * DRAW_BLOCK + jnp.clip(offset, first, last)).astype(jnp.int32)
+  token = block * DRAW_BLOCK + jnp.clip(offset, first, last)
+  # A row without any finite mass (NaN logits) still gets a valid id; its log-prob is NaN.
+  token = jnp.clip(token, 0, v - 1).astype(jnp.int32)
   logp = jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0] - lse - jnp.log(total)
   return token, logp
 
@@ -168,7 +176,8 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
   """Sample one token per row: bans, temperature, top-k, exact top-p, then an inverse-CDF draw.
 
   Top-k keeps exactly k tokens (ties broken towards lower ids, as `lax.top_k`), chosen before the
-  division by the temperature, which preserves their order; top-p keeps the
+  division by the temperature, which does not reorder them (up to ties created by rounding);
+  top-p keeps the
   smallest descending prefix whose mass reaches p (the crossing token included) plus any token
   tied with its last one, renormalised after top-k as transformers does. Temperature 0 is greedy.
   Without top-k, the nucleus threshold comes from a `lax.top_k` of `candidates` entries when their
@@ -230,12 +239,14 @@ def _draw_truncated(x: Array, u: Array, temperature: Array, top_k: int, top_p: f
 def greedy(logits: Array, rng: Array | None = None) -> Array:
   """The argmax rule `(logits, rng) -> tokens` (rng unused); ties go to the lowest id.
 
-  Written as a max and a min over ids: XLA:CPU's variadic argmax reduction is ~10x slower.
+  Written as a max and a min over ids (XLA:CPU's variadic argmax reduction is ~10x slower), with
+  `jnp.argmax`'s result, a NaN included: it counts as the largest entry.
   """
   del rng
   best = jnp.max(logits, axis=-1, keepdims=True)
   ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-  return jnp.min(jnp.where(logits == best, ids, logits.shape[-1] - 1), axis=-1)
+  hit = (logits == best) | jnp.isnan(logits)             # max() is NaN when a NaN is present
+  return jnp.min(jnp.where(hit, ids, logits.shape[-1] - 1), axis=-1)
 
 
 def sample(logits: Array, rng: Array, **settings) -> Array:

@@ -147,6 +147,7 @@ def test_bad_arguments_raise(checkpoint, prompts):
       (dict(top_p=1.5), "top_p must be in \\(0, 1\\]"),
       (dict(temperature=-1.0), "temperature must be >= 0"),
       (dict(banned_token_ids=(5, 128)), "banned_token_ids \\[128\\] are outside"),
+      (dict(banned_token_ids=tuple(range(128))), "bans all 128 tokens"),
       (dict(stop_token_ids=(-1,)), "stop_token_ids \\[-1\\] are outside"),
       (dict(banned_token_ids=(3, 4), stop_token_ids=(4,)), "stop_token_ids \\[4\\] are also"),
       (dict(max_new_tokens=0), "max_new_tokens"),

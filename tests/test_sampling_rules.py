@@ -153,8 +153,10 @@ def test_blocked_top_k_is_exactly_lax_top_k(vocab, k, blocks):
 
 
 def test_greedy_takes_the_lowest_id_among_ties():
-  logits = jnp.array([[0.0, 2.0, 1.0, 2.0], [-jnp.inf] * 4, [3.0, 3.0, 3.0, 3.0]])
-  np.testing.assert_array_equal(rules.greedy(logits), [1, 0, 0])
+  logits = jnp.array([[0.0, 2.0, 1.0, 2.0], [-jnp.inf] * 4, [3.0, 3.0, 3.0, 3.0],
+                      [0.0, jnp.nan, 5.0, jnp.nan]])
+  np.testing.assert_array_equal(rules.greedy(logits), [1, 0, 0, 1])
+  np.testing.assert_array_equal(rules.greedy(logits), jnp.argmax(logits, axis=-1))
   x = jax.random.normal(jax.random.key(0), (8, 32000))
   np.testing.assert_array_equal(rules.greedy(x), jnp.argmax(x, axis=-1))
 
@@ -179,3 +181,15 @@ def test_draw_above_is_the_inverse_cdf_in_token_order():
   np.testing.assert_array_equal(np.asarray(tokens)[away], want[away])
   assert np.all(w[np.asarray(tokens)] > 0) and np.all(np.diff(np.asarray(tokens)) >= 0)
   np.testing.assert_allclose(logps, np.log(w[np.asarray(tokens)] / w.sum()), atol=1e-5)
+
+
+def test_rows_without_mass_still_get_a_valid_token_id():
+  """NaN logits (a broken model) must not produce negative ids that index the embedding."""
+  x = np.random.default_rng(3).normal(size=(3, 300)).astype(np.float32)
+  x[1, 7] = np.nan
+  x[2] = np.nan
+  u = jnp.array([0.3, 0.5, 0.9])
+  for top_k in (0, 5):
+    tokens, logps = rules.draw(jnp.asarray(x), u, top_k=top_k, top_p=0.9)
+    assert np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < 300)), tokens
+    np.testing.assert_array_equal(np.isnan(np.asarray(logps)), [False, True, True])

@@ -38,7 +38,9 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values, heads-major, plus per-row bookkeeping; S = max_len is fixed.
+  """Per-layer keys/values, heads-major, plus per-row bookkeeping; S = max_len slots.
+
+  S is fixed for a given cache (a fixed-shape pytree); `grow_cache` makes a longer copy.
 
   Keys are [B, K, S, H] and values [B, K, H, S] (K key/value heads, H head dim): the layouts the
   decode step's two attention products read without transposing the cache.
