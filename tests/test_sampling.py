@@ -123,13 +123,16 @@ def test_groups_bans_and_stop_tokens(checkpoint, prompts):
   np.testing.assert_array_equal(np.asarray(grouped.tokens)[gm], single[gm])
 
 
-def test_sharded_batch_matches_single_device(checkpoint):
+def test_sharded_batch_matches_single_device(checkpoint, monkeypatch):
+  """Rows sharded over the mesh, decode loop in two segments (cache grown on the mesh)."""
   _, model, folder = checkpoint
   tokens, mask = mh.left_padded_batch(2, 8, 9, 128)
   mesh = jax.make_mesh((4, 1, 2), models.MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   sharded, _ = models.load_hf_checkpoint(folder, mesh=mesh)
   ref = _sample(model, tokens, mask, seed=3)
+  monkeypatch.setattr(sampling, "MIN_SEGMENT", 4)
+  assert len(sampling._segment_ends(N_NEW)) == 2
   out = _sample(sharded, tokens, mask, seed=3, mesh=mesh)
   np.testing.assert_array_equal(out.tokens, ref.tokens)
   np.testing.assert_allclose(out.policy_logprobs, ref.policy_logprobs, atol=1e-5)
