@@ -27,6 +27,15 @@ TOP_P_CANDIDATES = 64
 TOP_K_BLOCKS = (32, 8)
 
 
+def _as_blocks(x: Array, block: int, fill: float) -> Array:
+  """[R, V] -> [R, ceil(V / block), block], the ragged end padded with `fill`."""
+  r, v = x.shape
+  n_blocks = -(-v // block)
+  if n_blocks * block != v:
+    x = jnp.pad(x, ((0, 0), (0, n_blocks * block - v)), constant_values=fill)
+  return x.reshape(r, n_blocks, block)
+
+
 def _default_blocks() -> tuple[int, ...]:
   return TOP_K_BLOCKS if jax.default_backend() == "cpu" else ()
 
@@ -47,9 +56,7 @@ def _top_k(x: Array, k: int, blocks: Sequence[int] | None = None) -> tuple[Array
   if n_blocks < 4 * k:  # too few blocks for the detour to pay
     return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
   block = blocks[0]
-  if n_blocks * block != v:  # -inf padding at the end: it loses every tie to a real entry
-    x = jnp.pad(x, ((0, 0), (0, n_blocks * block - v)), constant_values=-jnp.inf)
-  x_blocks = x.reshape(r, n_blocks, block)
+  x_blocks = _as_blocks(x, block, -jnp.inf)  # the padding loses every tie to a real entry
   _, chosen = jax.lax.optimization_barrier(jax.lax.top_k(jnp.max(x_blocks, axis=-1), k))
   chosen = jnp.sort(chosen, axis=-1)
   candidates = jnp.take_along_axis(x_blocks, chosen[:, :, None], axis=1).reshape(r, k * block)
@@ -139,12 +146,9 @@ DRAW_BLOCK = 128
 
 def _draw_above(x: Array, lse: Array, threshold: Array, u: Array) -> tuple[Array, Array]:
   """Inverse-CDF draw, in token-id order, among the tokens with x >= threshold."""
-  r, v = x.shape
+  v = x.shape[-1]
   weights = jnp.where(x >= threshold[:, None], jnp.exp(x - lse[:, None]), 0.0)
-  n_blocks = -(-v // DRAW_BLOCK)
-  if n_blocks * DRAW_BLOCK != v:
-    weights = jnp.pad(weights, ((0, 0), (0, n_blocks * DRAW_BLOCK - v)))
-  w_blocks = weights.reshape(r, n_blocks, DRAW_BLOCK)
+  w_blocks = _as_blocks(weights, DRAW_BLOCK, 0.0)
   block_mass = jnp.sum(w_blocks, axis=-1)
   block_cum = jnp.cumsum(block_mass, axis=-1)
   total = block_cum[:, -1]
