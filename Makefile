@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test test-all demo toy clean
+.PHONY: test test-all demo estimators toy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,10 @@ test: $(VENV)/.installed-test  ## the test suite without tests marked slow
 test-all: $(VENV)/.installed-test  ## every test, slow ones included
 	$(PY) -m pytest -q
 
-demo: $(VENV)/.installed  ## the estimator comparison table
-	$(PY) -m opd_jax.main --config=experiments/estimator_demo.py
+demo: estimators  ## (until the trainer demo lands) the estimator comparison table
+
+estimators: $(VENV)/.installed  ## the estimator comparison table
+	$(PY) -m opd_jax.main --config=experiments/estimator_table.py
 
 toy: $(VENV)/.installed  ## the paper's toy variance study (App. E), outputs in workdir/toy_variance
 	$(PY) -m opd_jax.main --config=experiments/toy_variance.py --config.workdir=workdir/toy_variance

@@ -8,15 +8,11 @@ Expected: ĝ_1 (sequence level) is unbiased; ĝ_0, the full-vocabulary token-lev
           with γ and with T, faster for larger γ. Writes exact.csv, exponents.csv, toy_exact.png.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from opd_jax import configs
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = configs.base()
   c.experiment = "toy_exact"
   c.seed = 0                         # draws the random student and teacher tables
   c.vocab = 4                        # V

@@ -12,15 +12,11 @@ Expected: medians over seeds: late variance rises with γ and γ = 1 is >= 5x γ
           per seed (variance curves, same-parameter variances, state-visitation heatmaps).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from opd_jax import configs
 
 
 def get_config(arg=None):
-  c = base.get_config()
+  c = configs.base()
   c.experiment = "toy_variance"
   c.seeds = (42, 43, 2026)           # one student per (seed, γ); teachers are trained per seed
   c.gammas = (0.0, 0.25, 0.5, 0.75, 1.0)  # future-reward coupling of ĝ_γ (Eq. 3)

@@ -14,7 +14,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 # config.experiment -> "module:function" taking the ConfigDict. Imported lazily so that an
 # experiment only pays for the modules it uses.
 RUNNERS = {
-    "estimator_demo": "opd_jax.demo:run",
+    "estimator_table": "opd_jax.estimator_table:run",
     "toy_variance": "opd_jax.toy.study:run",
     "toy_exact": "opd_jax.toy.exact:run",
 }

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opd_jax import models
 from opd_jax import sampling_rules as rules
+from opd_jax import sharding
 
 Array = jax.Array
 
@@ -105,7 +106,7 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
   def constrain(x):  # rows over the mesh's batch axes
     if mesh is None:
       return x
-    spec = PartitionSpec(models.partitioning.BATCH_AXES, *([None] * (x.ndim - 1)))
+    spec = PartitionSpec(sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   def constrain_tree(tree):
@@ -229,7 +230,7 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
   prompts = jnp.pad(prompts.astype(jnp.int32), pad)
   prompt_mask = jnp.pad(jnp.asarray(prompt_mask).astype(bool), pad)
   if mesh is not None:
-    rows = NamedSharding(mesh, PartitionSpec(models.partitioning.BATCH_AXES))
+    rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
     prompts, prompt_mask = jax.device_put((prompts, prompt_mask), rows)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompts, prompt_mask, rng,

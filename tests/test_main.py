@@ -6,7 +6,7 @@ import pathlib
 import ml_collections
 import pytest
 
-from opd_jax import demo, main
+from opd_jax import estimator_table, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def load_config(name, arg=None):
 
 
 def test_demo_smoke_table(capsys):
-  rows = main.run_experiment(load_config("estimator_demo", "smoke"))
+  rows = main.run_experiment(load_config("estimator_table", "smoke"))
   out = capsys.readouterr().out
   assert "LSM: teacher top-K, renorm" in out and "ms/call" in out
   assert {r["k"] for r in rows} == {"-", "16", "32", "48", "64"}
@@ -32,16 +32,16 @@ def test_demo_smoke_table(capsys):
 
 def test_unknown_experiment_is_rejected():
   config = ml_collections.ConfigDict({"experiment": "nope"})
-  with pytest.raises(ValueError, match="accepted: estimator_demo"):
+  with pytest.raises(ValueError, match="accepted: estimator_table"):
     main.run_experiment(config)
 
 
 def test_unknown_config_argument_is_rejected():
   with pytest.raises(ValueError, match="accepted: 'smoke'"):
-    load_config("estimator_demo", "huge")
+    load_config("estimator_table", "huge")
 
 
 def test_demo_settings_are_frozen():
-  s = demo.DemoSettings.from_config(load_config("estimator_demo", "smoke"))
+  s = estimator_table.TableSettings.from_config(load_config("estimator_table", "smoke"))
   with pytest.raises(Exception):
     s.vocab = 3

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.decoder import (Decoder, causal_valid, check_tokens, logits_from_hidden,
                                     positions_from_mask)
-from opd_jax.models.partitioning import BATCH_AXES, check_mesh
+from opd_jax.sharding import BATCH_AXES, check_mesh
 
 Array = jax.Array
 

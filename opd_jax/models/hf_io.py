@@ -18,7 +18,8 @@ from safetensors.numpy import save_file
 
 from opd_jax.models.config import SUPPORTED_DTYPES, ModelConfig, config_from_hf, config_to_hf
 from opd_jax.models.decoder import Decoder
-from opd_jax.models.partitioning import check_mesh, param_partition_spec
+from opd_jax.models.partitioning import param_partition_spec
+from opd_jax.sharding import check_mesh
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

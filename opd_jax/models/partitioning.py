@@ -10,30 +10,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from opd_jax.models.config import ModelConfig
 from opd_jax.models.decoder import Decoder
-
-MESH_AXES = ("data", "fsdp", "tensor")
-# Activations and cache rows are split over both batch-like axes.
-BATCH_AXES = ("data", "fsdp")
+from opd_jax.sharding import BATCH_AXES, MESH_AXES, check_mesh  # noqa: F401  (re-exported)
 
 # Last path element of a parameter -> mesh axis of each of its dimensions. Kernels are [in, out]:
 # projections into heads / MLP width split their output over `tensor` (column parallel), those
 # back to the model width split their input (row parallel); fsdp shards the model width.
 _ROW_PARALLEL = ("o_proj", "down_proj")
-
-
-def check_mesh(mesh: Mesh) -> None:
-  """Raises ValueError unless `mesh` has the data, fsdp and tensor axes, all of type Auto."""
-  if not isinstance(mesh, Mesh):
-    raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-  missing = [a for a in MESH_AXES if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(f"mesh axes {mesh.axis_names} lack {missing}; the model needs axes named "
-                     f"{MESH_AXES}")
-  explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types)
-              if t != jax.sharding.AxisType.Auto]
-  if explicit:
-    raise ValueError(f"mesh axes {explicit} are not AxisType.Auto; build the mesh with "
-                     "axis_types=(jax.sharding.AxisType.Auto,) * n (the model code is GSPMD-style)")
 
 
 def param_partition_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -1,22 +1,18 @@
-"""Estimator comparison on a fixed random teacher/student pair (what `make demo` prints).
+"""Estimator comparison on a fixed random teacher/student pair (`make estimators`).
 
-Run:      python -m opd_jax.main --config=experiments/estimator_demo.py
-Smoke:    python -m opd_jax.main --config=experiments/estimator_demo.py:smoke
+Run:      python -m opd_jax.main --config=experiments/estimator_table.py
+Smoke:    python -m opd_jax.main --config=experiments/estimator_table.py:smoke
 Runtime:  about 30 s on a 2-core CPU (compile included); smoke: a few seconds.
 Expected: a table over K in (16, 32, 48, V); renormalised teacher top-K at K = V equals the full
           reverse KL; teacher mass covered grows with K.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-import base  # noqa: E402
+from opd_jax import configs
 
 
 def get_config(arg=None):
-  c = base.get_config()
-  c.experiment = "estimator_demo"
+  c = configs.base()
+  c.experiment = "estimator_table"
   c.seed = 0
   c.batch = 8              # sequences in the batch
   c.length = 64            # tokens per sequence

@@ -13,7 +13,7 @@ from opd_jax import losses
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoSettings:
+class TableSettings:
   seed: int
   batch: int
   length: int
@@ -24,12 +24,12 @@ class DemoSettings:
   repeats: int
 
   @classmethod
-  def from_config(cls, config) -> "DemoSettings":
+  def from_config(cls, config) -> "TableSettings":
     return cls(**{f.name: (tuple(config[f.name]) if f.name == "ks" else config[f.name])
                   for f in dataclasses.fields(cls)})
 
 
-def make_pair(s: DemoSettings):
+def make_pair(s: TableSettings):
   """A peaked random teacher, a noisy student, and tokens sampled from the student."""
   k1, k2, k3 = jax.random.split(jax.random.key(s.seed), 3)
   shape = (s.batch, s.length, s.vocab)
@@ -74,7 +74,7 @@ def _measure(fn: Callable, args, repeats: int) -> tuple[float, dict, float, floa
   return float(loss), aux, float(jnp.linalg.norm(grad)), per_call
 
 
-def compare(s: DemoSettings) -> list[dict]:
+def compare(s: TableSettings) -> list[dict]:
   """Rows of the comparison table (one per K and estimator)."""
   args = make_pair(s)
   rows = []
@@ -102,7 +102,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run(config) -> list[dict]:
-  s = DemoSettings.from_config(config)
+  s = TableSettings.from_config(config)
   print(f"Estimators on a random teacher/student pair: B={s.batch} T={s.length} V={s.vocab} "
         f"({jax.devices()[0].platform}); value_and_grad w.r.t. student logits, jitted; "
         f"gradient norm of the token-mean loss.", flush=True)
