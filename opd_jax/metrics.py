@@ -1,0 +1,439 @@
+"""Run outputs: metrics.jsonl + TensorBoard (process 0), a progress line, rollout HTML pages."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+TENSORBOARD_DIR = "tensorboard"
+
+# Non-finite floats as JSON strings (plain JSON has no NaN or infinity); float(s) reads them back.
+_NON_FINITE = {"nan": "nan", "inf": "inf", "-inf": "-inf"}
+_WRITER_IDS = itertools.count()
+
+
+def _scalar(key: str, value: Any) -> int | float:
+  """A metric value as a Python int or float; raises ValueError naming `key` otherwise."""
+  if isinstance(value, (bool, np.bool_)):
+    return int(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and np.size(value) == 1:
+    array = np.asarray(value).reshape(())
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+      return int(array)
+    if np.issubdtype(array.dtype, np.floating):
+      return float(array)
+  raise ValueError(f"metric {key!r} = {value!r} is not accepted; give a Python / numpy / "
+                   "one-element jax number")
+
+
+def _json_value(value: int | float) -> int | float | str:
+  if isinstance(value, float) and not math.isfinite(value):
+    return _NON_FINITE[str(value)]
+  return value
+
+
+def _config_dict(config: Any) -> dict:
+  """`config` (a Mapping or an ml_collections ConfigDict) as a plain JSON-checked dict."""
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise ValueError(f"config must be a mapping or a ConfigDict, got {type(config).__name__}")
+
+  def check(value: Any, where: str) -> Any:
+    if isinstance(value, Mapping):
+      for k in value:
+        if not isinstance(k, str):
+          raise ValueError(f"config key {where}{k!r} is not a string; JSON needs string keys")
+      return {k: check(v, f"{where}{k}.") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+      return [check(v, f"{where}{i}.") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (str, bool, int)):
+      return value
+    if isinstance(value, float) and math.isfinite(value):
+      return value
+    raise ValueError(f"config value {where.rstrip('.')} = {value!r} cannot be written as JSON; "
+                     "use str / int / finite float / bool / None / list / dict")
+
+  return check(config, "")
+
+
+class MetricsWriter:
+  """Appends one JSON line per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard.
+
+  Only the primary process (process 0 unless told otherwise) writes; on the others every method
+  is a no-op, so the trainer may call them on all processes. Lines are flushed per `write`, so
+  the file is complete up to the last logged step whenever the run stops.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, primary: bool | None = None,
+               tensorboard: bool = True):
+    """Prepares the writer; files are opened on first use.
+
+    Args:
+      workdir: the run's output folder (created if missing).
+      primary: whether this process writes; None means `jax.process_index() == 0`.
+      tensorboard: also write TensorBoard scalars under workdir/tensorboard (tensorboardX).
+    """
+    self._workdir = os.path.abspath(os.fspath(workdir))
+    self._primary = jax.process_index() == 0 if primary is None else bool(primary)
+    self._tensorboard = bool(tensorboard)
+    self._jsonl: TextIO | None = None
+    self._tb = None
+    # Set by truncate_after: TensorBoard then hides the old run's events from this step on.
+    self._purge_step: int | None = None
+    if self._primary:
+      if os.path.exists(self._workdir) and not os.path.isdir(self._workdir):
+        raise ValueError(f"workdir {self._workdir!r} exists and is not a folder")
+      os.makedirs(self._workdir, exist_ok=True)
+
+  @property
+  def metrics_path(self) -> str:
+    return os.path.join(self._workdir, METRICS_FILE)
+
+  def write_config(self, config: Any, *, step: int | None = None) -> str | None:
+    """Records the run's config as workdir/config.json, never overwriting the first one.
+
+    If config.json already exists (a resumed run) and holds the same settings, nothing is
+    written. If the settings differ, the original stays as the record of how the run started
+    and the new settings go to config.resumed_<step>.json (`step`: the step resumed from; if
+    None, the next free number 1, 2, ...), with a warning naming the changed keys.
+
+    Args:
+      config: a mapping or ml_collections ConfigDict of JSON-able values.
+      step: the checkpoint step the run resumes from, used to name a differing config.
+
+    Returns:
+      The path written, or None (not primary, or identical to the existing config.json).
+    """
+    if not self._primary:
+      return None
+    new = _config_dict(config)
+    path = os.path.join(self._workdir, CONFIG_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+      if old == new:
+        return None
+      changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      if step is not None:
+        path = os.path.join(self._workdir, f"config.resumed_{int(step)}.json")
+      else:
+        i = 1
+        while os.path.exists(os.path.join(self._workdir, f"config.resumed_{i}.json")):
+          i += 1
+        path = os.path.join(self._workdir, f"config.resumed_{i}.json")
+      logging.warning("config differs from %s/%s in %s; keeping the original and writing %s",
+                      self._workdir, CONFIG_FILE, changed, path)
+    _write_atomically(path, json.dumps(new, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return path
+
+  def truncate_after(self, step: int) -> None:
+    """Drops metrics of steps > `step` (logged after the checkpoint a run resumes from).
+
+    The resumed run then appends exactly what an uninterrupted run would have written. A torn
+    last line (the process died mid-write) is dropped too. TensorBoard keeps old event files,
+    so the next TensorBoard writer is opened with purge_step = step + 1, which makes
+    TensorBoard discard the earlier run's events from that step on.
+    """
+    if not self._primary:
+      return
+    step = int(step)
+    self._close_files()
+    self._purge_step = step + 1
+    if not os.path.exists(self.metrics_path):
+      return
+    with open(self.metrics_path) as f:
+      lines = f.read().split("\n")
+    kept = []
+    for i, line in enumerate(lines):
+      if not line.strip():
+        continue
+      try:
+        row_step = json.loads(line)["step"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if i == len(lines) - 1:   # no newline after it: a write cut short
+          continue
+        raise ValueError(f"{self.metrics_path} line {i + 1} is not a metrics record ({e}): "
+                         f"{line[:200]!r}") from e
+      if row_step <= step:
+        kept.append(line + "\n")
+    _write_atomically(self.metrics_path, "".join(kept))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Logs `metrics` at `step`: one JSON line and one TensorBoard scalar per key.
+
+    Args:
+      step: the number of completed updates.
+      metrics: name -> number (Python, numpy or one-element jax). Written with sorted keys;
+        NaN and infinities become the JSON strings "nan", "inf", "-inf".
+    """
+    if not self._primary:
+      return
+    values = {}
+    for key, value in metrics.items():
+      if not isinstance(key, str) or key == "step":
+        raise ValueError(f"metric name {key!r} is not accepted; give a string other than 'step'")
+      values[key] = _scalar(key, value)
+    record = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
+    if self._jsonl is None:
+      self._jsonl = open(self.metrics_path, "a")
+    self._jsonl.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+    self._jsonl.flush()
+    if self._tensorboard:
+      if self._tb is None:
+        import tensorboardX  # pylint: disable=import-outside-toplevel
+        # Event file names hold the time in seconds: the suffix keeps a writer reopened within
+        # the same second (resume right after a crash, tests) from overwriting the last file.
+        self._tb = tensorboardX.SummaryWriter(
+            os.path.join(self._workdir, TENSORBOARD_DIR), purge_step=self._purge_step,
+            filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
+      for key in sorted(values):
+        self._tb.add_scalar(key, values[key], global_step=int(step))
+      self._tb.flush()
+
+  def _close_files(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def close(self) -> None:
+    """Flushes and closes the files (a later `write` reopens them)."""
+    self._close_files()
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _write_atomically(path: str, text: str) -> None:
+  """Writes via a temporary file and a rename, so a crash never leaves a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+  """Training progress: an in-place bar on a terminal, periodic plain lines in logs.
+
+  The speed and ETA are measured from the first `update` on, so the compile time of the first
+  step does not distort them.
+  """
+
+  def __init__(self, total_steps: int, *, start_step: int = 0, stream: TextIO | None = None,
+               interactive: bool | None = None, every: int | None = None,
+               interval_s: float = 60.0, keys: Sequence[str] = ("loss",)):
+    """Args:
+      total_steps: the step the run ends at.
+      start_step: the step the run (re)starts from.
+      stream: where to write (default sys.stderr).
+      interactive: redraw one line with "\\r"; None means `stream.isatty()`.
+      every: non-interactive mode prints a line every `every` steps (default: every 1/20 of
+        the run) or when `interval_s` seconds passed since the last line, and at the end.
+      interval_s: see `every`.
+      keys: the metrics shown, when present.
+    """
+    if not isinstance(total_steps, int) or total_steps < 1:
+      raise ValueError(f"Progress total_steps={total_steps!r} is not accepted; give an int >= 1")
+    self._total = total_steps
+    self._stream = sys.stderr if stream is None else stream
+    if interactive is None:
+      interactive = bool(getattr(self._stream, "isatty", lambda: False)())
+    self._interactive = interactive
+    self._every = max(1, total_steps // 20) if every is None else int(every)
+    if self._every < 1:
+      raise ValueError(f"Progress every={every!r} is not accepted; give an int >= 1")
+    self._interval_s = float(interval_s)
+    self._keys = tuple(keys)
+    self._first: tuple[int, float] | None = None
+    self._last_step = start_step
+    self._last_time = time.monotonic()
+    self._last_width = 0
+    self._redraw_s = 0.1
+
+  def _line(self, step: int, metrics: Mapping[str, Any], now: float) -> str:
+    parts = [f"step {step}/{self._total} ({100 * step / self._total:3.0f}%)"]
+    for key in self._keys:
+      if key in metrics:
+        parts.append(f"{key} {_scalar(key, metrics[key]):.4g}")
+    if self._first is not None and step > self._first[0] and now > self._first[1]:
+      rate = (step - self._first[0]) / (now - self._first[1])
+      parts.append(f"{rate:.3g} steps/s")
+      parts.append(f"ETA {_clock(max(0, self._total - step) / rate)}")
+    else:
+      parts.append("ETA --:--:--")
+    return " | ".join(parts)
+
+  def update(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Reports that `step` updates are done; `metrics` are that step's (only `keys` shown)."""
+    now = time.monotonic()
+    first = self._first is None
+    if first:
+      self._first = (step, now)
+    final = step >= self._total
+    if self._interactive:
+      if not (first or final) and now - self._last_time < self._redraw_s:
+        return
+      filled = int(20 * min(step, self._total) / self._total)
+      line = "[" + "#" * filled + "." * (20 - filled) + "] " + self._line(step, metrics, now)
+      pad = " " * max(0, self._last_width - len(line))
+      self._stream.write("\r" + line + pad)
+      self._last_width = len(line)
+    else:
+      due = (first or final or step - self._last_step >= self._every
+             or now - self._last_time >= self._interval_s)
+      if not due:
+        return
+      self._stream.write(self._line(step, metrics, now) + "\n")
+    self._stream.flush()
+    self._last_step, self._last_time = step, now
+
+  def close(self) -> None:
+    """Ends the in-place line (interactive mode)."""
+    if self._interactive and self._last_width:
+      self._stream.write("\n")
+      self._stream.flush()
+      self._last_width = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutView:
+  """One rollout as the HTML page shows it, token by token (all per-token fields equally long).
+
+  prompt: the prompt text.
+  tokens: the response's tokens as strings.
+  gaps: per token, log p_teacher(token) - log p_student(token) in nats (the OPD reward).
+  teacher_top: per token, the teacher's top tokens as (token string, probability), best first.
+  mask: per token, whether it counts in the loss (False: shown greyed).
+  """
+  prompt: str
+  tokens: Sequence[str]
+  gaps: Sequence[float]
+  teacher_top: Sequence[Sequence[tuple[str, float]]]
+  mask: Sequence[bool]
+
+  def __post_init__(self):
+    n = len(self.tokens)
+    lengths = {"gaps": len(self.gaps), "teacher_top": len(self.teacher_top),
+               "mask": len(self.mask)}
+    bad = {k: v for k, v in lengths.items() if v != n}
+    if bad:
+      raise ValueError(f"RolloutView has {n} tokens but per-token fields of other lengths: {bad}")
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+.legend { display: flex; align-items: center; gap: .6em; margin: .5em 0 1.5em; }
+.scale { width: 18em; height: 1em; border: 1px solid #999;
+         background: linear-gradient(to right, rgb(214,39,40), #fff, rgb(31,119,180)); }
+.rollout { border-top: 1px solid #ccc; padding: .8em 0; }
+.prompt { white-space: pre-wrap; background: #f4f4f4; padding: .4em; font-size: .9em; }
+.response { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7; }
+.tok { border-radius: 2px; }
+.tok:hover { outline: 1px solid #000; }
+.masked { background: #e0e0e0; color: #999; }
+.stats { color: #555; font-size: .85em; }
+"""
+
+
+def _colour(gap: float, scale: float) -> str:
+  """Diverging scale: red for gap < 0 (teacher finds the token less likely), blue for gap > 0."""
+  t = max(-1.0, min(1.0, gap / scale))
+  end = (214, 39, 40) if t < 0 else (31, 119, 180)
+  rgb = [round(255 + abs(t) * (c - 255)) for c in end]
+  return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})"
+
+
+def _visible(token: str) -> str:
+  """Token text for display: newlines and tabs shown as symbols (and kept), then HTML-escaped."""
+  return html.escape(token.replace("\n", "\u21b5\n").replace("\t", "\u2192\t"))
+
+
+def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
+                        title: str = "Rollouts", scale: float | None = None) -> None:
+  """Writes a self-contained HTML page showing `rows` token by token.
+
+  Each counted token's background encodes its teacher-student log-prob gap on a diverging
+  scale from -scale (red) through 0 (white) to +scale (blue); hovering shows the gap and the
+  teacher's top tokens with probabilities; uncounted tokens are grey. All text is escaped.
+
+  Args:
+    path: the .html file to write (parent folders are created).
+    rows: the rollouts.
+    title: the page title.
+    scale: the |gap| in nats that gets the full colour; None: the largest finite |gap| of the
+      counted tokens on the page.
+  """
+  rows = list(rows)
+  if scale is None:
+    finite = [abs(float(g)) for r in rows for g, m in zip(r.gaps, r.mask)
+              if m and math.isfinite(float(g))]
+    scale = max(finite, default=1.0) or 1.0
+  if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    raise ValueError(f"write_rollouts_html scale={scale!r} is not accepted; give a positive "
+                     "finite number of nats")
+  out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+         f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+         f"<h1>{html.escape(title)}</h1>",
+         '<div class="legend"><span>gap = log p<sub>teacher</sub>(token) &minus; '
+         "log p<sub>student</sub>(token), nats:</span>"
+         f"<span>&minus;{scale:.3g}</span>"
+         '<span class="scale" title="diverging colour scale"></span>'
+         f"<span>+{scale:.3g}</span>"
+         '<span class="tok masked">&nbsp;not counted&nbsp;</span>'
+         "<span>(hover a token: gap and teacher top tokens)</span></div>"]
+  for i, row in enumerate(rows):
+    counted = [float(g) for g, m in zip(row.gaps, row.mask) if m]
+    mean = sum(counted) / len(counted) if counted else float("nan")
+    out.append('<div class="rollout">')
+    out.append(f'<div class="stats">rollout {i}: {len(row.tokens)} tokens, {len(counted)} '
+               f"counted, mean gap {mean:+.4f} nats</div>")
+    out.append(f'<div class="prompt">{html.escape(row.prompt)}</div>')
+    spans = []
+    for token, gap, top, counted_token in zip(row.tokens, row.gaps, row.teacher_top, row.mask):
+      gap = float(gap)
+      top_text = ", ".join(f"{t!r} {float(p):.3f}" for t, p in top)
+      tip = f"gap {gap:+.4f} nats\nteacher top: {top_text}"
+      if not counted_token:
+        tip = "not counted\n" + tip
+        style, cls = "", "tok masked"
+      elif not math.isfinite(gap):
+        style, cls = ' style="outline:1px dashed #000"', "tok"
+      else:
+        style, cls = f' style="background:{_colour(gap, scale)}"', "tok"
+      spans.append(f'<span class="{cls}"{style} title="{html.escape(tip, quote=True)}">'
+                   f"{_visible(token)}</span>")
+    out.append('<div class="response">' + "".join(spans) + "</div>")
+    out.append("</div>")
+  out += ["</body>", "</html>"]
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _write_atomically(path, "\n".join(out) + "\n")

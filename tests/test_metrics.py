@@ -1,0 +1,243 @@
+"""Metrics writer (jsonl, config, TensorBoard), progress line and the rollout HTML page."""
+
+import glob
+import html.parser
+import io
+import json
+import math
+import os
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from opd_jax.metrics import MetricsWriter, Progress, RolloutView, write_rollouts_html
+
+
+def _read_events(workdir):
+  """(step, tag, value) of every scalar in workdir/tensorboard, decoding the TFRecord framing."""
+  out = []
+  for name in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))):
+    with open(name, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out.append((event.step, v.tag, v.simple_value))
+  return out
+
+
+def _lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_jsonl_lines_and_tensorboard_scalars(tmp_path):
+  writer = MetricsWriter(tmp_path, primary=True)
+  writer.write(1, {"loss": 0.5, "lr": np.float32(0.25), "tokens": np.int64(12),
+                   "kl/overlap": jnp.asarray(0.75)})
+  writer.write(2, {"loss": float("nan"), "grad_norm": float("inf"), "b": float("-inf"),
+                   "ok": True})
+  # Flushed per write: readable before close.
+  assert _lines(tmp_path)[0] == {"step": 1, "kl/overlap": 0.75, "loss": 0.5, "lr": 0.25,
+                                 "tokens": 12}
+  writer.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    raw = f.read().splitlines()
+  assert raw[1] == '{"b": "-inf", "grad_norm": "inf", "loss": "nan", "ok": 1, "step": 2}'
+  assert isinstance(_lines(tmp_path)[0]["tokens"], int)
+  events = _read_events(tmp_path)
+  assert (1, "loss", 0.5) in events and (1, "kl/overlap", 0.75) in events
+  assert (1, "tokens", 12.0) in events
+  assert any(s == 2 and t == "loss" and math.isnan(v) for s, t, v in events)
+  with pytest.raises(ValueError, match="metric 'x'"):
+    writer.write(3, {"x": np.ones(3)})
+  with pytest.raises(ValueError, match="'step'"):
+    writer.write(3, {"step": 1})
+
+
+def test_truncate_after_makes_a_resumed_file_equal_an_uninterrupted_one(tmp_path):
+  full, resumed = tmp_path / "full", tmp_path / "resumed"
+  with MetricsWriter(full, primary=True, tensorboard=False) as w:
+    for step in range(1, 9):
+      w.write(step, {"loss": 1.0 / step})
+  with MetricsWriter(resumed, primary=True, tensorboard=False) as w:
+    for step in range(1, 7):   # crashed after step 6; the last checkpoint is step 4
+      w.write(step, {"loss": 1.0 / step})
+  with open(resumed / "metrics.jsonl", "a") as f:
+    f.write('{"loss": 0.1, "st')   # a line cut short by the crash
+  with MetricsWriter(resumed, primary=True, tensorboard=False) as w:
+    w.truncate_after(4)
+    assert [r["step"] for r in _lines(resumed)] == [1, 2, 3, 4]
+    for step in range(5, 9):
+      w.write(step, {"loss": 1.0 / step})
+  assert (full / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
+
+
+def test_truncate_after_purges_tensorboard_events_from_the_old_run(tmp_path):
+  with MetricsWriter(tmp_path, primary=True) as w:
+    for step in range(1, 5):
+      w.write(step, {"loss": float(step)})
+  with MetricsWriter(tmp_path, primary=True) as w:
+    w.truncate_after(2)
+    w.write(3, {"loss": 30.0})
+  files = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")))
+  assert len(files) == 2
+  with open(files[-1], "rb") as f:
+    data = f.read()
+  events, pos = [], 0
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+    pos += 12 + length + 4
+  # TensorBoard drops earlier files' events at steps >= a SessionLog.START's step.
+  starts = [e.step for e in events if e.HasField("session_log")
+            and e.session_log.status == event_pb2.SessionLog.START]
+  assert starts == [3]
+
+
+def test_config_written_once_and_differences_kept_aside(tmp_path):
+  w = MetricsWriter(tmp_path, primary=True)
+  config = {"seed": 0, "model": {"layers": 2, "dims": (4, 8)}, "name": "a"}
+  assert w.write_config(config) == str(tmp_path / "config.json")
+  assert json.loads((tmp_path / "config.json").read_text()) == {
+      "seed": 0, "model": {"layers": 2, "dims": [4, 8]}, "name": "a"}
+  assert w.write_config(dict(config)) is None   # identical on resume: untouched
+  changed = dict(config, name="b")
+  assert w.write_config(changed, step=40) == str(tmp_path / "config.resumed_40.json")
+  assert w.write_config(changed) == str(tmp_path / "config.resumed_1.json")
+  assert json.loads((tmp_path / "config.json").read_text())["name"] == "a"
+  assert json.loads((tmp_path / "config.resumed_40.json").read_text())["name"] == "b"
+  with pytest.raises(ValueError, match="model.bad"):
+    w.write_config({"model": {"bad": object()}})
+  w.close()
+
+
+def test_config_accepts_a_config_dict(tmp_path):
+  ml_collections = pytest.importorskip("ml_collections")
+  c = ml_collections.ConfigDict({"seed": 3, "train": {"lr": 1e-3}})
+  MetricsWriter(tmp_path, primary=True).write_config(c)
+  assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 3,
+                                                                "train": {"lr": 1e-3}}
+
+
+def test_non_primary_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  w = MetricsWriter(workdir, primary=False)
+  w.write_config({"a": 1})
+  w.write(1, {"loss": 1.0})
+  w.truncate_after(0)
+  w.close()
+  assert not workdir.exists()
+
+
+def test_default_primary_is_process_zero(tmp_path):
+  w = MetricsWriter(tmp_path, tensorboard=False)   # one process here: index 0
+  w.write(1, {"loss": 1.0})
+  w.close()
+  assert _lines(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+def test_progress_plain_lines():
+  stream = io.StringIO()
+  p = Progress(100, start_step=10, stream=stream, every=25, interval_s=1e9)
+  for step in range(11, 101):
+    p.update(step, {"loss": 1.0 / step, "other": 3.0})
+  p.close()
+  lines = stream.getvalue().splitlines()
+  assert "\r" not in stream.getvalue()
+  assert [line.split()[1] for line in lines] == ["11/100", "36/100", "61/100", "86/100",
+                                                 "100/100"]
+  assert "loss 0.0909" in lines[0] and "other" not in lines[0]
+  assert "ETA --:--:--" in lines[0]
+  assert "ETA 0:00:00" in lines[-1] and "steps/s" in lines[-1]
+
+
+def test_progress_interactive_redraws_in_place():
+  stream = io.StringIO()
+  p = Progress(4, stream=stream, interactive=True)
+  p._redraw_s = 0.0   # no throttling, so every update draws
+  for step in range(1, 5):
+    p.update(step, {"loss": 2.0})
+  p.close()
+  text = stream.getvalue()
+  assert text.count("\r") == 4 and text.endswith("\n") and text.count("\n") == 1
+  last = text.split("\r")[-1]
+  assert last.startswith("[" + "#" * 20 + "] step 4/4") and "loss 2" in last
+
+
+def test_progress_defaults_to_plain_lines_on_a_non_terminal():
+  stream = io.StringIO()   # isatty() is False
+  p = Progress(2, stream=stream)
+  p.update(1, {})
+  p.update(2, {})
+  assert stream.getvalue().count("\n") == 2 and "\r" not in stream.getvalue()
+  with pytest.raises(ValueError, match="total_steps=0"):
+    Progress(0)
+
+
+class _TagChecker(html.parser.HTMLParser):
+  """Records tag nesting errors and the text of every element with a title."""
+  VOID = {"meta", "br", "hr", "img", "input", "link"}
+
+  def __init__(self):
+    super().__init__()
+    self.stack, self.errors, self.titles, self.tags = [], [], [], []
+
+  def handle_starttag(self, tag, attrs):
+    self.tags.append(tag)
+    attrs = dict(attrs)
+    if "title" in attrs:
+      self.titles.append(attrs["title"])
+    if tag not in self.VOID:
+      self.stack.append(tag)
+
+  def handle_endtag(self, tag):
+    if not self.stack or self.stack.pop() != tag:
+      self.errors.append(tag)
+
+
+def _rows():
+  return [
+      RolloutView(prompt="What is 1 < 2 & 3?", tokens=["<script>", "alert(1)", "</script>",
+                                                       " \"ok\"\n", "<eos>"],
+                  gaps=[-1.25, 0.5, 0.0, 2.0, -3.0],
+                  teacher_top=[[("<b>", 0.6), ("a", 0.3), ("c", 0.1)]] * 5,
+                  mask=[True, True, True, True, False]),
+      RolloutView(prompt="p2", tokens=["x"], gaps=[float("nan")], teacher_top=[[("x", 1.0)]],
+                  mask=[True]),
+  ]
+
+
+def test_rollouts_html_escapes_and_shows_gaps_and_top_tokens(tmp_path):
+  path = tmp_path / "samples" / "step_10.html"
+  write_rollouts_html(path, _rows())
+  text = path.read_text()
+  assert "<script" not in text.lower()
+  assert "&lt;script&gt;" in text and "1 &lt; 2 &amp; 3" in text
+  checker = _TagChecker()
+  checker.feed(text)
+  checker.close()
+  assert not checker.errors and not checker.stack
+  assert "script" not in checker.tags and "b" not in checker.tags
+  # Gaps and the teacher's top-3 with probabilities, per token, in the hover text.
+  assert checker.titles[1] == "gap -1.2500 nats\nteacher top: '<b>' 0.600, 'a' 0.300, 'c' 0.100"
+  assert any(t.startswith("not counted\ngap -3.0000") for t in checker.titles)
+  assert any(t.startswith("gap +nan") for t in checker.titles)
+  # Default scale = largest counted |gap| (2.0; the masked -3 is ignored): full colours there.
+  assert "background:rgb(31,119,180)" in text       # the +2.0 token, full blue
+  assert "background:rgb(255,255,255)" in text      # gap 0
+  assert "&minus;2" in text and "+2" in text and "nats" in text
+  assert "mean gap +0.3125 nats" in text             # (-1.25 + 0.5 + 0 + 2) / 4
+
+
+def test_rollouts_html_bad_input(tmp_path):
+  with pytest.raises(ValueError, match="'mask': 1"):
+    RolloutView(prompt="", tokens=["a", "b"], gaps=[0.0, 0.0], teacher_top=[[], []], mask=[1])
+  with pytest.raises(ValueError, match="scale=0"):
+    write_rollouts_html(tmp_path / "x.html", _rows(), scale=0)
