@@ -123,9 +123,14 @@ class Checkpointer:
     return self._directory
 
   def all_steps(self) -> list[int]:
-    """Steps of all complete checkpoints, ascending."""
+    """Steps of all complete checkpoints, ascending.
+
+    Raises the error of a background write that failed (its step is then not listed).
+    """
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()   # finished: returns at once, or raises if the write failed
     steps = sorted(self._manager.all_steps())
-    if self._pending is not None and self._manager.is_saving_in_progress():
+    if self._pending is not None:
       steps = [s for s in steps if s != self._pending]
     return steps
 
@@ -140,6 +145,15 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     """True when `step` is a multiple of `save_every`."""
     return _check_step(step) % self._save_every == 0
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when the cluster announced a preemption and every process reached `step`.
+
+    Uses JAX's preemption sync point (set up by `jax.distributed.initialize` on TPU pods and
+    some GPU clusters; always False otherwise). If used, call it on every process at every
+    step, and on True save with `force=True` and stop.
+    """
+    return bool(self._manager.reached_preemption(_check_step(step)))
 
   def save(self, step: int, state: PyTree, meta: Mapping[str, Any], *,
            force: bool = False) -> bool:
@@ -255,14 +269,18 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until every started save is final on disk; raises if a background write failed."""
-    self._manager.wait_until_finished()
-    self._manager.check_for_errors()
-    self._pending = None
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    finally:
+      self._pending = None   # a failed step is dropped from Orbax's list when this raises
 
   def close(self) -> None:
     """Waits for pending saves and deletions, then releases Orbax's threads."""
-    self.wait()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

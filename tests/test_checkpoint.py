@@ -200,7 +200,7 @@ _CHILD = textwrap.dedent("""
     ckpt.save(1, state(1), {"step": 1})
     ckpt.wait()
     ckpt.save(2, state(2), {"step": 2})
-    print("saving", flush=True)
+    print("saving, latest complete step", ckpt.latest_step(), flush=True)
     time.sleep(120)
 """)
 
@@ -218,7 +218,7 @@ def test_kill_during_async_save_leaves_previous_checkpoint(tmp_path):
   finally:
     child.kill()
     child.wait()
-  assert line.strip() == "saving"
+  assert line.strip() == "saving, latest complete step 1"   # step 2 is still being written
   # The kill landed mid-write: step 2 exists only as an unfinished temporary folder.
   assert sorted(os.listdir(directory)) == ["1", "2.orbax-checkpoint-tmp"]
   ckpt = Checkpointer(directory, save_every=1, keep=3)
@@ -235,3 +235,37 @@ def test_kill_during_async_save_leaves_previous_checkpoint(tmp_path):
   assert ckpt.save(2, restored, {"step": 2})
   ckpt.close()
   assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_nnx_params_and_optax_state_round_trip(tmp_path):
+  """The trainer's state: NNX params, optax state (namedtuples), a step; abstract from eval_shape."""
+  optax = pytest.importorskip("optax")
+  from flax import nnx
+  mesh = make_mesh(2, 2, 2)
+  tx = optax.adamw(1e-2)
+
+  def init():
+    graphdef, params = nnx.split(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), nnx.Param)
+    return graphdef, {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+  graphdef, state = init()
+  spec = lambda x: P("fsdp", "tensor") if x.ndim == 2 else P()  # noqa: E731
+  shardings = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), state)
+  state = jax.device_put(state, shardings)
+  grads = jax.tree.map(jnp.ones_like, state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  state = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+  ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
+  ckpt.save(1, state, {})
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          jax.eval_shape(lambda: init()[1]), shardings)
+  restored, _ = ckpt.restore(1, abstract)
+  ckpt.close()
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert got.sharding == want.sharding
+  x = jnp.ones((2, 8))
+  np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, restored["params"])(x)),
+                                np.asarray(nnx.merge(graphdef, state["params"])(x)))
