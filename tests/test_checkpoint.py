@@ -238,7 +238,7 @@ def test_kill_during_async_save_leaves_previous_checkpoint(tmp_path):
 
 
 def test_nnx_params_and_optax_state_round_trip(tmp_path):
-  """The trainer's state: NNX params, optax state (namedtuples), a step; abstract from eval_shape."""
+  """The trainer's state: NNX params, optax state, a step; abstract state from eval_shape."""
   optax = pytest.importorskip("optax")
   from flax import nnx
   mesh = make_mesh(2, 2, 2)
