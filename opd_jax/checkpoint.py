@@ -105,10 +105,12 @@ class Checkpointer:
     )
     # Registering both items up front lets a fresh manager read the metadata of old steps.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler = ocp.handlers.StandardCheckpointHandler()
+    meta_handler = ocp.handlers.JsonCheckpointHandler()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
-      registry.add("state", args, ocp.handlers.StandardCheckpointHandler)
+      registry.add("state", args, state_handler)
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
-      registry.add("meta", args, ocp.handlers.JsonCheckpointHandler)
+      registry.add("meta", args, meta_handler)
     try:
       self._manager = ocp.CheckpointManager(self._directory, options=options,
                                             handler_registry=registry)
@@ -233,7 +235,11 @@ class Checkpointer:
 
   def _check_abstract(self, step: int, abstract_state: PyTree, path: epath.Path) -> None:
     """Compares `abstract_state` with the saved tree's metadata; one error lists all problems."""
-    stored = _flat(self._manager.item_metadata(step).state.tree)
+    metadata = self._manager.item_metadata(step).get("state")
+    if metadata is None:
+      raise ValueError(f"checkpoint {path} has no readable 'state' item; it was not written by "
+                       "opd_jax.checkpoint.Checkpointer")
+    stored = _flat(metadata.tree)
     wanted = _flat(abstract_state)
     problems = []
     for key in sorted(set(stored) - set(wanted)):

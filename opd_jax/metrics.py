@@ -36,9 +36,9 @@ def _scalar(key: str, value: Any) -> int | float:
     return float(value)
   if isinstance(value, (np.ndarray, jax.Array)) and np.size(value) == 1:
     array = np.asarray(value).reshape(())
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+    if array.dtype.kind in "biu":
       return int(array)
-    if np.issubdtype(array.dtype, np.floating):
+    if array.dtype.kind == "f" or array.dtype == jax.numpy.bfloat16:
       return float(array)
   raise ValueError(f"metric {key!r} = {value!r} is not accepted; give a Python / numpy / "
                    "one-element jax number")
@@ -250,7 +250,8 @@ class Progress:
 
   def __init__(self, total_steps: int, *, start_step: int = 0, stream: TextIO | None = None,
                interactive: bool | None = None, every: int | None = None,
-               interval_s: float = 60.0, keys: Sequence[str] = ("loss",)):
+               interval_s: float = 60.0, redraw_s: float = 0.1,
+               keys: Sequence[str] = ("loss",)):
     """Args:
       total_steps: the step the run ends at.
       start_step: the step the run (re)starts from.
@@ -259,6 +260,8 @@ class Progress:
       every: non-interactive mode prints a line every `every` steps (default: every 1/20 of
         the run) or when `interval_s` seconds passed since the last line, and at the end.
       interval_s: see `every`.
+      redraw_s: interactive mode redraws at most this often (and always at the first and last
+        step).
       keys: the metrics shown, when present.
     """
     if not isinstance(total_steps, int) or total_steps < 1:
@@ -277,7 +280,7 @@ class Progress:
     self._last_step = start_step
     self._last_time = time.monotonic()
     self._last_width = 0
-    self._redraw_s = 0.1
+    self._redraw_s = float(redraw_s)
 
   def _line(self, step: int, metrics: Mapping[str, Any], now: float) -> str:
     parts = [f"step {step}/{self._total} ({100 * step / self._total:3.0f}%)"]

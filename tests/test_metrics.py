@@ -40,17 +40,19 @@ def _lines(workdir):
 def test_jsonl_lines_and_tensorboard_scalars(tmp_path):
   writer = MetricsWriter(tmp_path, primary=True)
   writer.write(1, {"loss": 0.5, "lr": np.float32(0.25), "tokens": np.int64(12),
-                   "kl/overlap": jnp.asarray(0.75)})
+                   "kl/overlap": jnp.asarray(0.75), "bf16": jnp.asarray([1.5], jnp.bfloat16),
+                   "count": jnp.asarray(3, jnp.int32)})
   writer.write(2, {"loss": float("nan"), "grad_norm": float("inf"), "b": float("-inf"),
                    "ok": True})
   # Flushed per write: readable before close.
   assert _lines(tmp_path)[0] == {"step": 1, "kl/overlap": 0.75, "loss": 0.5, "lr": 0.25,
-                                 "tokens": 12}
+                                 "tokens": 12, "bf16": 1.5, "count": 3}
   writer.close()
   with open(tmp_path / "metrics.jsonl") as f:
     raw = f.read().splitlines()
   assert raw[1] == '{"b": "-inf", "grad_norm": "inf", "loss": "nan", "ok": 1, "step": 2}'
   assert isinstance(_lines(tmp_path)[0]["tokens"], int)
+  assert isinstance(_lines(tmp_path)[0]["count"], int)
   events = _read_events(tmp_path)
   assert (1, "loss", 0.5) in events and (1, "kl/overlap", 0.75) in events
   assert (1, "tokens", 12.0) in events
@@ -160,8 +162,7 @@ def test_progress_plain_lines():
 
 def test_progress_interactive_redraws_in_place():
   stream = io.StringIO()
-  p = Progress(4, stream=stream, interactive=True)
-  p._redraw_s = 0.0   # no throttling, so every update draws
+  p = Progress(4, stream=stream, interactive=True, redraw_s=0.0)   # every update draws
   for step in range(1, 5):
     p.update(step, {"loss": 2.0})
   p.close()
