@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -269,3 +270,59 @@ def test_nnx_params_and_optax_state_round_trip(tmp_path):
   x = jnp.ones((2, 8))
   np.testing.assert_array_equal(np.asarray(nnx.merge(graphdef, restored["params"])(x)),
                                 np.asarray(nnx.merge(graphdef, state["params"])(x)))
+
+
+_TWO_PROCESS_CHILD = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    directory, process_id, port = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address="localhost:" + port, num_processes=2,
+                               process_id=process_id)
+    import numpy as np, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from opd_jax.checkpoint import Checkpointer
+    from opd_jax.sharding import make_mesh
+
+    mesh = make_mesh(2, 2, 1)   # 4 devices, 2 per process
+    full = np.arange(32, dtype=np.float32).reshape(8, 4)
+    x = jax.make_array_from_callback(full.shape, NamedSharding(mesh, P(("data", "fsdp"))),
+                                     lambda index: full[index])
+    ckpt = Checkpointer(directory, save_every=1, keep=1)
+    # Every process calls save / wait / restore / close with the same arguments.
+    ckpt.save(1, {"x": x, "step": 1}, {"pos": 1})
+    ckpt.save(2, {"x": 2 * x, "step": 2}, {"pos": 2})
+    ckpt.wait()
+    abstract = {"x": jax.ShapeDtypeStruct((8, 4), jnp.float32,
+                                          sharding=NamedSharding(mesh, P(None, "fsdp"))),
+                "step": 0}
+    state, meta = ckpt.restore(ckpt.latest_step(), abstract)
+    ok = all(np.array_equal(np.asarray(s.data), 2 * full[s.index])
+             for s in state["x"].addressable_shards)
+    print("result", ckpt.all_steps(), state["step"], meta, ok, flush=True)
+    ckpt.close()
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_save_and_restore_one_sharded_checkpoint(tmp_path):
+  script = tmp_path / "child.py"
+  script.write_text(_TWO_PROCESS_CHILD)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  children = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ckpt"), str(i),
+                                port], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               env=env, text=True) for i in range(2)]
+  try:
+    outputs = [child.communicate(timeout=180)[0] for child in children]
+  finally:
+    for child in children:
+      child.kill()
+      child.wait()
+  for child, out in zip(children, outputs):
+    assert child.returncode == 0, out
+    assert "result [2] 2 {'pos': 2} True" in out
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["2"]
