@@ -205,6 +205,7 @@ class MetricsWriter:
         self._tb = tensorboardX.SummaryWriter(
             os.path.join(self._workdir, TENSORBOARD_DIR), purge_step=self._purge_step,
             filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
+        self._purge_step = None   # purge once: a later reopen must not hide this run's events
       for key in sorted(values):
         self._tb.add_scalar(key, values[key], global_step=int(step))
       self._tb.flush()

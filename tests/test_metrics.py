@@ -88,19 +88,25 @@ def test_truncate_after_purges_tensorboard_events_from_the_old_run(tmp_path):
   with MetricsWriter(tmp_path, primary=True) as w:
     w.truncate_after(2)
     w.write(3, {"loss": 30.0})
-  files = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")))
-  assert len(files) == 2
-  with open(files[-1], "rb") as f:
-    data = f.read()
-  events, pos = [], 0
-  while pos < len(data):
-    (length,) = struct.unpack("<Q", data[pos:pos + 8])
-    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
-    pos += 12 + length + 4
+    w.close()
+    w.write(4, {"loss": 40.0})   # reopened: must not purge this run's step 3 again
+  # Opened in one second here, so order by the writer number MetricsWriter appends.
+  files = sorted(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")),
+                 key=lambda name: int(name.rsplit(".", 1)[1]))
+  assert len(files) == 3
+  starts = []
+  for name in files:
+    with open(name, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        starts.append((name, event.step))
   # TensorBoard drops earlier files' events at steps >= a SessionLog.START's step.
-  starts = [e.step for e in events if e.HasField("session_log")
-            and e.session_log.status == event_pb2.SessionLog.START]
-  assert starts == [3]
+  assert starts == [(files[1], 3)]
 
 
 def test_config_written_once_and_differences_kept_aside(tmp_path):
