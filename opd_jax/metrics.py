@@ -368,12 +368,13 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 """
 
 
-def _colour(gap: float, scale: float) -> str:
+def _style(gap: float, scale: float) -> str:
   """Diverging scale: red for gap < 0 (teacher finds the token less likely), blue for gap > 0."""
   t = max(-1.0, min(1.0, gap / scale))
   end = (214, 39, 40) if t < 0 else (31, 119, 180)
   rgb = [round(255 + abs(t) * (c - 255)) for c in end]
-  return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})"
+  text = ";color:#fff" if abs(t) > 0.6 else ""   # keep dark backgrounds readable
+  return f"background:rgb({rgb[0]},{rgb[1]},{rgb[2]}){text}"
 
 
 def _visible(token: str) -> str:
@@ -412,8 +413,10 @@ def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
          f"<span>&minus;{scale:.3g}</span>"
          '<span class="scale" title="diverging colour scale"></span>'
          f"<span>+{scale:.3g}</span>"
-         '<span class="tok masked">&nbsp;not counted&nbsp;</span>'
-         "<span>(hover a token: gap and teacher top tokens)</span></div>"]
+         '<span class="tok masked">&nbsp;not counted&nbsp;</span></div>'
+         '<div class="stats">Red: the teacher finds the sampled token less likely than the '
+         "student does (negative reward); blue: more likely. Hover a token for its gap and the "
+         "teacher's top tokens with probabilities.</div>"]
   for i, row in enumerate(rows):
     counted = [float(g) for g, m in zip(row.gaps, row.mask) if m]
     mean = sum(counted) / len(counted) if counted else float("nan")
@@ -432,7 +435,7 @@ def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
       elif not math.isfinite(gap):
         style, cls = ' style="outline:1px dashed #000"', "tok"
       else:
-        style, cls = f' style="background:{_colour(gap, scale)}"', "tok"
+        style, cls = f' style="{_style(gap, scale)}"', "tok"
       spans.append(f'<span class="{cls}"{style} title="{html.escape(tip, quote=True)}">'
                    f"{_visible(token)}</span>")
     out.append('<div class="response">' + "".join(spans) + "</div>")
