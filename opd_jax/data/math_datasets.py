@@ -138,6 +138,8 @@ def _read_rows(path: str) -> tuple[list[str], Iterator[dict[str, Any]]]:
       rows = json.loads(text)
     except json.JSONDecodeError:
       rows = None  # not one JSON document: read it as JSON lines below
+    if isinstance(rows, dict):
+      rows = [rows]  # one JSON line
     if rows is not None and not isinstance(rows, list):
       raise ValueError(f"{path}: a .json source must hold a JSON array of objects (or JSON "
                        f"lines); found a JSON {type(rows).__name__}")

@@ -1,4 +1,4 @@
-"""Prompts: chat-template rendering for student and teacher, re-tokenisation checks, left padding."""
+"""Prompts: student and teacher chat-template rendering, re-tokenisation checks, left padding."""
 
 from __future__ import annotations
 
