@@ -166,6 +166,10 @@ def test_wrong_columns_one_clear_error(tmp_path):
              "question_text, sol")
   with pytest.raises(ValueError, match=re.escape(message)):
     md.load_split("aime24", source=src, data_dir=tmp_path / "tfds")
+  # The failed build leaves nothing in the way of a good one.
+  good = _write(str(tmp_path / "good.jsonl"), [{"Problem": "Q", "Answer": 3}], "jsonl")
+  assert _by_id(md.load_split("aime24", source=good, data_dir=tmp_path / "tfds")) == \
+      _expected("aime24", [("0", "Q", "3")])
   src = _write(str(tmp_path / "m.jsonl"), [{"question": "Q", "solution": "1"}], "jsonl")
   with pytest.raises(ValueError, match=re.escape("(answer: one of answer); found columns: "
                                                  "question, solution")):
@@ -222,9 +226,12 @@ def test_default_source_is_the_manual_dir(tmp_path):
          [{"question": "Q?", "answer": "4"}], "jsonl")
   assert _by_id(md.load_split("minerva_math", data_dir=tmp_path / "tfds")) == \
       _expected("minerva_math", [("0", "Q?", "4")])
-  with pytest.raises(FileNotFoundError, match=re.escape(
-      os.path.join("downloads", "manual", "aime24"))):
-    md.load_split("aime24", data_dir=tmp_path / "tfds")
+  assert md.manual_dir("aime24", tmp_path) == str(tmp_path / "downloads" / "manual" / "aime24")
+  for data_dir in (tmp_path / "tfds", tmp_path / "empty"):
+    with pytest.raises(FileNotFoundError, match=re.escape(
+        f"no source was given for aime24 and its manual folder {md.manual_dir('aime24', data_dir)} "
+        "does not exist; pass source=")):
+      md.load_split("aime24", data_dir=data_dir)
 
 
 def test_registry():

@@ -256,11 +256,13 @@ def read_source(name: str, source: PathLike | Sequence[PathLike],
       problem = _as_problem(_get(row, chosen["problem"]))
       answer = _as_answer(_get(row, chosen["answer"]))
       if problem is None or not problem.strip():
-        raise ValueError(f"{path}, row {row_number}: column {chosen['problem']} must be non-empty text (or a chat "
-                         f"with one user message); found {_get(row, chosen['problem'])!r:.200}")
+        raise ValueError(
+            f"{path}, row {row_number}: column {chosen['problem']} must be non-empty text (or a "
+            f"chat with one user message); found {_get(row, chosen['problem'])!r:.200}")
       if not answer:
-        raise ValueError(f"{path}, row {row_number}: column {chosen['answer']} must be a non-empty string, number "
-                         f"or list of them; found {_get(row, chosen['answer'])!r:.200}")
+        raise ValueError(
+            f"{path}, row {row_number}: column {chosen['answer']} must be a non-empty string, "
+            f"number or list of them; found {_get(row, chosen['answer'])!r:.200}")
       example_id = _get(row, chosen["id"]) if chosen["id"] else None
       example_id = str(row_number) if example_id is None else str(example_id)
       row_number += 1
@@ -281,6 +283,14 @@ def read_source(name: str, source: PathLike | Sequence[PathLike],
       yield {"id": example_id, "problem": problem.strip(), "answer": answer, "source": name}
 
 
+def manual_dir(name: str, data_dir: PathLike) -> str:
+  """Where a build without `source` looks for `name`'s files: <data_dir>/downloads/manual/<name>.
+
+  (TFDS's manual folder, one subfolder per dataset.)
+  """
+  return os.path.join(os.fspath(data_dir), "downloads", "manual", _spec(name).name)
+
+
 def _fingerprint(files: list[str]) -> list[dict[str, Any]]:
   # Name and size only: checking a cached build must not read the (possibly large) source again.
   return [{"name": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files]
@@ -293,8 +303,8 @@ class _MathBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {VERSION: "First version."}
   VERSION = tfds.core.Version(VERSION)
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Put the published files (.parquet, .jsonl or .json) in <manual_dir>/<dataset name>/, or "
-      "pass source=<file or folder>.")
+      "Put the published files (.parquet, .jsonl or .json) in "
+      "<data_dir>/downloads/manual/<dataset name>/, or pass source=<file or folder>.")
   # Nothing is downloaded, so there are no checksums to look up; TFDS's lookup would locate this
   # module through importlib_resources, which it does not install.
   url_infos = None
@@ -311,9 +321,14 @@ class _MathBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
     source = self._source
     if source is None:
-      source = os.path.join(os.fspath(dl_manager.manual_dir), self.name)
+      source = manual_dir(self.name, self.data_dir_root)
+      if not os.path.isdir(source):
+        raise FileNotFoundError(
+            f"no source was given for {self.name} and its manual folder {source} does not "
+            "exist; pass source=<file or folder> or put the published files in that folder")
     files = source_files(source)
     stats = {}
     # Materialised here so that the counts are known before the info is written.
