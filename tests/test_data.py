@@ -321,35 +321,57 @@ def test_render_for_teacher_uses_the_teacher_template(toks):
     prompts.render_for_teacher(messages, response, no_template)
 
 
-def _reference_mismatches(s_rows, t_rows):
-  count = total = 0
-  for s, t in zip(s_rows, t_rows):
-    for i in range(max(len(s), len(t))):
-      total += 1
-      count += (s[i] if i < len(s) else None) != (t[i] if i < len(t) else None)
-  return count, total
+def _split_tokens(tok, ids, positions):
+  """`ids` with the tokens at `positions` spelled byte by byte (the same text, other ids)."""
+  out, pieces = [], 0
+  for i, token_id in enumerate(ids):
+    if i in positions:
+      spelled = tok.convert_tokens_to_ids(list(tok.convert_ids_to_tokens(token_id)))
+      assert len(spelled) > 1
+      out += spelled
+      pieces += len(spelled)
+    else:
+      out.append(token_id)
+  return out, pieces
 
 
 def test_retokenization_counts_non_canonical_ids(toks):
   student, teacher, _ = toks
-  texts = ["The answer is \\boxed{2}.", "then give the final answer", "x^2"]
+  texts = [" ".join(CORPUS[:5]), "The answer is \\boxed{2}.", "x^2"]
   canonical = [student(t, add_special_tokens=False)["input_ids"] for t in texts]
-  # Row 0 spells its longest token byte by byte (a sampler may emit that): same text, other ids.
-  longest = max(range(len(canonical[0])), key=lambda i: len(student.convert_ids_to_tokens(
-      canonical[0][i])))
-  pieces = student.convert_tokens_to_ids(list(student.convert_ids_to_tokens(canonical[0][longest])))
-  sampled = [canonical[0][:longest] + pieces + canonical[0][longest + 1:]] + canonical[1:]
-  assert student.decode(sampled[0]) == texts[0] and len(pieces) > 1
+  long_tokens = [i for i, t in enumerate(canonical[0]) if len(student.convert_ids_to_tokens(t)) > 2]
+  # Three split tokens far apart, and one near the end of row 1 (a sampler may emit either).
+  chosen = set(long_tokens[::max(1, len(long_tokens) // 3)][:3])
+  assert len(chosen) == 3 and min(np.diff(sorted(chosen))) > prompts.RESYNC_WINDOW
+  row0, pieces0 = _split_tokens(student, canonical[0], chosen)
+  last = max(i for i, t in enumerate(canonical[1]) if len(student.convert_ids_to_tokens(t)) > 1)
+  row1, pieces1 = _split_tokens(student, canonical[1], {last})
+  sampled = [row0, row1, canonical[2]]
+  assert student.batch_decode(sampled) == texts
   retok = prompts.retokenize(sampled, student, teacher)
   assert retok == canonical
   stats = prompts.retokenization_stats(sampled, retok)
-  assert (stats.mismatched, stats.positions) == _reference_mismatches(sampled, retok)
-  assert stats.rows_mismatched == 1 and stats.rows == 3
-  assert stats.first_mismatch == (0, longest, pieces[0], canonical[0][longest])
+  # Each split token counts as its pieces; nothing after it is shifted into the count.
+  assert stats.mismatched == pieces0 + pieces1
+  assert stats.positions == sum(map(len, sampled))
+  assert (stats.rows_mismatched, stats.rows) == (2, 3)
+  first = min(chosen)
+  assert stats.first_mismatch == (0, first, row0[first], canonical[0][first])
   assert stats.metrics()["retok/mismatch_fraction"] == stats.fraction > 0
-  # By hand: [1 2 3] vs [1 5 3 4] differ at positions 1 and 3 of 4.
-  hand = prompts.retokenization_stats([[1, 2, 3], []], [[1, 5, 3, 4], []])
-  assert (hand.mismatched, hand.positions, hand.rows_mismatched) == (2, 4, 1)
+
+
+def test_retokenization_alignment_by_hand():
+  # Student token 3 is three teacher tokens; the rest agrees.
+  s, t = [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 10, 11, 12, 4, 5, 6, 7, 8, 9]
+  stats = prompts.retokenization_stats([s, [1, 2], [], [5]], [t, [1, 2, 7], [], [6]])
+  assert (stats.mismatched, stats.positions) == (3 + 1 + 1, 11 + 3 + 1)
+  assert stats.first_mismatch == (0, 2, 3, 10)
+  assert prompts.retokenization_stats([[1, 2]], [[1, 2, 7]]).first_mismatch == (0, 2, -1, 7)
+  assert prompts.retokenization_stats([s], [s]) == prompts.RetokenizationStats(
+      0, len(s), 0, 1, None)
+  # Nothing in common: every position differs.
+  other = list(range(100, 140))
+  assert prompts.retokenization_stats([list(range(50))], [other]).mismatched == 50
 
 
 def test_check_retokenization_raises_for_another_vocabulary(toks):

@@ -117,23 +117,32 @@ def retokenize(response_ids: Sequence[Sequence[int]], student_tokenizer: Any,
   return [list(ids) for ids in teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
+# Re-tokenisation alignment: after a difference, the two id sequences are back in step where
+# RESYNC_WINDOW consecutive ids agree (or both remaining tails agree), searched for within
+# RESYNC_LOOKAHEAD ids on each side; beyond that the rest of the row counts as different.
+RESYNC_WINDOW = 4
+RESYNC_LOOKAHEAD = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class RetokenizationStats:
   """How far the teacher's tokenisation of a batch of responses is from the student's ids.
 
-  Rows are compared position by position; where one row is longer, its extra positions count as
-  mismatched. `positions` is the sum over rows of the longer of the two lengths.
+  Each row's two id sequences are aligned: runs of equal ids match, and each stretch between
+  runs counts as the longer of its two sides (a student token spelled in two pieces where the
+  teacher has one token counts 2). Aligning, rather than comparing position i with position i,
+  keeps one local split from shifting, and so counting, every later position of the row.
   """
-  mismatched: int
-  positions: int
+  mismatched: int       # aligned positions that differ
+  positions: int        # aligned positions (>= each side's token count)
   rows_mismatched: int
   rows: int
-  # (row, position, student id or -1, teacher id or -1) of the first mismatch; None if none.
+  # (row, student position, student id or -1, teacher id or -1) of the first difference.
   first_mismatch: tuple[int, int, int, int] | None
 
   @property
   def fraction(self) -> float:
-    """Mismatched positions over all positions (0 for an empty batch)."""
+    """Mismatched over aligned positions, in [0, 1] (0 for an empty batch)."""
     return self.mismatched / self.positions if self.positions else 0.0
 
   def metrics(self, prefix: str = "retok/") -> dict[str, float]:
@@ -142,9 +151,43 @@ class RetokenizationStats:
             f"{prefix}rows_mismatched": float(self.rows_mismatched)}
 
 
+def _resync(s: list[int], t: list[int], i: int, j: int) -> tuple[int, int] | None:
+  """The nearest (di, dj) after a difference at (i, j) from which s and t agree again."""
+  for total in range(1, 2 * RESYNC_LOOKAHEAD + 1):
+    for di in range(max(0, total - RESYNC_LOOKAHEAD), min(total, RESYNC_LOOKAHEAD) + 1):
+      a, b = i + di, j + total - di
+      if a > len(s) or b > len(t):
+        continue
+      if (s[a:a + RESYNC_WINDOW] == t[b:b + RESYNC_WINDOW] and
+          (min(len(s) - a, len(t) - b) >= RESYNC_WINDOW or s[a:] == t[b:])):
+        return di, total - di
+  return None
+
+
+def _align(s: list[int], t: list[int]) -> tuple[int, int, tuple[int, int] | None]:
+  """(mismatched, aligned positions, (i, j) of the first difference or None) of one row."""
+  i = j = mismatched = aligned = 0
+  first = None
+  while i < len(s) and j < len(t):
+    if s[i] == t[j]:
+      i, j, aligned = i + 1, j + 1, aligned + 1
+      continue
+    first = first or (i, j)
+    step = _resync(s, t, i, j)
+    if step is None:
+      break
+    mismatched += max(step)
+    aligned += max(step)
+    i, j = i + step[0], j + step[1]
+  rest = max(len(s) - i, len(t) - j)
+  if rest:
+    first = first or (i, j)
+  return mismatched + rest, aligned + rest, first
+
+
 def retokenization_stats(student_ids: Sequence[Sequence[int]],
                          teacher_ids: Sequence[Sequence[int]]) -> RetokenizationStats:
-  """Counts the response positions whose token differs between the two tokenisations.
+  """Counts the response tokens that differ between the two tokenisations (see the stats).
 
   Args:
     student_ids: per row, the student's response ids.
@@ -159,19 +202,15 @@ def retokenization_stats(student_ids: Sequence[Sequence[int]],
   mismatched = positions = rows_mismatched = 0
   first = None
   for row, (s, t) in enumerate(zip(student_ids, teacher_ids)):
-    s, t = np.asarray(s, np.int64).reshape(-1), np.asarray(t, np.int64).reshape(-1)
-    n = max(len(s), len(t))
-    s_pad = np.pad(s, (0, n - len(s)), constant_values=-1)
-    t_pad = np.pad(t, (0, n - len(t)), constant_values=-1)
-    differ = s_pad != t_pad
-    count = int(differ.sum())
+    s, t = [int(x) for x in s], [int(x) for x in t]
+    count, aligned, where = _align(s, t)
     mismatched += count
-    positions += n
+    positions += aligned
     if count:
       rows_mismatched += 1
       if first is None:
-        pos = int(np.argmax(differ))
-        first = (row, pos, int(s_pad[pos]), int(t_pad[pos]))
+        i, j = where
+        first = (row, i, s[i] if i < len(s) else -1, t[j] if j < len(t) else -1)
   return RetokenizationStats(mismatched, positions, rows_mismatched, len(student_ids), first)
 
 
@@ -199,10 +238,10 @@ def check_retokenization(student_ids: Sequence[Sequence[int]],
   if stats.fraction > max_fraction:
     row, pos, s_id, t_id = stats.first_mismatch
     raise ValueError(
-        f"{stats.mismatched} of {stats.positions} response tokens ({stats.fraction:.2%}, in "
-        f"{stats.rows_mismatched} of {stats.rows} rows) re-tokenise differently under the "
-        f"teacher's tokenizer, above max_fraction={max_fraction}; first at row {row}, position "
-        f"{pos}: student id {s_id}, teacher id {t_id} (-1: no token). Teacher and student must "
+        f"{stats.mismatched} of {stats.positions} aligned response tokens ({stats.fraction:.2%}, "
+        f"in {stats.rows_mismatched} of {stats.rows} rows) re-tokenise differently under the "
+        f"teacher's tokenizer, above max_fraction={max_fraction}; first at row {row}, response "
+        f"token {pos}: student id {s_id}, teacher id {t_id} (-1: none). Teacher and student must "
         "share one tokenizer for per-token scoring; check the two tokenizer paths")
   return stats
 
