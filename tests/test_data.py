@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -207,8 +208,12 @@ def test_second_build_reuses_the_first_without_the_source(tmp_path, monkeypatch)
     raise AssertionError("the source was read again")
   monkeypatch.setattr(md, "read_source", no_read)
   assert _by_id(md.load_split("math500", source=src, data_dir=tmp_path / "tfds")) == first
-  assert _by_id(md.load_split("math500", data_dir=tmp_path / "tfds")) == first
-  assert len(first) == 6
+  split = md.load_split("math500", data_dir=tmp_path / "tfds")
+  assert _by_id(split) == first and len(first) == 6
+  # Data loader workers get the split (and the builder) pickled.
+  assert _by_id(pickle.loads(pickle.dumps(split))) == first
+  builder = pickle.loads(pickle.dumps(md.build("math500", data_dir=tmp_path / "tfds")))
+  assert _by_id(md.MathSplit(builder.as_data_source(split="test"))) == first
 
 
 def test_rebuild_from_a_different_source_raises(tmp_path):
@@ -239,7 +244,8 @@ def test_registry():
                       "olympiadbench")
   assert {n: s.split for n, s in md.DATASETS.items()} == {
       "dapo_math_17k": "train", **{n: "test" for n in md.NAMES[1:]}}
-  assert all(md.BUILDERS[n].name == n for n in md.NAMES)
+  assert tuple(md.BUILDERS) == md.NAMES
+  assert all(md.BUILDERS[n].name == n and md.BUILDERS[n].SPEC.name == n for n in md.NAMES)
 
 
 # ----------------------------------------------------------------------------------- prompts

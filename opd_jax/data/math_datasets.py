@@ -345,13 +345,40 @@ class _MathBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, example
 
 
-BUILDERS: Mapping[str, type[_MathBuilder]] = types.MappingProxyType({
-    name: types.new_class(
-        "".join(p.title() for p in name.split("_")), (_MathBuilder,),
-        {"skip_registration": True},
-        lambda ns, spec=spec: ns.update(name=spec.name, SPEC=spec,
-                                        __module__=__name__))
-    for name, spec in DATASETS.items()})
+# One module-level class per dataset (TFDS names the data folder after `name`; pickling a builder
+# needs the class reachable by name).
+class DapoMath17k(_MathBuilder, skip_registration=True):
+  name = "dapo_math_17k"
+  SPEC = DATASETS[name]
+
+
+class Math500(_MathBuilder, skip_registration=True):
+  name = "math500"
+  SPEC = DATASETS[name]
+
+
+class Aime24(_MathBuilder, skip_registration=True):
+  name = "aime24"
+  SPEC = DATASETS[name]
+
+
+class Aime25(_MathBuilder, skip_registration=True):
+  name = "aime25"
+  SPEC = DATASETS[name]
+
+
+class MinervaMath(_MathBuilder, skip_registration=True):
+  name = "minerva_math"
+  SPEC = DATASETS[name]
+
+
+class OlympiadBench(_MathBuilder, skip_registration=True):
+  name = "olympiadbench"
+  SPEC = DATASETS[name]
+
+
+BUILDERS: Mapping[str, type[_MathBuilder]] = types.MappingProxyType({c.name: c for c in (
+    DapoMath17k, Math500, Aime24, Aime25, MinervaMath, OlympiadBench)})
 
 
 def build(name: str, *, source: PathLike | Sequence[PathLike] | None = None,
