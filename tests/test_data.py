@@ -325,6 +325,8 @@ def test_render_for_teacher_uses_the_teacher_template(toks):
   no_template = _tokenizer(None, 300)
   with pytest.raises(ValueError, match="has no chat_template"):
     prompts.render_for_teacher(messages, response, no_template)
+  with pytest.raises(ValueError, match="the prompt's last message is an assistant turn"):
+    prompts.encode_prompt(messages + [{"role": "assistant", "content": "x"}], teacher)
 
 
 def _split_tokens(tok, ids, positions):
@@ -364,6 +366,8 @@ def test_retokenization_counts_non_canonical_ids(toks):
   first = min(chosen)
   assert stats.first_mismatch == (0, first, row0[first], canonical[0][first])
   assert stats.metrics()["retok/mismatch_fraction"] == stats.fraction > 0
+  assert prompts.retokenize([], student, teacher) == []
+  assert prompts.retokenize([[]], student, teacher) == [[]]
 
 
 def test_retokenization_alignment_by_hand():

@@ -36,7 +36,16 @@ def prompt_messages(problem: str, *, instruction: str = INSTRUCTION,
   return messages + [{"role": "user", "content": content}]
 
 
-def _template_ids(tokenizer: Any, messages: Messages) -> list[int]:
+def encode_prompt(messages: Messages, tokenizer: Any) -> list[int]:
+  """Token ids of a prompt under `tokenizer`'s chat template, ending with the assistant header.
+
+  Args:
+    messages: a conversation (e.g. from `prompt_messages`).
+    tokenizer: a Hugging Face tokenizer with a `chat_template`.
+
+  Returns:
+    The ids the model continues from (`add_generation_prompt=True`).
+  """
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(
         f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no "
@@ -50,19 +59,6 @@ def _template_ids(tokenizer: Any, messages: Messages) -> list[int]:
   encoded = tokenizer.apply_chat_template(
       [dict(m) for m in messages], add_generation_prompt=True, tokenize=True, return_dict=True)
   return list(encoded["input_ids"])
-
-
-def encode_prompt(messages: Messages, tokenizer: Any) -> list[int]:
-  """Token ids of a prompt under `tokenizer`'s chat template, ending with the assistant header.
-
-  Args:
-    messages: a conversation (e.g. from `prompt_messages`).
-    tokenizer: a Hugging Face tokenizer with a `chat_template`.
-
-  Returns:
-    The ids the model continues from (`add_generation_prompt=True`).
-  """
-  return _template_ids(tokenizer, messages)
 
 
 def encode_prompts(problems: Sequence[str], tokenizer: Any, *, instruction: str = INSTRUCTION,
@@ -94,7 +90,7 @@ def render_for_teacher(messages: Messages, response_text: str,
   """
   if not isinstance(response_text, str):
     raise ValueError(f"response_text must be a string; got {type(response_text).__name__}")
-  prompt_ids = _template_ids(teacher_tokenizer, messages)
+  prompt_ids = encode_prompt(messages, teacher_tokenizer)
   response_ids = teacher_tokenizer(response_text, add_special_tokens=False)["input_ids"]
   return prompt_ids, list(response_ids)
 
@@ -111,6 +107,8 @@ def retokenize(response_ids: Sequence[Sequence[int]], student_tokenizer: Any,
   Returns:
     Per row, the teacher tokenizer's ids of the same text.
   """
+  if not response_ids:
+    return []
   texts = student_tokenizer.batch_decode(
       [list(map(int, r)) for r in response_ids], skip_special_tokens=False,
       clean_up_tokenization_spaces=False)
