@@ -1,4 +1,4 @@
-"""Settings shared by every experiment file: each one's get_config() starts from base() here."""
+"""Defaults shared by the experiment files: base() for every runner, opd() for the OPD trainer."""
 
 import ml_collections
 
@@ -9,4 +9,119 @@ def base() -> ml_collections.ConfigDict:
   c.experiment = ""        # which runner opd_jax.main dispatches to (see opd_jax.main.RUNNERS)
   c.seed = 0               # root PRNG seed; per-step keys are fold_in(root, step)
   c.workdir = ""           # where outputs (figures, tables, checkpoints) are written; "" = none
+  return c
+
+
+def model_fields(path: str = "") -> ml_collections.ConfigDict:
+  """Where a model comes from: a local Hugging Face folder, or random weights of a given shape."""
+  m = ml_collections.ConfigDict()
+  m.path = path            # local Hugging Face checkpoint folder (config.json + safetensors)
+  m.tokenizer = ""         # tokenizer folder; "" = the checkpoint folder
+  m.dtype = "float32"      # parameter and compute dtype: float32 | bfloat16 (logits stay float32)
+  # With path == "": a randomly initialised Qwen2-style decoder of this shape (tests, smoke runs).
+  m.random = ml_collections.ConfigDict(dict(
+      vocab_size=0,        # 0: the tokenizer's vocabulary size
+      hidden_size=64,      # model width D
+      intermediate_size=128,  # MLP width
+      num_layers=2,        # decoder layers
+      num_heads=4,         # attention heads
+      num_kv_heads=2,      # key/value heads (grouped-query attention)
+      init_std=0.02,       # std of the random kernels and embeddings
+  ))
+  return m
+
+
+def dataset_fields(dataset: str = "") -> ml_collections.ConfigDict:
+  """Which prompts a task draws: a registered dataset, built once from local files."""
+  d = ml_collections.ConfigDict()
+  d.dataset = dataset      # registered dataset: tiny_arith | dapo_math | math500 | aime24 | ...
+  d.source = ""            # local file the dataset is built from ("" = the dataset's default)
+  d.data_dir = ""          # TFDS data_dir for the built dataset ("" = workdir/tfds)
+  d.split = "train"        # split to draw prompts from
+  return d
+
+
+def task_fields(name: str = "") -> ml_collections.ConfigDict:
+  """One extra training task: its own prompts and its own teacher (multi-task runs)."""
+  t = ml_collections.ConfigDict()
+  t.name = name            # label used in metric names ("task/<name>/...")
+  t.data = dataset_fields()
+  t.teacher = model_fields()
+  return t
+
+
+def opd() -> ml_collections.ConfigDict:
+  """Every setting of the OPD trainer (opd_jax.train), declared once; experiments override."""
+  c = base()
+  c.experiment = "opd"
+  c.steps = 400            # training iterations: rollout -> teacher scoring -> update(s)
+  c.model = model_fields()  # the student
+  c.teacher = model_fields()  # the teacher (frozen, never checkpointed)
+  # Multi-task runs: a list of task_fields(); iteration s trains task s % len(tasks), each task
+  # with its own prompts and teacher. Empty: one task from `data` and `teacher` above.
+  c.tasks = ()
+
+  c.data = dataset_fields()
+  c.data.prompts_per_step = 16     # prompts per iteration (global, over all hosts)
+  c.data.max_prompt_len = 2048     # longer prompts are an error (the sampler pads to a bucket)
+  c.data.chat_template = True      # wrap the problem in the tokenizer's chat template
+  c.data.retokenize_max_fraction = 0.01  # error above this fraction of response tokens that
+  #                                        re-tokenise differently under the teacher's tokenizer
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.num_samples = 8        # G rollouts per prompt (group size)
+  c.rollout.max_new_tokens = 16384  # response budget N
+  c.rollout.temperature = 1.0      # sampling temperature
+  c.rollout.top_p = 0.9            # nucleus mass in (0, 1] (the paper: 0.9 for LSM, 1 baseline)
+  c.rollout.top_k = 0              # keep the k most likely tokens before top-p (0 = off)
+  c.rollout.stop_strings = ("<|im_end|>", "<|endoftext|>")  # tokens that end a response
+  c.rollout.banned_strings = ()    # tokens never sampled
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.estimator = "lsm"         # lsm (top-K local support matching) | sampled_token | full_rkl
+  #                                  | sft (cross-entropy on the dataset's reference answers)
+  c.loss.k = 32                    # support size K of lsm
+  c.loss.support = "teacher"       # lsm support: teacher | teacher+sampled
+  c.loss.renormalize = True        # lsm: renormalise both distributions inside the support
+  c.loss.tail = "none"             # lsm: none | ema_pg (sampled-token tail correction)
+  c.loss.tail_weight_clip = 0.0    # lsm ema_pg: cap on the tail importance weight (0 = none)
+  c.loss.gamma = 0.0               # sampled_token: future-reward coupling γ in [0, 1]
+  c.loss.ppo_clip = 0.2            # sampled_token: PPO clip ε (0 = no clipping)
+  c.loss.advantage_clip = 0.0      # sampled_token: clamp the return to [-c, c] (0 = none)
+  c.loss.mask_strings = ()         # special tokens whose first occurrence per response is masked
+  c.loss.chunk_tokens = 1024       # lsm: tokens per block of the fused top-K loss
+  c.loss.chunk_vocab = 8192        # lsm: vocabulary entries per block of the fused top-K loss
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.minibatch_size = 64        # rollouts per optimizer step (batch / this = steps per iter)
+  c.opt.lr = 2e-6                  # AdamW peak learning rate
+  c.opt.warmup_steps = 0           # linear warm-up, in optimizer steps
+  c.opt.schedule = "constant"      # constant | cosine (decay to 0 over all optimizer steps)
+  c.opt.b1 = 0.9                   # AdamW β1
+  c.opt.b2 = 0.999                 # AdamW β2
+  c.opt.eps = 1e-8                 # AdamW ε
+  c.opt.weight_decay = 0.01        # AdamW decoupled weight decay
+  c.opt.grad_clip = 1.0            # global-norm gradient clipping (0 = none)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # data-parallel axis size (-1: all devices left)
+  c.mesh.fsdp = 1                  # fully-sharded axis size (parameters and batch)
+  c.mesh.tensor = 1                # tensor-parallel axis size (heads, MLP, vocabulary)
+  c.mesh.distributed = False       # call jax.distributed.initialize() (multi-host runs)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 50          # save every this many iterations (and at the end)
+  c.checkpoint.keep = 3            # keep the newest this many checkpoints
+  c.checkpoint.async_save = True   # save in the background (Orbax async checkpointing)
+  c.checkpoint.init = ""           # a checkpoint folder of another run to start from ("" = none)
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0                 # evaluate every this many iterations, at 0 and at the end
+  #                                  (0 = never; the runner supplies the evaluation)
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every = 1                  # metrics line every this many iterations
+  c.log.samples_every = 50         # workdir/samples/step_N.html every this many (0 = never)
+  c.log.samples_count = 4          # rollouts shown per samples page
+  c.log.tensorboard = True         # also write TensorBoard event files
   return c

@@ -15,6 +15,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 # experiment only pays for the modules it uses.
 RUNNERS = {
     "estimator_table": "opd_jax.estimator_table:run",
+    "opd": "opd_jax.train:run",
+    "tiny_arith": "opd_jax.arith_demo:run",
     "toy_variance": "opd_jax.toy.study:run",
     "toy_exact": "opd_jax.toy.exact:run",
 }

@@ -16,3 +16,14 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True)
 settings.load_profile("ci")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_arith_dir(tmp_path_factory):
+  """A TFDS data_dir with the tiny_arith dataset built once for the whole session."""
+  from opd_jax.data import tiny_arith  # pylint: disable=import-outside-toplevel
+  data_dir = tmp_path_factory.mktemp("tfds")
+  tiny_arith.load(data_dir, "train")
+  return data_dir

@@ -1,0 +1,77 @@
+"""Datasets by name: where each is built from, its default tokenizer, and how an example is encoded."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from opd_jax.data import tiny_arith
+
+DATASETS = ("tiny_arith",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """One prompt, ready for the trainer.
+
+  prompt: int32 token ids for the student (chat template applied where configured).
+  teacher_prompt: the same conversation rendered with the teacher's template and tokenizer.
+  target: int32 ids of the reference response (with its end token), or None.
+  answer: the reference answer as text (for grading).
+  prompt_text: the prompt as text (for the samples pages).
+  """
+  prompt: np.ndarray
+  teacher_prompt: np.ndarray
+  target: np.ndarray | None
+  answer: str
+  prompt_text: str
+
+
+def _check(dataset: str) -> None:
+  if dataset not in DATASETS:
+    raise ValueError(f"dataset {dataset!r} is not registered; accepted: {', '.join(DATASETS)}")
+
+
+def data_dir(source, workdir: pathlib.Path) -> pathlib.Path:
+  """The TFDS data_dir of a DatasetSource: its own, else workdir/tfds."""
+  return pathlib.Path(source.data_dir) if source.data_dir else pathlib.Path(workdir) / "tfds"
+
+
+def open_split(source, workdir: pathlib.Path):
+  """The configured split of a DatasetSource as a random-access data source (built once)."""
+  _check(source.dataset)
+  return tiny_arith.load(data_dir(source, workdir), source.split)
+
+
+def tokenizer_for(folder: str, dataset: str, workdir: pathlib.Path):
+  """The tokenizer in `folder`, or the dataset's own one when `folder` is empty."""
+  # pylint: disable=import-outside-toplevel
+  if folder:
+    from opd_jax import models
+    return models.load_tokenizer(folder)
+  if dataset == "tiny_arith":
+    return tiny_arith.make_tokenizer(pathlib.Path(workdir) / "tokenizer")
+  raise ValueError(f"dataset {dataset!r} has no tokenizer of its own: set config.model.tokenizer "
+                   "(or model.path) to a local tokenizer folder")
+
+
+def encoder(dataset: str, tokenizer, teacher_tokenizer, *, chat_template: bool,
+            max_prompt_len: int) -> Callable[[Mapping], Encoded]:
+  """`encode(example) -> Encoded` for the dataset's examples."""
+  del tokenizer, teacher_tokenizer, chat_template  # tiny_arith examples are stored as token ids
+  _check(dataset)
+
+  def encode(example: Mapping) -> Encoded:
+    prompt = np.asarray(example["prompt_ids"], np.int32)
+    if len(prompt) > max_prompt_len:
+      raise ValueError(f"a prompt of {len(prompt)} tokens exceeds config.data.max_prompt_len="
+                       f"{max_prompt_len}")
+    answer = example["answer"]
+    answer = answer.decode() if isinstance(answer, bytes) else str(answer)
+    text = "".join(tiny_arith.VOCAB[i] for i in prompt.tolist())
+    return Encoded(prompt, prompt, np.asarray(example["target_ids"], np.int32), answer, text)
+
+  return encode

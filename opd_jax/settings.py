@@ -1,0 +1,274 @@
+"""The trainer's config boundary: a ConfigDict is validated here and frozen into dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from opd_jax import configs
+
+ESTIMATORS = ("lsm", "sampled_token", "full_rkl", "sft")
+LSM_SUPPORTS = ("teacher", "teacher+sampled")
+TAILS = ("none", "ema_pg")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A setting has a value the trainer cannot use; the message names the setting."""
+
+
+def _fail(name: str, value: Any, accepted: str) -> None:
+  raise ConfigError(f"config.{name}={value!r} is not accepted; {accepted}")
+
+
+def check_keys(config: Mapping, defaults: Mapping, prefix: str = "") -> None:
+  """Raises ConfigError for keys absent from `defaults` or values of another type."""
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if key not in defaults:
+      raise ConfigError(f"config.{name} is not a setting of this runner; known settings here: "
+                        f"{', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if isinstance(default, Mapping):
+      if not isinstance(value, Mapping):
+        _fail(name, value, "expected a group of settings (a ConfigDict)")
+      check_keys(value, default, name + ".")
+    elif name == "tasks":
+      for i, task in enumerate(value):
+        check_keys(task, configs.task_fields(), f"tasks[{i}].")
+    elif default is not None and not _same_kind(value, default):
+      _fail(name, value, f"expected a {type(default).__name__} like the default {default!r}")
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where a model's weights come from (a local HF folder, or random weights of a shape)."""
+  path: str
+  tokenizer: str
+  dtype: str
+  random: tuple[tuple[str, Any], ...]   # the random-init shape, as sorted (name, value) pairs
+
+  @classmethod
+  def from_config(cls, m: Mapping, name: str) -> "ModelSource":
+    if m["dtype"] not in DTYPES:
+      _fail(f"{name}.dtype", m["dtype"], f"accepted: {', '.join(DTYPES)}")
+    for key in ("path", "tokenizer"):
+      if m[key] and not os.path.isdir(m[key]):
+        _fail(f"{name}.{key}", m[key], "expected an existing local folder (Hugging Face "
+              "checkpoint / tokenizer files); nothing is downloaded")
+    return cls(m["path"], m["tokenizer"] or m["path"], m["dtype"],
+               tuple(sorted(dict(m["random"]).items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSource:
+  """A registered dataset and the local files it is built from."""
+  dataset: str
+  source: str
+  data_dir: str
+  split: str
+
+  @classmethod
+  def from_config(cls, d: Mapping, name: str) -> "DatasetSource":
+    if not d["dataset"]:
+      _fail(f"{name}.dataset", d["dataset"], "name a registered dataset (e.g. tiny_arith)")
+    if d["source"] and not os.path.exists(d["source"]):
+      _fail(f"{name}.source", d["source"], "expected an existing local file or folder")
+    return cls(d["dataset"], d["source"], d["data_dir"], d["split"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  data: DatasetSource
+  teacher: ModelSource
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  num_samples: int
+  max_new_tokens: int
+  temperature: float
+  top_p: float
+  top_k: int
+  stop_strings: tuple[str, ...]
+  banned_strings: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """Static settings of the update's loss (hashable: part of the compiled program's key)."""
+  estimator: str
+  k: int
+  support: str
+  renormalize: bool
+  tail: str
+  tail_weight_clip: float | None
+  gamma: float
+  ppo_clip: float | None
+  advantage_clip: float | None
+  chunk_tokens: int
+  chunk_vocab: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptSettings:
+  minibatch_size: int
+  lr: float
+  warmup_steps: int
+  schedule: str
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  grad_clip: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """Everything the trainer needs, checked; built once from the ConfigDict by from_config."""
+  seed: int
+  workdir: str
+  steps: int
+  model: ModelSource
+  tasks: tuple[Task, ...]
+  prompts_per_step: int
+  max_prompt_len: int
+  chat_template: bool
+  retokenize_max_fraction: float
+  rollout: RolloutSettings
+  loss: LossSettings
+  opt: OptSettings
+  mesh: tuple[int, int, int]
+  distributed: bool
+  mask_strings: tuple[str, ...]
+  eval_every: int
+  checkpoint_every: int
+  checkpoint_keep: int
+  checkpoint_async: bool
+  checkpoint_init: str
+  log_every: int
+  samples_every: int
+  samples_count: int
+  tensorboard: bool
+
+  @property
+  def rollouts_per_step(self) -> int:
+    return self.prompts_per_step * self.rollout.num_samples
+
+  @property
+  def minibatches(self) -> int:
+    return self.rollouts_per_step // self.opt.minibatch_size
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "TrainSettings":
+    """Validates every setting (one ConfigError naming the first bad one) and freezes them."""
+    c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    check_keys(c, configs.opd().to_dict())
+    if not c["workdir"]:
+      _fail("workdir", c["workdir"], "the trainer needs a folder for checkpoints and metrics "
+            "(--config.workdir=DIR)")
+    _positive(c, "steps")
+    data, r, lo, o, lg, ck = (c["data"], c["rollout"], c["loss"], c["opt"], c["log"],
+                              c["checkpoint"])
+    tasks = tuple(Task(t["name"] or t["data"]["dataset"],
+                       DatasetSource.from_config(t["data"], f"tasks[{i}].data"),
+                       ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"))
+                  for i, t in enumerate(c["tasks"]))
+    if not tasks:
+      tasks = (Task(data["dataset"], DatasetSource.from_config(data, "data"),
+                    ModelSource.from_config(c["teacher"], "teacher")),)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+      _fail("tasks", names, "task names (or datasets) must be distinct")
+    for key in ("prompts_per_step", "max_prompt_len"):
+      _positive(data, key, "data.")
+    for key in ("num_samples", "max_new_tokens"):
+      _positive(r, key, "rollout.")
+    if not 0.0 < r["top_p"] <= 1.0:
+      _fail("rollout.top_p", r["top_p"], "accepted: a float in (0, 1]")
+    if r["temperature"] < 0:
+      _fail("rollout.temperature", r["temperature"], "accepted: >= 0 (0 = greedy)")
+    if r["top_k"] < 0:
+      _fail("rollout.top_k", r["top_k"], "accepted: an int >= 0 (0 = off)")
+    if not 0.0 <= data["retokenize_max_fraction"] <= 1.0:
+      _fail("data.retokenize_max_fraction", data["retokenize_max_fraction"], "accepted: [0, 1]")
+    if lo["estimator"] not in ESTIMATORS:
+      _fail("loss.estimator", lo["estimator"], f"accepted: {', '.join(ESTIMATORS)}")
+    _positive(lo, "k", "loss.")
+    if lo["support"] not in LSM_SUPPORTS:
+      _fail("loss.support", lo["support"], f"accepted by the fused trainer loss: "
+            f"{', '.join(LSM_SUPPORTS)} (student supports need the teacher's full logits: use "
+            "opd_jax.losses.topk_reverse_kl on materialised logits)")
+    if lo["tail"] not in TAILS:
+      _fail("loss.tail", lo["tail"], f"accepted: {', '.join(TAILS)}")
+    if not 0.0 <= lo["gamma"] <= 1.0:
+      _fail("loss.gamma", lo["gamma"], "accepted: a float in [0, 1]")
+    if not 0.0 <= lo["ppo_clip"] < 1.0:
+      _fail("loss.ppo_clip", lo["ppo_clip"], "accepted: [0, 1) (0 = no clipping)")
+    for key in ("tail_weight_clip", "advantage_clip", "chunk_tokens", "chunk_vocab"):
+      if lo[key] < 0:
+        _fail(f"loss.{key}", lo[key], "accepted: >= 0")
+    if o["schedule"] not in SCHEDULES:
+      _fail("opt.schedule", o["schedule"], f"accepted: {', '.join(SCHEDULES)}")
+    _positive(o, "minibatch_size", "opt.")
+    if o["lr"] <= 0:
+      _fail("opt.lr", o["lr"], "accepted: > 0")
+    rollouts = data["prompts_per_step"] * r["num_samples"]
+    if rollouts % o["minibatch_size"]:
+      _fail("opt.minibatch_size", o["minibatch_size"],
+            f"the {rollouts} rollouts per step (data.prompts_per_step={data['prompts_per_step']} "
+            f"x rollout.num_samples={r['num_samples']}) must split into whole mini-batches")
+    m = c["mesh"]
+    for key in ("every", "keep"):
+      _positive(ck, key, "checkpoint.")
+    if ck["init"] and not os.path.isdir(ck["init"]):
+      _fail("checkpoint.init", ck["init"], "expected an existing checkpoint folder of a run")
+    _positive(lg, "every", "log.")
+    for name, value in (("eval.every", c["eval"]["every"]), ("log.samples_every",
+                        lg["samples_every"]), ("log.samples_count", lg["samples_count"])):
+      if value < 0:
+        _fail(name, value, "accepted: an int >= 0")
+    none_if_zero = lambda x: None if x == 0 else float(x)
+    return cls(
+        seed=c["seed"], workdir=c["workdir"], steps=c["steps"],
+        model=ModelSource.from_config(c["model"], "model"), tasks=tasks,
+        prompts_per_step=data["prompts_per_step"], max_prompt_len=data["max_prompt_len"],
+        chat_template=data["chat_template"],
+        retokenize_max_fraction=float(data["retokenize_max_fraction"]),
+        rollout=RolloutSettings(r["num_samples"], r["max_new_tokens"], float(r["temperature"]),
+                                float(r["top_p"]), r["top_k"], tuple(r["stop_strings"]),
+                                tuple(r["banned_strings"])),
+        loss=LossSettings(lo["estimator"], lo["k"], lo["support"], lo["renormalize"], lo["tail"],
+                          none_if_zero(lo["tail_weight_clip"]), float(lo["gamma"]),
+                          none_if_zero(lo["ppo_clip"]), none_if_zero(lo["advantage_clip"]),
+                          lo["chunk_tokens"], lo["chunk_vocab"]),
+        opt=OptSettings(o["minibatch_size"], float(o["lr"]), o["warmup_steps"], o["schedule"],
+                        float(o["b1"]), float(o["b2"]), float(o["eps"]),
+                        float(o["weight_decay"]), none_if_zero(o["grad_clip"])),
+        mesh=(m["data"], m["fsdp"], m["tensor"]), distributed=m["distributed"],
+        mask_strings=tuple(lo["mask_strings"]), eval_every=c["eval"]["every"],
+        checkpoint_every=ck["every"], checkpoint_keep=ck["keep"],
+        checkpoint_async=ck["async_save"], checkpoint_init=ck["init"], log_every=lg["every"],
+        samples_every=lg["samples_every"], samples_count=lg["samples_count"],
+        tensorboard=lg["tensorboard"])
+
+
+def _positive(d: Mapping, key: str, prefix: str = "") -> None:
+  if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
+    _fail(prefix + key, d[key], "accepted: a positive int")

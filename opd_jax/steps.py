@@ -1,0 +1,308 @@
+"""The trainer's compiled phases: teacher scoring (no gradient) and the update (mini-batched AdamW).
+
+Both are pure functions of arrays and frozen settings. The rollout phase is `sampling.sample`.
+Rows are split over the mesh's batch axes; a response token t of a row is predicted by the hidden
+state at position P - 1 + t of the row's [prompt (left-padded to P) | response] sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from opd_jax import losses, models, sharding, topk
+from opd_jax.settings import LossSettings, OptSettings
+
+Array = jax.Array
+PyTree = Any
+# The teacher's top entries kept per position: the loss's K, and at least 3 for the samples page.
+MIN_TEACHER_TOPK = 3
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a checkpoint holds: the student's parameters, the optimizer state, iterations done."""
+  params: PyTree
+  opt_state: PyTree
+  step: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """Static facts about one run's tensors (hashable: keys the compiled programs)."""
+  vocab: int               # shared vocabulary of student and teacher (ids >= vocab never count)
+  k: int                   # teacher top entries kept by scoring (>= the loss's K)
+  mesh: Mesh | None
+
+
+def make_optimizer(opt: OptSettings, total_updates: int) -> tuple[optax.GradientTransformation,
+                                                                  optax.Schedule]:
+  """AdamW with global-norm clipping and a warm-up + constant / cosine schedule."""
+  warm = optax.linear_schedule(0.0, opt.lr, opt.warmup_steps) if opt.warmup_steps else None
+  rest = max(total_updates - opt.warmup_steps, 1)
+  after = (optax.cosine_decay_schedule(opt.lr, rest) if opt.schedule == "cosine"
+           else optax.constant_schedule(opt.lr))
+  schedule = (optax.join_schedules([warm, after], [opt.warmup_steps]) if warm is not None
+              else after)
+  parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
+  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           weight_decay=opt.weight_decay))
+  return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def _response_hidden(model, prompt: Array, prompt_mask: Array, response: Array) -> Array:
+  """[R, N, D] hidden states that predict each response token (one full causal pass)."""
+  n = response.shape[1]
+  tokens = jnp.concatenate([prompt, response], axis=1)
+  # Response positions count as real tokens even after a row's stop: causality keeps what follows
+  # a response out of everything before it, and the mask then stays left-padded only.
+  mask = jnp.concatenate([prompt_mask, jnp.ones(response.shape, bool)], axis=1)
+  hidden = models.forward(model, tokens, mask, return_hidden=True)
+  p = prompt.shape[1]
+  return hidden[:, p - 1:p - 1 + n]
+
+
+def _stats(model, hidden: Array, response: Array, shapes: Shapes, k: int) -> topk.TopK:
+  """Top-k, logsumexp and sampled-token logit over the shared vocabulary, never [R, N, V]."""
+  unembed = models.unembedding(model)[:, :shapes.vocab]
+  return topk.teacher_topk_from_hidden(hidden, unembed, k=k, sampled_tokens=response,
+                                       mesh=shapes.mesh)
+
+
+def _token_mean(x: Array, mask: Array) -> Array:
+  return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _constrain_rows(x: Array, mesh: Mesh | None) -> Array:
+  if mesh is None or x.ndim == 0:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "shapes",
+                                             "estimator"))
+def score(student_def, student_params, teacher_def, teacher_params, batch: dict, *,
+          shapes: Shapes, estimator: str) -> tuple[dict, dict]:
+  """Teacher scoring of a rollout batch, plus the student's own log-probs before the update.
+
+  Args:
+    student_def, student_params: the student (graphdef and parameters; no gradient).
+    teacher_def, teacher_params: the teacher (never donated).
+    batch: prompt / prompt_mask [R, P], teacher_prompt / teacher_prompt_mask [R, Pt] (the same
+      conversation rendered for the teacher), response / response_mask / loss_mask [R, N],
+      policy_logprobs [R, N] (the sampler's untruncated student log-probs).
+    shapes: static vocabulary, top-k and mesh.
+    estimator: the loss that will consume the scores.
+
+  Returns:
+    (scores, metrics): per-token arrays for the update and the samples page, and scalar
+    diagnostics (teacher−student gap, teacher top-K mass, sampled tokens outside the teacher's
+    top-K, student/teacher top-K overlap, sampler-vs-trainer log-prob mismatch).
+  """
+  student = nnx.merge(student_def, student_params)
+  teacher = nnx.merge(teacher_def, teacher_params)
+  resp = batch["response"]
+  rmask, lmask = batch["response_mask"], batch["loss_mask"]
+  k = shapes.k
+  s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
+  s = _stats(student, s_hidden, resp, shapes, k)
+  t_hidden = _response_hidden(teacher, batch["teacher_prompt"], batch["teacher_prompt_mask"],
+                              resp)
+  t = _stats(teacher, t_hidden, resp, shapes, k)
+  behavior = jnp.where(rmask, s.sampled_logits - s.logsumexp, 0.0)
+  teacher_lp = jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0)
+  scores = {"behavior_logprobs": behavior, "teacher_logprobs": teacher_lp,
+            "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
+            "t_sampled": t.sampled_logits}
+  if estimator == "full_rkl":
+    scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
+  inside = jnp.any(t.indices == resp[..., None], axis=-1)
+  overlap = jnp.mean(jnp.any(s.indices[..., :, None] == t.indices[..., None, :], axis=-1), -1)
+  mismatch = jnp.abs(batch["policy_logprobs"] - behavior)
+  metrics = {
+      "teacher/logp_gap": _token_mean(teacher_lp - behavior, lmask),
+      "teacher/topk_mass": _token_mean(jnp.sum(jnp.exp(t.logits - t.logsumexp[..., None]), -1),
+                                       lmask),
+      "teacher/sampled_outside_topk": _token_mean(~inside, lmask),
+      "teacher/topk_overlap": _token_mean(overlap, lmask),
+      "rollout/logprob_mismatch_max": jnp.max(jnp.where(rmask, mismatch, 0.0)),
+      "rollout/logprob_mismatch_mean": _token_mean(mismatch, rmask),
+  }
+  return scores, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# update
+# ----------------------------------------------------------------------------------------------
+
+
+def _loss(model, mb: dict, loss: LossSettings, shapes: Shapes) -> tuple[Array, dict]:
+  """The configured estimator on one mini-batch; returns (loss, scalar diagnostics)."""
+  resp, mask = mb["response"], mb["loss_mask"]
+  hidden = _response_hidden(model, mb["prompt"], mb["prompt_mask"], resp)
+  if loss.estimator == "lsm":
+    k = loss.k
+    teacher = topk.TopK(mb["t_indices"][..., :k], mb["t_logits"][..., :k], mb["t_lse"],
+                        mb["t_sampled"])
+    value, aux = topk.topk_reverse_kl_from_hidden(
+        hidden, models.unembedding(model)[:, :shapes.vocab], teacher, mask,
+        support=loss.support, renormalize=loss.renormalize, tail=loss.tail,
+        sampled_tokens=resp, behavior_logprobs=mb["behavior_logprobs"],
+        tail_weight_clip=loss.tail_weight_clip, chunk_tokens=loss.chunk_tokens,
+        chunk_vocab=loss.chunk_vocab, mesh=shapes.mesh)
+    aux = dict(aux)
+    aux["policy/entropy"] = aux.pop("kl/student_entropy")
+    return value, aux
+  # The other estimators need the student's log-softmax over the vocabulary: [m, N, V] float32
+  # logits for one mini-batch.
+  logits = models.logits_from_hidden(model, hidden)[..., :shapes.vocab]
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  entropy = _token_mean(-jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1),
+                        mask)
+  if loss.estimator == "sampled_token":
+    logp = losses.token_logprobs(logits, resp)
+    value, aux = losses.sampled_token_opd(
+        logp, mb["teacher_logprobs"], mask, gamma=loss.gamma,
+        behavior_logprobs=mb["behavior_logprobs"], ppo_clip=loss.ppo_clip,
+        advantage_clip=loss.advantage_clip)
+  elif loss.estimator == "full_rkl":
+    value, aux = losses.full_reverse_kl(logits, mb["teacher_logits"], mask)
+    aux = {k: v for k, v in aux.items() if k != "kl/student_entropy"}
+  else:  # sft: cross-entropy on the reference response
+    nll = -losses.token_logprobs(logits, resp)
+    value, aux = _token_mean(nll, mask), {}
+  aux = dict(aux)
+  aux["policy/entropy"] = jax.lax.stop_gradient(entropy)
+  return value, aux
+
+
+@functools.lru_cache(maxsize=16)
+def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings,
+                shapes: Shapes, minibatches: int, total_updates: int):
+  """The jitted `update(state, batch, key) -> (state, metrics)` of one configuration.
+
+  The batch's rows are split into `minibatches` strided mini-batches (row i goes to mini-batch
+  i % minibatches, so each device keeps its rows), one AdamW step each, in a `lax.scan`. Metrics
+  are means over the mini-batches, plus the KL between the policy before and after the update,
+  estimated on the batch's own tokens (k1: E[log π_old − log π_new] over rollouts of π_old).
+  The state is donated; with a mesh, state and batch keep explicit shardings.
+  """
+  tx, schedule = make_optimizer(opt, total_updates)
+  graphdef, _ = split_abstract(config)
+
+  def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
+    del key  # the update draws no random numbers; kept so that dropout-like noise could
+    batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
+    n_rows = batch["response"].shape[0]
+    m = n_rows // minibatches
+    split = lambda x: jnp.swapaxes(x.reshape((m, minibatches) + x.shape[1:]), 0, 1)
+    mbs = jax.tree.map(split, batch)
+
+    def loss_fn(params, mb):
+      return _loss(nnx.merge(graphdef, params), mb, loss, shapes)
+
+    def step(carry, mb):
+      params, opt_state, j = carry
+      mb = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), mb)
+      (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      out = {"loss": value, "opt/grad_norm": optax.global_norm(grads),
+             "opt/lr": schedule(state.step * minibatches + j), **aux}
+      return (params, opt_state, j + 1), out
+
+    (params, opt_state, _), per_mb = jax.lax.scan(
+        step, (state.params, state.opt_state, jnp.zeros((), jnp.int32)), mbs)
+    metrics = jax.tree.map(jnp.mean, per_mb)
+    metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
+    if loss.estimator != "sft":
+      new = nnx.merge(graphdef, params)
+      hidden = _response_hidden(new, batch["prompt"], batch["prompt_mask"], batch["response"])
+      stats = _stats(new, hidden, batch["response"], shapes, 1)
+      new_lp = stats.sampled_logits - stats.logsumexp
+      metrics["policy/kl_before_after"] = _token_mean(batch["behavior_logprobs"] - new_lp,
+                                                      batch["loss_mask"])
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  if shapes.mesh is None:
+    return jax.jit(update, donate_argnums=0)
+  state = train_state_shardings(config, opt, total_updates, shapes.mesh)
+  rows = NamedSharding(shapes.mesh, PartitionSpec(sharding.BATCH_AXES))
+  return jax.jit(update, donate_argnums=0,
+                 in_shardings=(state, rows, sharding.replicated(shapes.mesh)),
+                 out_shardings=(state, sharding.replicated(shapes.mesh)))
+
+
+# ----------------------------------------------------------------------------------------------
+# state construction
+# ----------------------------------------------------------------------------------------------
+
+
+def _suffix_lookup(shardings_by_path: dict, path: tuple, fallback):
+  """The sharding of the parameter whose key path is the longest suffix of `path`."""
+  for start in range(len(path)):
+    hit = shardings_by_path.get(path[start:])
+    if hit is not None:
+      return hit
+  return fallback
+
+
+def split_abstract(config: models.ModelConfig) -> tuple[Any, PyTree]:
+  """(graphdef, abstract parameters) of a Decoder with `config`, allocating nothing."""
+  return nnx.split(nnx.eval_shape(lambda: models.Decoder(config)))
+
+
+@functools.lru_cache(maxsize=16)
+def train_state_shardings(config: models.ModelConfig, opt: OptSettings, total_updates: int,
+                          mesh: Mesh) -> TrainState:
+  """Shardings of a TrainState: parameters by `models.model_shardings`, optimizer moments like
+  their parameters (matched by key path), scalars replicated."""
+  _, params = split_abstract(config)
+  param_shardings = models.model_shardings(params, mesh)
+  by_path = dict(jax.tree_util.tree_flatten_with_path(param_shardings)[0])
+  rep = sharding.replicated(mesh)
+  abstract = abstract_state(params, opt, total_updates)
+
+  def opt_leaf(path, leaf):
+    s = _suffix_lookup(by_path, path, rep)
+    return s if len(s.spec) <= leaf.ndim else rep
+
+  opt_shardings = jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state)
+  return TrainState(params=param_shardings, opt_state=opt_shardings, step=rep)
+
+
+def init_state(params: PyTree, opt: OptSettings, total_updates: int,
+               shardings: TrainState | None) -> TrainState:
+  """A fresh TrainState around `params`, created directly in `shardings` (one jitted init)."""
+  tx, _ = make_optimizer(opt, total_updates)
+
+  def init(p):
+    return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32))
+
+  if shardings is None:
+    return jax.jit(init)(params)
+  return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+def abstract_state(params: PyTree, opt: OptSettings, total_updates: int) -> TrainState:
+  """The TrainState's shapes and dtypes, without allocating anything."""
+  tx, _ = make_optimizer(opt, total_updates)
+  return jax.eval_shape(lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32)), params)

@@ -1,0 +1,382 @@
+"""The OPD trainer: rollout -> teacher scoring -> update, three compiled phases and a host loop.
+
+`run(config)` trains the student of an experiment config end to end: the mesh from
+`config.mesh`, the student and each task's teacher, the state restored from the workdir's latest
+checkpoint (else `checkpoint.init`, else the student's Hugging Face weights, else random
+weights), then `config.steps` iterations, each on the task `step % len(tasks)`. Every random
+number of step s comes from fold_in(key(seed), s) and the prompts of step s from
+`data.order.batch_indices(seed, s, process)`, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from opd_jax import checkpoint, masking, metrics, models, sampling, sharding, steps
+from opd_jax.data import order, registry
+from opd_jax.settings import ConfigError, ModelSource, Task, TrainSettings
+
+Evaluator = Callable[[int, Any], Mapping[str, float]]
+TIMING_PREFIXES = ("time/", "perf/")   # wall-clock metrics: the only ones that differ run to run
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient norm came out NaN or infinite; the state of that step is not saved."""
+
+
+@dataclasses.dataclass
+class TaskRuntime:
+  """One task's host-side pieces: its prompts, its encoder and its (frozen) teacher."""
+  index: int
+  name: str
+  examples: Sequence
+  encode: Callable[[Mapping], registry.Encoded]
+  teacher_def: Any
+  teacher_params: Any
+  teacher_vocab: int
+
+
+# ----------------------------------------------------------------------------------------------
+# models and tasks
+# ----------------------------------------------------------------------------------------------
+
+
+def model_config_of(source: ModelSource, vocab: int) -> models.ModelConfig:
+  """The architecture of a model source: its config.json, or the configured random shape."""
+  if source.path:
+    hf = json.loads((pathlib.Path(source.path) / "config.json").read_text())
+    return models.config_from_hf(hf, dtype=source.dtype)
+  r = dict(source.random)
+  heads = r["num_heads"]
+  return models.ModelConfig(
+      model_type="qwen2", vocab_size=r["vocab_size"] or vocab, hidden_size=r["hidden_size"],
+      intermediate_size=r["intermediate_size"], num_layers=r["num_layers"], num_heads=heads,
+      num_kv_heads=r["num_kv_heads"], head_dim=r["hidden_size"] // heads, qkv_bias=True,
+      max_position_embeddings=1 << 16, dtype=source.dtype)
+
+
+def load_model(source: ModelSource, vocab: int, *, seed: int, mesh) -> models.Decoder:
+  """The model's weights: its Hugging Face folder, or random (seeded) weights of its shape."""
+  if source.path:
+    model, _ = models.load_hf_checkpoint(source.path, dtype=jnp.dtype(source.dtype), mesh=mesh)
+    return model
+  return models.init_model(model_config_of(source, vocab), seed=seed, mesh=mesh,
+                           std=dict(source.random)["init_std"])
+
+
+def _open_task(task: Task, index: int, s: TrainSettings, workdir: pathlib.Path, tokenizer,
+               mesh) -> TaskRuntime:
+  teacher_tok = registry.tokenizer_for(task.teacher.tokenizer, task.data.dataset, workdir)
+  teacher = load_model(task.teacher, len(teacher_tok), seed=s.seed + 1000 + index, mesh=mesh)
+  examples = registry.open_split(task.data, workdir)
+  encode = registry.encoder(task.data.dataset, tokenizer, teacher_tok,
+                            chat_template=s.chat_template, max_prompt_len=s.max_prompt_len)
+  teacher_def, teacher_params = nnx.split(teacher)
+  return TaskRuntime(index, task.name, examples, encode, teacher_def, teacher_params,
+                     teacher.config.vocab_size)
+
+
+def _check_layout(s: TrainSettings, mesh, vocab: int) -> None:
+  """Batch sizes against the mesh and processes, K against the vocabulary."""
+  ways = sharding.batch_divisor(mesh)
+  if s.opt.minibatch_size % ways:
+    raise ConfigError(f"config.opt.minibatch_size={s.opt.minibatch_size} must be a multiple "
+                      f"of the mesh's batch ways data*fsdp={ways} (mesh {dict(mesh.shape)})")
+  if s.prompts_per_step % jax.process_count():
+    raise ConfigError(f"config.data.prompts_per_step={s.prompts_per_step} must be a multiple "
+                      f"of the process count {jax.process_count()}")
+  if s.loss.estimator == "lsm" and s.loss.k > vocab:
+    raise ConfigError(f"config.loss.k={s.loss.k} exceeds the shared vocabulary of {vocab} "
+                      "tokens; accepted: 1 <= k <= vocabulary size")
+
+
+# ----------------------------------------------------------------------------------------------
+# state
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _initial_state(s: TrainSettings, config: models.ModelConfig, vocab: int, ckpt, mesh,
+                   total_updates: int, log) -> tuple[steps.TrainState, int]:
+  """Resume order: this workdir's latest checkpoint > checkpoint.init > HF weights > random."""
+  shard = steps.train_state_shardings(config, s.opt, total_updates, mesh)
+  _, params_abstract = steps.split_abstract(config)
+  abstract = _with_shardings(steps.abstract_state(params_abstract, s.opt, total_updates), shard)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, _ = ckpt.restore(latest, abstract)
+    log(f"resumed from {ckpt.directory}/{latest}")
+    return state, latest
+  if s.checkpoint_init:
+    other = checkpoint.Checkpointer(s.checkpoint_init, save_every=1, keep=1, async_save=False)
+    step = other.latest_step()
+    if step is None:
+      raise ConfigError(f"config.checkpoint.init={s.checkpoint_init!r} holds no complete "
+                        "checkpoint")
+    restored, _ = other.restore(step, abstract)
+    other.close()
+    log(f"initialised from {s.checkpoint_init}/{step} (parameters only)")
+    params = restored.params
+  else:
+    model = load_model(s.model, vocab, seed=s.seed, mesh=mesh)
+    params = nnx.split(model)[1]
+    log(f"initialised from {s.model.path or 'random weights'}")
+  return steps.init_state(params, s.opt, total_updates, shard), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# one iteration's host work
+# ----------------------------------------------------------------------------------------------
+
+
+def _global_rows(mesh, *local: np.ndarray) -> list[jax.Array]:
+  """Global arrays whose rows are split over the batch axes, from this process's rows."""
+  return [jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
+          for x in local]
+
+
+def _left_pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for i, seq in enumerate(seqs):
+    if len(seq):
+      tokens[i, -len(seq):], mask[i, -len(seq):] = seq, True
+  return tokens, mask
+
+
+def _right_pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens, mask = _left_pad([np.asarray(x)[::-1] for x in seqs], length)
+  return tokens[:, ::-1].copy(), mask[:, ::-1].copy()
+
+
+def _prompt_batch(task: TaskRuntime, s: TrainSettings, step: int, rows: int):
+  """This process's encoded prompts of `step` (the task's own step count orders its data)."""
+  idx = order.batch_indices(len(task.examples), seed=s.seed + task.index,
+                            step=step // len(s.tasks), global_batch=rows,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+  return [task.encode(task.examples[int(i)]) for i in idx]
+
+
+def _finite_or_raise(step: int, values: Mapping[str, float]) -> None:
+  for name in ("loss", "opt/grad_norm"):
+    v = values.get(name)
+    if v is not None and not math.isfinite(v):
+      raise NonFiniteError(f"step {step}: {name} = {v}; the run stops here and no checkpoint "
+                           "of this state is written (the last saved one is intact)")
+
+
+def _rollout_metrics(response_mask: np.ndarray, budget: int, stopped: np.ndarray
+                     ) -> dict[str, float]:
+  lengths = response_mask.sum(axis=1)
+  return {"rollout/length_mean": float(lengths.mean()), "rollout/length_max": float(lengths.max()),
+          "rollout/truncated_fraction": float(np.mean((lengths == budget) & ~stopped))}
+
+
+def _samples_page(path: pathlib.Path, tokenizer, batch: dict, scores: dict, count: int,
+                  prompts_text: Sequence[str]) -> None:
+  host = jax.device_get({k: batch[k] for k in ("response", "response_mask", "loss_mask")} |
+                        {k: scores[k] for k in ("teacher_logprobs", "behavior_logprobs",
+                                                "t_indices", "t_logits", "t_lse")})
+  views = []
+  for r in range(min(count, host["response"].shape[0])):
+    n = int(host["response_mask"][r].sum())
+    ids = host["response"][r, :n].tolist()
+    top_ids = host["t_indices"][r, :n, :3]
+    top_p = np.exp(host["t_logits"][r, :n, :3] - host["t_lse"][r, :n, None])
+    views.append(metrics.RolloutView(
+        prompt=prompts_text[r], tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+        gaps=tuple(float(g) for g in (host["teacher_logprobs"][r, :n]
+                                      - host["behavior_logprobs"][r, :n])),
+        teacher_top=tuple(tuple(zip(tokenizer.convert_ids_to_tokens(t.tolist()),
+                                    (float(x) for x in p))) for t, p in zip(top_ids, top_p)),
+        mask=tuple(bool(c) for c in host["loss_mask"][r, :n])))
+  metrics.write_rollouts_html(path, views)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None,
+        log: Callable[[str], None] = print) -> list[dict]:
+  """Trains the student of `config` (see the module docstring); returns this run's metrics.
+
+  Args:
+    config: an `opd_jax.configs.opd()`-shaped ConfigDict (validated here, before compiling).
+    evaluator: optional `evaluator(step, student_model) -> {name: value}`, called at step 0 (on
+      a fresh run), every `config.eval.every` iterations and at the end; its values are logged
+      with the step's metrics under "eval/".
+    log: where progress messages go (process 0 only).
+
+  Returns:
+    The metrics of the iterations this call ran, one dict per iteration.
+  """
+  s = TrainSettings.from_config(config)
+  sharding.initialize_distributed(s.distributed)
+  primary = jax.process_index() == 0
+  say = log if primary else (lambda _: None)
+  mesh = sharding.make_mesh(*s.mesh)
+  workdir = pathlib.Path(s.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  tokenizer = registry.tokenizer_for(s.model.tokenizer, s.tasks[0].data.dataset, workdir)
+  student_config = model_config_of(s.model, len(tokenizer))
+  tasks = [_open_task(t, i, s, workdir, tokenizer, mesh) for i, t in enumerate(s.tasks)]
+  vocab = min([len(tokenizer), student_config.vocab_size] + [t.teacher_vocab for t in tasks])
+  _check_layout(s, mesh, vocab)
+  # Rows past the shared vocabulary are padding of some embedding: never sample them.
+  banned = tuple(masking.ids_for_strings(tokenizer, s.rollout.banned_strings)) + tuple(
+      range(vocab, student_config.vocab_size))
+  stop_ids = tuple(masking.ids_for_strings(tokenizer, s.rollout.stop_strings))
+  special_ids = masking.ids_for_strings(tokenizer, s.mask_strings)
+
+  total_updates = s.steps * s.minibatches
+  writer = metrics.MetricsWriter(workdir, tensorboard=s.tensorboard, primary=primary)
+  writer.write_config(config.to_dict())
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=s.checkpoint_every,
+                                 keep=s.checkpoint_keep, async_save=s.checkpoint_async)
+  state, start = _initial_state(s, student_config, vocab, ckpt, mesh, total_updates, say)
+  writer.truncate_after(start)
+  graphdef, _ = steps.split_abstract(student_config)
+  shapes = steps.Shapes(vocab=vocab, k=max(s.loss.k, steps.MIN_TEACHER_TOPK), mesh=mesh)
+  update = steps.make_update(student_config, s.loss, s.opt, shapes, s.minibatches, total_updates)
+  root = jax.random.key(s.seed)
+  sft = s.loss.estimator == "sft"
+  rows = s.rollouts_per_step if sft else s.prompts_per_step
+  progress = metrics.Progress(s.steps, start_step=start) if primary else None
+  history = []
+
+  def evaluate(step: int) -> dict[str, float]:
+    if evaluator is None:
+      return {}
+    out = evaluator(step, nnx.merge(graphdef, state.params))
+    return {f"eval/{k}": float(v) for k, v in out.items()}
+
+  pending_eval = evaluate(0) if start == 0 and s.eval_every else {}
+  if pending_eval:
+    writer.write(0, pending_eval)
+  try:
+    for step in range(start, s.steps):
+      t0 = time.perf_counter()
+      task = tasks[step % len(tasks)]
+      key = jax.random.fold_in(root, step)
+      enc = _prompt_batch(task, s, step, rows)
+      p_len = sampling.bucket_length(max(len(e.prompt) for e in enc))
+      pt_len = sampling.bucket_length(max(len(e.teacher_prompt) for e in enc))
+      prompt, prompt_mask = _left_pad([e.prompt for e in enc], p_len)
+      t_prompt, t_prompt_mask = _left_pad([e.teacher_prompt for e in enc], pt_len)
+      if sft:
+        if any(e.target is None for e in enc):
+          raise ConfigError(f"config.loss.estimator='sft' needs reference responses; dataset "
+                            f"{task.name!r} has none")
+        response, response_mask = _right_pad([e.target for e in enc], s.rollout.max_new_tokens)
+        prompt, prompt_mask, response, response_mask = _global_rows(
+            mesh, prompt, prompt_mask, response, response_mask)
+        policy_lp = jnp.zeros(response.shape, jnp.float32)
+      else:
+        prompt, prompt_mask = _global_rows(mesh, prompt, prompt_mask)
+        g = s.rollout.num_samples
+        rollout = sampling.sample(
+            nnx.merge(graphdef, state.params), prompt, prompt_mask, jax.random.fold_in(key, 0),
+            max_new_tokens=s.rollout.max_new_tokens, temperature=s.rollout.temperature,
+            top_p=s.rollout.top_p, top_k=s.rollout.top_k, banned_token_ids=banned,
+            stop_token_ids=stop_ids, num_samples=g, mesh=mesh)
+        t_prompt = np.repeat(t_prompt, g, axis=0)
+        t_prompt_mask = np.repeat(t_prompt_mask, g, axis=0)
+        prompt, prompt_mask = (jnp.repeat(x, g, axis=0) for x in (prompt, prompt_mask))
+        response, response_mask = rollout.tokens, rollout.mask
+        policy_lp = rollout.policy_logprobs
+      t_prompt, t_prompt_mask = _global_rows(mesh, t_prompt, t_prompt_mask)
+      response = jax.block_until_ready(response)
+      t1 = time.perf_counter()
+
+      loss_mask = masking.special_token_mask(response, special_ids, response_mask)
+      batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": response,
+               "response_mask": response_mask, "loss_mask": loss_mask}
+      values: dict[str, float] = {}
+      scores = {}
+      if not sft:
+        scores, score_metrics = steps.score(
+            graphdef, state.params, task.teacher_def, task.teacher_params,
+            batch | {"teacher_prompt": t_prompt, "teacher_prompt_mask": t_prompt_mask,
+                     "policy_logprobs": policy_lp},
+            shapes=shapes, estimator=s.loss.estimator)
+        values.update(jax.device_get(score_metrics))
+      jax.block_until_ready(scores)
+      t2 = time.perf_counter()
+
+      ubatch = {k: batch[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
+      ubatch |= _update_inputs(s.loss.estimator, scores)
+      if samples_due := (primary and not sft and s.samples_every
+                         and (step + 1) % s.samples_every == 0):
+        page_batch = jax.device_get(batch)   # the update donates nothing of the batch, but the
+        page_scores = jax.device_get(scores)  # page is written after the step is known finite
+      state, update_metrics = update(state, ubatch, key)
+      # On-policy: the next rollout needs these parameters, so reading the metrics now costs no
+      # overlap; it lets a non-finite step stop the run before anything of it is saved.
+      values.update(jax.device_get(update_metrics))
+      t3 = time.perf_counter()
+      host_mask = np.asarray(jax.device_get(response_mask))
+      stopped = np.isin(np.asarray(jax.device_get(response)), stop_ids).any(axis=1)
+      values.update(_rollout_metrics(host_mask, s.rollout.max_new_tokens, stopped))
+      values = {k: float(v) for k, v in values.items()}
+      _finite_or_raise(step + 1, values)
+      values.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
+                     "time/step": t3 - t0, "perf/tokens_per_s": host_mask.sum() / (t3 - t0)})
+      if len(tasks) > 1:
+        values = {f"task/{task.name}/{k}": v for k, v in values.items()} | {
+            "loss": values["loss"], "task_index": float(task.index)}
+      done = step + 1
+      if evaluator is not None and s.eval_every and (done % s.eval_every == 0
+                                                      or done == s.steps):
+        values.update(evaluate(done))
+      if samples_due:
+        texts = [str(e.prompt_text) for e in enc for _ in range(s.rollout.num_samples)]
+        _samples_page(workdir / "samples" / f"step_{done}.html", tokenizer, page_batch,
+                      page_scores, s.samples_count, texts)
+      if done % s.log_every == 0 or done == s.steps:
+        writer.write(done, values)
+      history.append({"step": done, **values})
+      if progress is not None:
+        progress.update(done, values)
+      if ckpt.should_save(done) or done == s.steps:
+        ckpt.save(done, state, {"step": done, "seed": s.seed}, force=done == s.steps)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+  return history
+
+
+def _update_inputs(estimator: str, scores: dict) -> dict:
+  """The score arrays the configured estimator's update reads."""
+  if estimator == "sft":
+    return {}
+  out = {"behavior_logprobs": scores["behavior_logprobs"]}
+  if estimator == "lsm":
+    out |= {k: scores[k] for k in ("t_indices", "t_logits", "t_lse", "t_sampled")}
+  elif estimator == "sampled_token":
+    out["teacher_logprobs"] = scores["teacher_logprobs"]
+  else:
+    out["teacher_logits"] = scores["teacher_logits"]
+  return out

@@ -1,0 +1,280 @@
+"""The OPD trainer: config checks, runs per estimator, mesh equivalence, non-finite stop, resume."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import train_helpers
+from opd_jax import models, settings, sharding, steps, train
+from opd_jax.data import order, tiny_arith
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _lines(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def _strip_timing(rows):
+  return [{k: v for k, v in r.items() if not k.startswith(train.TIMING_PREFIXES)} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# config boundary
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"loss.estimator": "kl"}, r"config.loss.estimator='kl' is not accepted; accepted: lsm"),
+    ({"rollout.top_p": 1.5}, r"config.rollout.top_p=1.5 .*\(0, 1\]"),
+    ({"rollout.top_p": 0.0}, r"config.rollout.top_p=0.0"),
+    ({"opt.minibatch_size": 3}, r"config.opt.minibatch_size=3 .*8 rollouts per step"),
+    ({"model.path": "/no/such/folder"}, r"config.model.path='/no/such/folder' .*local folder"),
+    ({"teacher.path": "/no/such/folder"}, r"config.teacher.path="),
+    ({"data.dataset": ""}, r"config.data.dataset='' .*registered dataset"),
+    ({"loss.support": "student"}, r"config.loss.support='student' .*teacher, teacher\+sampled"),
+    ({"loss.gamma": 1.5}, r"config.loss.gamma=1.5 .*\[0, 1\]"),
+    ({"workdir": ""}, r"config.workdir='' .*--config.workdir=DIR"),
+])
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, overrides, match):
+  c = train_helpers.tiny_config(tmp_path / "w", tmp_path / "tfds", **overrides)
+  with pytest.raises(settings.ConfigError, match=match):
+    settings.TrainSettings.from_config(c)
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_setting_is_named(tmp_path):
+  c = train_helpers.tiny_config(tmp_path, tmp_path)
+  c.loss.temperature = 2.0
+  with pytest.raises(settings.ConfigError, match=r"config.loss.temperature is not a setting"):
+    settings.TrainSettings.from_config(c)
+
+
+def test_layout_errors_need_the_mesh_and_vocabulary(tmp_path, tiny_arith_dir):
+  # 8 fake devices: a mini-batch of 4 rows cannot be split 8 ways.
+  c = train_helpers.tiny_config(tmp_path / "a", tiny_arith_dir)
+  with pytest.raises(settings.ConfigError, match=r"minibatch_size=4 must be a multiple of the "
+                     r"mesh's batch ways data\*fsdp=8"):
+    train.run(c, log=lambda _: None)
+  c = train_helpers.tiny_config(tmp_path / "b", tiny_arith_dir, **{
+      "loss.k": 100, "opt.minibatch_size": 8, "data.prompts_per_step": 8})
+  with pytest.raises(settings.ConfigError, match=r"config.loss.k=100 exceeds the shared "
+                     r"vocabulary of 14 tokens"):
+    train.run(c, log=lambda _: None)
+
+
+def test_data_order_is_a_pure_function_of_seed_step_process():
+  a = order.batch_indices(10, seed=3, step=2, global_batch=4)
+  assert np.array_equal(a, order.batch_indices(10, seed=3, step=2, global_batch=4))
+  # Processes take disjoint contiguous shares of the same global batch.
+  parts = [order.batch_indices(10, seed=3, step=2, global_batch=4, process_index=p,
+                               process_count=2) for p in range(2)]
+  assert np.array_equal(np.concatenate(parts), a)
+  # Every epoch is a permutation; batches cross epoch boundaries without repeats inside an epoch.
+  seq = np.concatenate([order.batch_indices(10, seed=3, step=s, global_batch=4)
+                        for s in range(5)])
+  assert sorted(seq[:10].tolist()) == list(range(10))
+  assert sorted(seq[10:20].tolist()) == list(range(10))
+  with pytest.raises(ValueError, match="multiple of the process count 3"):
+    order.batch_indices(10, seed=0, step=0, global_batch=4, process_count=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# runs
+# ----------------------------------------------------------------------------------------------
+
+
+def _mesh8(**kw):
+  # Rows split 8 ways on the test's 8 fake devices: 8 prompts x 2 rollouts, mini-batches of 8.
+  return {"data.prompts_per_step": 8, "opt.minibatch_size": 8, **kw}
+
+
+@pytest.mark.parametrize("estimator", [
+    "lsm", "sampled_token",
+    pytest.param("full_rkl", marks=pytest.mark.slow),
+    pytest.param("sft", marks=pytest.mark.slow)])
+def test_two_iterations_write_metrics_checkpoint_and_samples(tmp_path, tiny_arith_dir,
+                                                             estimator):
+  c = train_helpers.tiny_config(tmp_path, tiny_arith_dir, steps=2,
+                                **_mesh8(**{"loss.estimator": estimator}))
+  history = train.run(c, log=lambda _: None)
+  assert [h["step"] for h in history] == [1, 2]
+  rows = _lines(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2]
+  expected = {"loss", "opt/grad_norm", "opt/lr", "policy/entropy", "rollout/length_mean",
+              "rollout/length_max", "rollout/truncated_fraction", "time/rollout",
+              "time/scoring", "time/update", "perf/tokens_per_s"}
+  if estimator != "sft":
+    expected |= {"teacher/logp_gap", "teacher/topk_mass", "teacher/sampled_outside_topk",
+                 "teacher/topk_overlap", "rollout/logprob_mismatch_max",
+                 "rollout/logprob_mismatch_mean", "policy/kl_before_after"}
+  if estimator == "lsm":
+    expected |= {"kl/teacher_mass", "kl/student_mass", "kl/overlap"}
+  if estimator == "sampled_token":
+    expected |= {"opd/clip_fraction"}
+  assert expected <= set(rows[-1]), expected - set(rows[-1])
+  assert all(np.isfinite(v) for r in rows for v in r.values())
+  assert json.loads((tmp_path / "config.json").read_text())["loss"]["estimator"] == estimator
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+  page = tmp_path / "samples" / "step_2.html"
+  assert page.exists() == (estimator != "sft")
+
+
+def test_sampler_and_trainer_log_probs_agree(tmp_path, tiny_arith_dir):
+  # The rollout's policy log-probs (KV-cache decode) and the scoring forward (full pass) are two
+  # computations of the same numbers: the logged mismatch is small but its max is measured.
+  c = train_helpers.tiny_config(tmp_path, tiny_arith_dir, steps=1, **_mesh8())
+  (row,) = train.run(c, log=lambda _: None)
+  assert 0.0 <= row["rollout/logprob_mismatch_max"] < 1e-4
+  assert row["rollout/logprob_mismatch_mean"] <= row["rollout/logprob_mismatch_max"]
+
+
+def test_non_finite_loss_stops_the_run_without_a_checkpoint(tmp_path, tiny_arith_dir):
+  # A teacher whose output head is NaN makes every teacher log-prob NaN.
+  config = models.ModelConfig(model_type="qwen2", vocab_size=len(tiny_arith.VOCAB),
+                              hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                              num_kv_heads=1, head_dim=16, qkv_bias=True,
+                              max_position_embeddings=64)
+  teacher = models.init_model(config, seed=0)
+  teacher.lm_head.kernel[...] = jnp.full(teacher.lm_head.kernel[...].shape, jnp.nan)
+  folder = tmp_path / "nan_teacher"
+  models.save_hf_checkpoint(teacher, config, folder)
+  tiny_arith.make_tokenizer(folder)
+  c = train_helpers.tiny_config(tmp_path / "w", tiny_arith_dir, steps=2, **_mesh8(**{
+      "loss.estimator": "sampled_token", "teacher.path": str(folder)}))
+  with pytest.raises(train.NonFiniteError, match=r"step 1: loss = nan"):
+    train.run(c, log=lambda _: None)
+  assert not any((tmp_path / "w" / "checkpoints").glob("[0-9]*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# the update on a mesh
+# ----------------------------------------------------------------------------------------------
+
+
+def _synthetic_batch(rng, rows, p, n, vocab, k):
+  prompt = rng.integers(2, vocab, (rows, p)).astype(np.int32)
+  prompt_mask = np.ones((rows, p), bool)
+  prompt_mask[: rows // 2, :2] = False                       # some left padding
+  response = rng.integers(2, vocab, (rows, n)).astype(np.int32)
+  mask = np.arange(n)[None, :] < rng.integers(1, n + 1, (rows, 1))
+  return {"prompt": prompt, "prompt_mask": prompt_mask, "response": response,
+          "response_mask": mask, "loss_mask": mask, "teacher_prompt": prompt,
+          "teacher_prompt_mask": prompt_mask, "policy_logprobs": np.zeros((rows, n), np.float32)}
+
+
+@pytest.mark.parametrize("estimator", ["lsm", "sampled_token"])
+def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
+  config = models.ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=32,
+                              intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=8, qkv_bias=True, max_position_embeddings=64)
+  # A large Adam ε keeps the step linear in tiny gradients: with ε = 1e-8, a gradient entry at
+  # the level of float32 reduction-order noise would move its parameter by ±lr either way.
+  opt = settings.OptSettings(minibatch_size=8, lr=1e-2, warmup_steps=0, schedule="constant",
+                             b1=0.9, b2=0.999, eps=1e-3, weight_decay=0.01, grad_clip=1.0)
+  loss = settings.LossSettings(estimator, k=4, support="teacher", renormalize=True, tail="none",
+                               tail_weight_clip=None, gamma=0.0, ppo_clip=0.2,
+                               advantage_clip=None, chunk_tokens=1024, chunk_vocab=8192)
+  batch = _synthetic_batch(np.random.default_rng(0), 16, 8, 6, 16, 4)
+  results = []
+  for mesh in (sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+               sharding.make_mesh(2, 2, 2)):
+    shapes = steps.Shapes(vocab=16, k=4, mesh=mesh)
+    student = models.init_model(config, seed=0, mesh=mesh, std=0.3)
+    teacher = models.init_model(config, seed=1, mesh=mesh, std=0.3)
+    s_def, s_params = nnx.split(student)
+    t_def, t_params = nnx.split(teacher)
+    rows = [jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for v in batch.values()]
+    placed = dict(zip(batch, rows))
+    scores, _ = steps.score(s_def, s_params, t_def, t_params, placed, shapes=shapes,
+                            estimator=estimator)
+    ubatch = {k: placed[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
+    ubatch |= train._update_inputs(estimator, scores)  # pylint: disable=protected-access
+    shard = steps.train_state_shardings(config, opt, 10, mesh)
+    state = steps.init_state(s_params, opt, 10, shard)
+    update = steps.make_update(config, loss, opt, shapes, 2, 10)
+    state, metrics = update(state, ubatch, jax.random.key(0))
+    # The state keeps its explicit shardings (parameters split over fsdp / tensor).
+    emb = state.params["embed_tokens"]["embedding"][...]
+    assert emb.sharding.spec == jax.tree.leaves(shard.params["embed_tokens"])[0].spec
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (p1, m1), (p8, m8) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), p1, p8)
+  for key in m1:
+    np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------
+# kill and resume
+# ----------------------------------------------------------------------------------------------
+
+
+def _launch(config_file, workdir, env):
+  return subprocess.Popen(
+      [sys.executable, "-m", "opd_jax.main", f"--config={config_file}",
+       f"--config.workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_mid_run_then_resume_ends_bitwise_like_an_uninterrupted_run(tmp_path,
+                                                                           tiny_arith_dir):
+  config_file = train_helpers.write_config_file(
+      tmp_path / "tiny_opd.py", tiny_arith_dir,
+      "c.steps = 6\nc.mesh.data = 1\nc.log.samples_every = 0")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device
+  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  proc = _launch(config_file, straight, env)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+
+  proc = _launch(config_file, killed, env)
+  metrics_file = killed / "metrics.jsonl"
+  deadline = time.time() + 600
+  # Kill once step 3 is logged: the step-2 checkpoint exists (or is being written) and step 3's
+  # line must be dropped and redone by the resumed run.
+  while time.time() < deadline and proc.poll() is None:
+    if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc = _launch(config_file, killed, env)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from" in out
+
+  assert _strip_timing(_lines(killed / "metrics.jsonl")) == _strip_timing(
+      _lines(straight / "metrics.jsonl"))
+  from opd_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  finals = []
+  for workdir in (straight, killed):
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=2, keep=3,
+                                   async_save=False)
+    assert ckpt.latest_step() == 6
+    finals.append(_read_state(workdir))
+    ckpt.close()
+  a, b = finals
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _read_state(workdir):
+  """The saved state of step 6 as numpy arrays (restored without a target structure)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.StandardCheckpointer() as reader:
+    return reader.restore(pathlib.Path(workdir) / "checkpoints" / "6" / "state")
