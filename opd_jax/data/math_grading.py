@@ -285,10 +285,10 @@ def normalize_answer(answer: str) -> str:
     boxed = _last_boxed(s)
     s = boxed if boxed is not None else s
   s = s.replace("\n", " ").replace("\\$", "").replace("$", "")
-  s = re.sub(r"\\[()\[\]]", "", s)
+  s = re.sub(r"(?<!\\)\\[()\[\]]", "", s)  # math delimiters, not a "\\\\" row break
   s = re.sub(r"\\(?:left|right)\.", "", s)
   s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])", "", s)
-  s = re.sub(r"\\(?:displaystyle|textstyle|quad|qquad)(?![A-Za-z])|\\[,;:! ]|~", " ", s)
+  s = re.sub(r"\\(?:displaystyle|textstyle|quad|qquad)(?![A-Za-z])|(?<!\\)\\[,;:! ]|~", " ", s)
   s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
   s = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", s)
   s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![A-Za-z])", "", s)
@@ -309,9 +309,9 @@ def normalize_answer(answer: str) -> str:
   s = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\x00", s)
   s = re.sub(r"\s+", "", s).replace("\x00", " ")
   s = s.replace("{,}", "")
+  s = s.rstrip(".")
   if _THOUSANDS_RE.match(s):
     s = s.replace(",", "")
-  s = s.rstrip(".")
   s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
   s = _DECIMAL_RE.sub(_decimal, s)
   s = _MIXED_NUMBER_RE.sub(
