@@ -706,23 +706,36 @@ def _symbolic_atom_equal(pred: str, ref: str) -> bool:
   diff = a - b
   if diff == 0:
     return True
-  if _INT_RE.match(ref):  # an integer reference needs an exact match: no numeric tolerance
-    return sympy.simplify(diff) == 0
+  ref_is_int = _INT_RE.match(ref) is not None
   if not a.free_symbols and not b.free_symbols:
-    if sympy.simplify(diff) == 0:
-      return True
-    try:
-      av, bv = complex(sympy.N(a, 30)), complex(sympy.N(b, 30))
-    except (TypeError, ValueError, OverflowError):
+    gap, scale = _complex(diff), _complex(b)
+    if gap is None or scale is None:
+      return ref_is_int and _proved_zero(sympy, diff)
+    if ref_is_int or scale == 0:  # an exact match is needed: no numeric tolerance
+      return abs(gap) < 1e-9 and _proved_zero(sympy, diff)
+    return abs(gap) <= float(REL_TOL) * abs(scale)
+  # Functions of symbols: a clear difference at a few positive points settles non-equivalence
+  # cheaply; equivalence needs a proof (expand, then simplify, then sympy's `equals`).
+  symbols = sorted(diff.free_symbols, key=str)
+  for k in range(3):
+    point = {s: sympy.Rational(7 + 3 * k + j, 11 + k) for j, s in enumerate(symbols)}
+    gap = _complex(diff.subs(point))
+    if gap is not None and abs(gap) > 1e-6 * (1 + abs(_complex(b.subs(point)) or 0)):
       return False
-    if not all(map(lambda z: abs(z) < float("inf"), (av, bv))):
-      return False
-    if bv == 0:
-      return av == 0
-    return abs(av - bv) <= float(REL_TOL) * abs(bv)
-  if sympy.simplify(diff) == 0:
-    return True
-  return diff.equals(0) is True
+  return _proved_zero(sympy, diff)
+
+
+def _complex(expr) -> complex | None:
+  """expr evaluated to 30 digits as a finite complex number; None if it is not one."""
+  try:
+    value = complex(expr.evalf(30))
+  except (TypeError, ValueError, OverflowError, AttributeError):
+    return None
+  return value if abs(value) < float("inf") and value == value else None
+
+
+def _proved_zero(sympy, diff) -> bool:
+  return sympy.expand(diff) == 0 or sympy.simplify(diff) == 0 or diff.equals(0) is True
 
 
 def _symbolic_equal(pred_norm: str, ref_norm: str) -> bool:
