@@ -171,7 +171,7 @@ def _strip_text_macros(s: str) -> str:
 
 
 def _fix_macro_args(s: str) -> str:
-  """Braces around one-token arguments: \\frac12 -> \\frac{1}{2}, \\frac{1}2, \\sqrt2 -> \\sqrt{2}."""
+  """Braces around one-token arguments: \\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}."""
   inserts = []  # (position, "{" or "}") in s; a bare argument is one character or macro name
   for m in re.finditer(r"\\(frac|binom|sqrt)(?![A-Za-z])", s):
     j = m.end()
@@ -303,7 +303,7 @@ def normalize_answer(answer: str) -> str:
   if m and s[m.end():].strip() and "=" not in s[m.end():]:
     s = s[m.end():]
   # A one-character sub/superscript ends at a space ("\log_2 8", "x^2 y"); \log_28 is log_2 8.
-  s = re.sub(r"([_^])\s*([A-Za-z0-9])(?=\s)", r"\1{\2}", s)
+  s = re.sub(r"([_^])\s*([A-Za-z0-9])(?=\s+[A-Za-z0-9])", r"\1{\2}", s)
   s = re.sub(r"\\log_(\d)", r"\\log_{\1}", s)
   # Keep one space where deleting it would merge a macro name with a letter ("\pi r").
   s = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\x00", s)
@@ -319,7 +319,8 @@ def normalize_answer(answer: str) -> str:
   while len(s) >= 2:
     if s[0] == "{" and _outer_pair_closes_at_end(s, 1, "}"):
       s = s[1:-1]
-    elif s[0] == "(" and _outer_pair_closes_at_end(s, 1, ")") and len(_split_top(s[1:-1], ",")) == 1:
+    elif (s[0] == "(" and _outer_pair_closes_at_end(s, 1, ")")
+          and len(_split_top(s[1:-1], ",")) == 1):
       s = s[1:-1]
     else:
       break
@@ -333,7 +334,8 @@ def normalize_answer(answer: str) -> str:
 
 _INT_RE = re.compile(r"^[-+]?\d+$")
 _LITERAL_RE = re.compile(
-    r"^(?P<sign>[-+]?)(?:(?P<num>\d{1,60}(?:\.\d{0,60})?|\.\d{1,60})(?:e(?P<exp>[-+]?\d{1,3}))?"
+    r"^(?P<sign>[-+]?)(?:(?P<num>\d{1,60}(?:\.\d{0,60})?|\.\d{1,60})"
+    r"(?:e(?P<exp>[-+]?\d{1,3})|\\(?:times|cdot)10\^(?:\{(?P<exp10>-?\d{1,3})\}|(?P<exp1>\d)))?"
     r"|\\frac\{(?P<fn>\d{1,60})\}\{(?P<fd>\d{1,60})\}|(?P<sn>\d{1,60})/(?P<sd>\d{1,60}))$")
 _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix)\}(.*)\\end\{\1\}$", re.DOTALL)
 _WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
@@ -372,7 +374,7 @@ def _literal(s: str) -> Fraction | None:
     return None
   sign = -1 if m["sign"] == "-" else 1
   if m["num"] is not None:
-    value = Fraction(m["num"]) * Fraction(10) ** int(m["exp"] or 0)
+    value = Fraction(m["num"]) * Fraction(10) ** int(m["exp"] or m["exp10"] or m["exp1"] or 0)
   elif m["fn"] is not None:
     if int(m["fd"]) == 0:
       return None
@@ -482,7 +484,8 @@ def _cheap_equal(pred_norm: str, ref_norm: str) -> bool | None:
 # ----------------------------------------------------------------------------------------------
 
 _TOKEN_RE = re.compile(
-    r"\s*(?:(?P<num>\d+\.\d*|\.\d+|\d+)|(?P<macro>\\[A-Za-z]+|\\[{}|])|(?P<word>[A-Za-z]+)"
+    r"\s*(?:(?P<num>(?:\d+\.\d*|\.\d+|\d+)(?:e[-+]?\d+(?![A-Za-z0-9]))?)"
+    r"|(?P<macro>\\[A-Za-z]+|\\[{}|])|(?P<word>[A-Za-z]+)"
     r"|(?P<char>\S))")
 _GREEK = frozenset(
     "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi "
