@@ -133,19 +133,20 @@ _UNITS = (
     "square units|sq units|cubic units|units?|cm|mm|km|meters?|metres?|inches|inch|feet|foot|ft|"
     "yards?|miles?|degrees?|radians?|dollars?|cents?|seconds?|sec|minutes?|mins?|hours?|hrs?|"
     "days?|weeks?|months?|years?|kg|grams?|mg|pounds?|lbs?|ounces?|oz|liters?|litres?|ml|mL|"
-    "mph|km/h|m/s|cm\\^2|cm\\^3|m\\^2|m\\^3|eV|keV|MeV|Hz|kHz|MHz|GHz|kJ|J|kW|W|nm|km/s|"
+    "mph|km/h|m/s|cm\\^2|cm\\^3|m\\^2|m\\^3|eV|keV|MeV|Hz|kHz|MHz|GHz|kJ|kW|nm|km/s|"
     "people|students|ways|times")
 _UNIT_WORD_RE = re.compile(rf"^\s*(?:{_UNITS})(?:\^\{{?\d\}}?)?\s*$")
 # A known unit after a number, a closing bracket or brace (e.g. "10 cm", "5\sqrt{2} units").
 _TRAILING_UNIT_RE = re.compile(rf"(?<=[\d}}).)])\s*(?:{_UNITS})(?:\^\{{?\d\}}?)?\s*$")
 # Single-letter SI units are only stripped when separated by a space ("5 m", not "5m").
-_TRAILING_LETTER_UNIT_RE = re.compile(r"(?<=[\d}])\s+(?:m|s|g|kg|L|N|K|V)\s*$")
+_TRAILING_LETTER_UNIT_RE = re.compile(r"(?<=[\d}])\s+(?:m|s|g|L|N|K|V|J|W)\s*$")
 _PREFIX_RE = re.compile(
     r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?|\\[A-Za-z]+)(?:\([A-Za-z]\))?\s*(?:=|\\in(?![A-Za-z]))")
 _THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _DECIMAL_RE = re.compile(r"(?<![\d.])(\d+)\.(\d*)(?![\d.])")
 _BARE_ARG_RE = re.compile(r"\\[A-Za-z]+|[A-Za-z0-9]")
-_MIXED_NUMBER_RE = re.compile(r"(?<![\w.}^_\\])(\d+)\\frac\{(\d+)\}\{(\d+)\}")
+# Only a whole answer is a mixed number: in "1+2\frac{1}{2}" the juxtaposition is a product.
+_MIXED_NUMBER_RE = re.compile(r"^([-+]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$")
 
 
 def _strip_text_macros(s: str) -> str:
@@ -212,8 +213,8 @@ def _decimal(m: re.Match) -> str:
   return m.group(1) + ("." + frac if frac else "")
 
 
-def _outer_pair_closes_at_end(s: str, open_len: int, close: str) -> bool:
-  """Whether the bracket opening s (open_len chars) is closed exactly by the last `close`."""
+def _outer_pair_closes_at_end(s: str, close: str) -> bool:
+  """Whether the bracket that opens s is closed by `close` at the very end of s."""
   depth = 0
   i = 0
   n = len(s)
@@ -315,11 +316,11 @@ def normalize_answer(answer: str) -> str:
   s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
   s = _DECIMAL_RE.sub(_decimal, s)
   s = _MIXED_NUMBER_RE.sub(
-      lambda m: f"\\frac{{{int(m[1]) * int(m[3]) + int(m[2])}}}{{{m[3]}}}", s)
+      lambda m: f"{m[1]}\\frac{{{int(m[2]) * int(m[4]) + int(m[3])}}}{{{m[4]}}}", s)
   while len(s) >= 2:
-    if s[0] == "{" and _outer_pair_closes_at_end(s, 1, "}"):
+    if s[0] == "{" and _outer_pair_closes_at_end(s, "}"):
       s = s[1:-1]
-    elif (s[0] == "(" and _outer_pair_closes_at_end(s, 1, ")")
+    elif (s[0] == "(" and _outer_pair_closes_at_end(s, ")")
           and len(_split_top(s[1:-1], ",")) == 1):
       s = s[1:-1]
     else:
@@ -341,26 +342,29 @@ _MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix)\}(.*)\\end\{\1\}$", re.DOTA
 _WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
 
 
-def _structure(s: str):
+def _structure(s: str, depth: int = 0):
   """Nested tuples: ("atom", s) | ("seq", brackets, elems) | ("set", elems) | ("union", parts)
-  | ("matrix", rows)."""
+  | ("matrix", rows). Past _MAX_PARSE_DEPTH levels the rest is one atom (compared as text)."""
+  if depth > _MAX_PARSE_DEPTH:
+    return ("atom", s)
+  depth += 1
   parts = _split_top(s, "\\cup")
   if len(parts) > 1:
-    return ("union", tuple(_structure(p) for p in parts))
+    return ("union", tuple(_structure(p, depth) for p in parts))
   m = _MATRIX_RE.match(s)
   if m:
     rows = [r for r in m.group(2).split("\\\\") if r]
-    return ("matrix", tuple(tuple(_structure(c) for c in r.split("&")) for r in rows))
-  if s.startswith("\\{") and s.endswith("\\}") and _outer_pair_closes_at_end(s, 2, "\\}"):
+    return ("matrix", tuple(tuple(_structure(c, depth) for c in r.split("&")) for r in rows))
+  if s.startswith("\\{") and s.endswith("\\}") and _outer_pair_closes_at_end(s, "\\}"):
     inner = s[2:-2]
-    return ("set", tuple(_structure(e) for e in _split_top(inner, ",") if e))
-  if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _outer_pair_closes_at_end(s, 1, s[-1]):
+    return ("set", tuple(_structure(e, depth) for e in _split_top(inner, ",") if e))
+  if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _outer_pair_closes_at_end(s, s[-1]):
     elems = _split_top(s[1:-1], ",")
     if len(elems) >= 2:
-      return ("seq", s[0] + s[-1], tuple(_structure(e) for e in elems))
+      return ("seq", s[0] + s[-1], tuple(_structure(e, depth) for e in elems))
   elems = _split_top(s, ",")
   if len(elems) >= 2:
-    return ("set", tuple(_structure(e) for e in elems if e))
+    return ("set", tuple(_structure(e, depth) for e in elems if e))
   m = _PREFIX_RE.match(s)
   if m and s[m.end():] and "=" not in s[m.end():]:
     s = s[m.end():]
@@ -699,21 +703,25 @@ def _symbolic_atom_equal(pred: str, ref: str) -> bool:
   if len(pred_sides) != len(ref_sides) or len(ref_sides) > 2:
     return False
   try:
-    if len(ref_sides) == 2:  # equations: the same up to moving everything to one side
+    if len(ref_sides) == 2:  # equations: the same after moving everything to one side
       dp = _to_sympy(pred_sides[0]) - _to_sympy(pred_sides[1])
       dr = _to_sympy(ref_sides[0]) - _to_sympy(ref_sides[1])
-      return sympy.simplify(dp - dr) == 0 or sympy.simplify(dp + dr) == 0
+      return _exprs_equal(sympy, dp, dr, False) or _exprs_equal(sympy, dp, -dr, False)
     a, b = _to_sympy(pred), _to_sympy(ref)
   except (_ParseError, TypeError, ValueError, AttributeError, ZeroDivisionError, RecursionError):
     return False
+  return _exprs_equal(sympy, a, b, _INT_RE.match(ref) is not None)
+
+
+def _exprs_equal(sympy, a, b, ref_is_int: bool) -> bool:
+  """a == b for sympy expressions; numbers within REL_TOL unless the reference is an integer."""
   diff = a - b
   if diff == 0:
     return True
-  ref_is_int = _INT_RE.match(ref) is not None
   if not a.free_symbols and not b.free_symbols:
     gap, scale = _complex(diff), _complex(b)
     if gap is None or scale is None:
-      return ref_is_int and _proved_zero(sympy, diff)
+      return _proved_zero(sympy, diff)
     if ref_is_int or scale == 0:  # an exact match is needed: no numeric tolerance
       return abs(gap) < 1e-9 and _proved_zero(sympy, diff)
     return abs(gap) <= float(REL_TOL) * abs(scale)
