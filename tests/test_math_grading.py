@@ -195,6 +195,14 @@ def test_adversarial_inputs_do_not_crash():
   assert time.perf_counter() - start < 5
 
 
+def test_worker_start_failure_is_an_error_not_a_hang():
+  with mg.Grader(workers=1, memory_limit_mb=1) as grader:
+    with pytest.raises(RuntimeError, match=r"worker .*memory_limit_mb=1"):
+      grader.grade(["x+1"], ["1+x"], extract=False)
+    # Cheap pairs need no worker.
+    assert grader.grade(["1"], ["1.0"], extract=False).correct == (True,)
+
+
 def test_extract_answer():
   cases = [
       (r"so \boxed{2}", "2"),

@@ -987,13 +987,18 @@ class Grader:
             w = key.data
             messages = w.read_messages()
             if messages is None:  # the process exited: its task failed, start a replacement
+              if not w.ready:
+                raise RuntimeError(
+                    f"math grading worker exited while starting (exit code {w.proc.wait()}; "
+                    f"memory_limit_mb={self.memory_limit_mb})")
               if w.task is not None:
                 statuses[w.task] = "error"
               self._replace(w, workers, selector)
               continue
             for msg in messages:
               if "error" in msg and "id" not in msg:
-                raise RuntimeError(f"math grading worker failed to start: {msg['error']}")
+                raise RuntimeError(f"math grading worker failed to start (memory_limit_mb="
+                                   f"{self.memory_limit_mb}): {msg['error']}")
               if msg.get("ready"):
                 w.ready = True
               elif msg.get("id") == w.task:
@@ -1086,12 +1091,24 @@ def grade(responses: Sequence[str | None], references: Sequence[str], *, timeout
 def is_equivalent(prediction: str | None, reference: str, *, timeout_s: float = 5.0) -> bool:
   """Whether an answer is mathematically equivalent to the reference answer.
 
-  Normalises both (`normalize_answer`), compares structure (tuples and intervals ordered with
-  matching brackets, sets and comma lists unordered) and then atoms exactly, as plain numbers
-  (an integer reference needs exactly that integer; otherwise relative tolerance 1e-6), and
-  finally with sympy. The sympy step runs in a persistent helper process (started on first need,
-  about a second; shared by all calls) that is killed and replaced when one comparison exceeds
-  `timeout_s`; a timed-out comparison is not equivalent.
+  Rules, in order: both sides are normalised (`normalize_answer`); equal strings match. Then the
+  structure is compared: tuples and intervals are ordered and their brackets must match
+  ("[1,2)" is not "[1,2]", "(1,2)" is not "(2,1)" nor "[1,2]"); `\\{...\\}` sets and bare comma
+  lists ("1, 2") are unordered and interchangeable (a one-element set equals its element);
+  unions (`\\cup`) are unordered; matrices are compared cell by cell. Atoms: plain numbers are
+  compared as exact fractions ("1/2" = "0.5"); an integer reference needs exactly that integer
+  ("2.0" matches "2", "2.0000001" and "1.99" do not), other numbers match within relative
+  tolerance 1e-6 (so "1/3" vs "0.33" does not); two words are compared case-insensitively
+  ("Monday"); everything else is parsed into sympy (exact rationals, `e` and `i` are the
+  constants, `\\pi`, radicals, trigonometric and log functions, factorial, binomial) and
+  compared: numbers numerically with the same integer / tolerance rule, expressions with
+  symbols by proof (expand, simplify, sympy's `equals`) after a numeric spot check at three
+  points; two equations match when their (left side - right side) agree up to sign. Anything
+  sympy cannot parse (inequalities, text) matches only as an equal string.
+
+  The sympy step runs in a persistent helper process (started on first need, about a second;
+  shared by all calls) that is killed and replaced when one comparison exceeds `timeout_s`; a
+  timed-out comparison is not equivalent.
 
   Args:
     prediction: the extracted answer (a `\\boxed{}` wrapper is removed); None is not equivalent.
