@@ -962,7 +962,9 @@ class Grader:
       statuses: list[str | None] = [None] * len(tasks)
       pending = deque(range(len(tasks)))
       wanted = min(self.max_workers, len(tasks))
-      self._workers = [w for w in self._workers if w.proc.poll() is None]
+      for w in [w for w in self._workers if w.proc.poll() is not None]:
+        w.kill()  # exited since the last call: reap it and close its pipes
+        self._workers.remove(w)
       while len(self._workers) < wanted:
         self._workers.append(_Worker(self.memory_limit_mb))
       workers = self._workers[:wanted]
