@@ -225,7 +225,7 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
       (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      out = {"loss": value, "opt/grad_norm": optax.global_norm(grads),
+      out = {"loss": value, "opt/grad_norm": optax.tree.norm(grads),
              "opt/lr": schedule(state.step * minibatches + j), **aux}
       return (params, opt_state, j + 1), out
 

@@ -220,11 +220,20 @@ def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
 # ----------------------------------------------------------------------------------------------
 
 
-def _launch(config_file, workdir, env):
-  return subprocess.Popen(
-      [sys.executable, "-m", "opd_jax.main", f"--config={config_file}",
-       f"--config.workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+def _launch(config_file, workdir, env, log):
+  # Output goes to a file: a pipe nobody reads while the test polls would block the child.
+  with open(log, "a") as out:
+    return subprocess.Popen(
+        [sys.executable, "-m", "opd_jax.main", f"--config={config_file}",
+         f"--config.workdir={workdir}"], cwd=ROOT, env=env, stdout=out,
+        stderr=subprocess.STDOUT)
+
+
+def _finish(proc, log):
+  proc.wait(timeout=600)
+  text = pathlib.Path(log).read_text()
+  assert proc.returncode == 0, text[-3000:]
+  return text
 
 
 def test_sigkill_mid_run_then_resume_ends_bitwise_like_an_uninterrupted_run(tmp_path,
@@ -236,26 +245,24 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_like_an_uninterrupted_run(tmp_
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  proc = _launch(config_file, straight, env)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-3000:]
+  _finish(_launch(config_file, straight, env, tmp_path / "straight.log"), tmp_path / "straight.log")
 
-  proc = _launch(config_file, killed, env)
+  proc = _launch(config_file, killed, env, tmp_path / "killed.log")
   metrics_file = killed / "metrics.jsonl"
   deadline = time.time() + 600
-  # Kill once step 3 is logged: the step-2 checkpoint exists (or is being written) and step 3's
-  # line must be dropped and redone by the resumed run.
+  # Kill once step 3 is logged and the step-2 checkpoint is final: step 3's line must then be
+  # dropped and redone by the resumed run.
   while time.time() < deadline and proc.poll() is None:
-    if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3:
+    if ((killed / "checkpoints" / "2").is_dir() and metrics_file.exists()
+        and len(metrics_file.read_text().splitlines()) >= 3):
       break
-    time.sleep(0.05)
+    time.sleep(0.02)
   assert proc.poll() is None, "the run ended before it could be killed"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  proc = _launch(config_file, killed, env)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-3000:]
-  assert "resumed from" in out
+  out = _finish(_launch(config_file, killed, env, tmp_path / "resumed.log"),
+                tmp_path / "resumed.log")
+  assert "resumed from" in out, out[-3000:]
 
   assert _strip_timing(_lines(killed / "metrics.jsonl")) == _strip_timing(
       _lines(straight / "metrics.jsonl"))
