@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.rollout.banned_strings = ("<pad>",)
   c.loss.k = 4                      # LSM support: the teacher's top-4 of 14 tokens
   c.opt.minibatch_size = 32         # two AdamW steps per iteration
-  c.opt.lr = 3e-4
+  c.opt.lr = 1e-3
   c.opt.weight_decay = 0.0
   c.checkpoint.every = 50
   c.eval.every = 50                 # exact match and reverse KL at 0 / 50 / 100 / 150
@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.demo.student_max_steps = 6000
   c.demo.lr = 1e-3                  # AdamW learning rate of the supervised pre-training
   c.demo.batch = 128                # problems per supervised step
-  c.demo.check_every = 100          # supervised steps between validation checks
+  c.demo.check_every = 25           # supervised steps between validation checks
   if arg == "smoke":
     c.steps, c.eval.every, c.checkpoint.every = 4, 2, 2
     c.demo.seeds, c.demo.methods = (0,), ("sampled_token", "lsm", "sft")

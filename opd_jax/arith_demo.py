@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from opd_jax import losses, models, sampling, train
-from opd_jax.data import tiny_arith
+from opd_jax.data import registry, tiny_arith
 
 METHODS = {  # name -> (loss.estimator, rollout.top_p)
     "sampled_token": ("sampled_token", 1.0),
@@ -60,12 +60,17 @@ def _shape_config(shape: ml_collections.ConfigDict, dtype: str = "float32") -> m
 # ----------------------------------------------------------------------------------------------
 
 
+# Decoding never emits padding (the OPD rollouts ban it too): nothing in the distillation
+# penalises mass that drifts to a token no rollout can sample.
+_DECODE = dict(max_new_tokens=tiny_arith.TARGET_LEN,
+               stop_token_ids=(tiny_arith.VOCAB.index(tiny_arith.EOS),),
+               banned_token_ids=(tiny_arith.VOCAB.index(tiny_arith.PAD),))
+
+
 def greedy_accuracy(model, prompts: np.ndarray, answers: list[str]) -> float:
   """Exact match of greedy responses (digits before <eos>) against the reference answers."""
   mask = np.ones(prompts.shape, bool)
-  out = sampling.sample(model, prompts, mask, jax.random.key(0),
-                        max_new_tokens=tiny_arith.TARGET_LEN, temperature=0.0,
-                        stop_token_ids=[tiny_arith.VOCAB.index(tiny_arith.EOS)])
+  out = sampling.sample(model, prompts, mask, jax.random.key(0), temperature=0.0, **_DECODE)
   tokens = np.asarray(out.tokens)
   return float(np.mean([tiny_arith.decode_answer(t) == a for t, a in zip(tokens, answers)]))
 
@@ -84,9 +89,7 @@ def _reverse_kl(student_def, student_params, teacher_def, teacher_params, prompt
 def sampled_reverse_kl(model, teacher, prompts: np.ndarray, seed: int) -> float:
   """Full-vocabulary reverse KL (Eq. 4) to the teacher on the student's own samples (T = 1)."""
   mask = np.ones(prompts.shape, bool)
-  out = sampling.sample(model, prompts, mask, jax.random.key(seed),
-                        max_new_tokens=tiny_arith.TARGET_LEN, temperature=1.0,
-                        stop_token_ids=[tiny_arith.VOCAB.index(tiny_arith.EOS)])
+  out = sampling.sample(model, prompts, mask, jax.random.key(seed), temperature=1.0, **_DECODE)
   s_def, s_params = nnx.split(model)
   t_def, t_params = nnx.split(teacher)
   return float(_reverse_kl(s_def, s_params, t_def, t_params, jnp.asarray(prompts), out.tokens,
@@ -164,6 +167,7 @@ def opd_config(config: ml_collections.ConfigDict, method: str, seed: int,
   c.experiment = "opd"
   c.seed = seed
   c.workdir = str(workdir / "runs" / f"{method}_seed{seed}")
+  c.data.data_dir = str(registry.data_dir(config.data, workdir))
   c.model.path = c.model.tokenizer = str(student)
   c.teacher.path = c.teacher.tokenizer = str(teacher)
   c.loss.estimator, c.rollout.top_p = METHODS[method]
@@ -181,7 +185,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   workdir = pathlib.Path(config.workdir)
   log = print
   t_start = time.perf_counter()
-  tfds_dir = workdir / "tfds"
+  tfds_dir = registry.data_dir(config.data, workdir)
   train_data = _arrays(tiny_arith.load(tfds_dir, "train"))
   valid = _arrays(tiny_arith.load(tfds_dir, "valid"))
   test = _arrays(tiny_arith.load(tfds_dir, "test"))

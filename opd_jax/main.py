@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,6 +37,8 @@ def main(argv):
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config=experiments/<name>.py is required")
+  if not flags.FLAGS["verbosity"].present:   # library INFO logs (TFDS, Orbax) only on request
+    logging.set_verbosity(logging.WARNING)
   run_experiment(_CONFIG.value)
 
 

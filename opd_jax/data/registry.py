@@ -8,9 +8,9 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from opd_jax.data import tiny_arith
+from opd_jax.data import math_datasets, prompts, tiny_arith
 
-DATASETS = ("tiny_arith",)
+DATASETS = ("tiny_arith",) + math_datasets.NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,14 @@ def data_dir(source, workdir: pathlib.Path) -> pathlib.Path:
 def open_split(source, workdir: pathlib.Path):
   """The configured split of a DatasetSource as a random-access data source (built once)."""
   _check(source.dataset)
-  return tiny_arith.load(data_dir(source, workdir), source.split)
+  if source.dataset == "tiny_arith":
+    return tiny_arith.load(data_dir(source, workdir), source.split)
+  split = math_datasets.DATASETS[source.dataset].split
+  if source.split != split:
+    raise ValueError(f"dataset {source.dataset!r} has only the split {split!r}, got "
+                     f"split={source.split!r}")
+  return math_datasets.load_split(source.dataset, source=source.source or None,
+                                  data_dir=data_dir(source, workdir))
 
 
 def tokenizer_for(folder: str, dataset: str, workdir: pathlib.Path):
@@ -60,18 +67,41 @@ def tokenizer_for(folder: str, dataset: str, workdir: pathlib.Path):
 
 def encoder(dataset: str, tokenizer, teacher_tokenizer, *, chat_template: bool,
             max_prompt_len: int) -> Callable[[Mapping], Encoded]:
-  """`encode(example) -> Encoded` for the dataset's examples."""
-  del tokenizer, teacher_tokenizer, chat_template  # tiny_arith examples are stored as token ids
+  """`encode(example) -> Encoded` for the dataset's examples.
+
+  Math problems are wrapped in the instruction of `prompts.INSTRUCTION` and rendered twice: with
+  the student's chat template and tokenizer, and with the teacher's, so that the teacher scores
+  the conversation in its own format. tiny_arith examples are stored as token ids.
+  """
   _check(dataset)
 
-  def encode(example: Mapping) -> Encoded:
-    prompt = np.asarray(example["prompt_ids"], np.int32)
-    if len(prompt) > max_prompt_len:
-      raise ValueError(f"a prompt of {len(prompt)} tokens exceeds config.data.max_prompt_len="
+  def checked(ids) -> np.ndarray:
+    if len(ids) > max_prompt_len:
+      raise ValueError(f"a prompt of {len(ids)} tokens exceeds config.data.max_prompt_len="
                        f"{max_prompt_len}")
-    answer = example["answer"]
-    answer = answer.decode() if isinstance(answer, bytes) else str(answer)
-    text = "".join(tiny_arith.VOCAB[i] for i in prompt.tolist())
-    return Encoded(prompt, prompt, np.asarray(example["target_ids"], np.int32), answer, text)
+    return np.asarray(ids, np.int32)
 
-  return encode
+  def text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+  if dataset == "tiny_arith":
+    def encode(example: Mapping) -> Encoded:
+      prompt = checked(example["prompt_ids"])
+      shown = "".join(tiny_arith.VOCAB[i] for i in prompt.tolist())
+      return Encoded(prompt, prompt, np.asarray(example["target_ids"], np.int32),
+                     text(example["answer"]), shown)
+    return encode
+
+  def encode_math(example: Mapping) -> Encoded:
+    problem = text(example["problem"])
+    if chat_template:
+      messages = prompts.prompt_messages(problem)
+      ids = prompts.encode_prompt(messages, tokenizer)
+      teacher_ids = prompts.encode_prompt(messages, teacher_tokenizer)
+    else:
+      body = f"{problem}\n\n{prompts.INSTRUCTION}"
+      ids = tokenizer.encode(body, add_special_tokens=False)
+      teacher_ids = teacher_tokenizer.encode(body, add_special_tokens=False)
+    return Encoded(checked(ids), checked(teacher_ids), None, text(example["answer"]), problem)
+
+  return encode_math

@@ -108,5 +108,8 @@ def load(data_dir: str | pathlib.Path, split: str):
   if split not in SPLITS:
     raise ValueError(f"tiny_arith has no split {split!r}; accepted: {', '.join(SPLITS)}")
   builder = TinyArith(data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare()
+  if not builder.is_prepared():
+    print(f"building the tiny_arith dataset in {data_dir} (once)")
+    with tfds.display_progress_bar(False):
+      builder.download_and_prepare()
   return builder.as_data_source()[split]
