@@ -3,7 +3,10 @@
 Every function here is `jax.jit`-able, computes in float32 whatever the input dtype, treats the
 teacher as a constant (stop-gradient), and aggregates with the token-mean: the sum over every
 unmasked token of the batch divided by their count. Masked positions contribute exactly zero to
-the loss and to the gradient, even when their logits are -inf or NaN.
+the loss and to the gradient, even when their logits are -inf or NaN; a NaN at an unmasked
+position makes the loss NaN (never a finite wrong value). Masks are bool, or integer with
+nonzero meaning "in the loss"; token ids are integers. Options that change the computation's
+structure (k, support, tail, renormalize, clips) must be static Python values under `jax.jit`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,58 @@ def _f32(x: Array) -> Array:
   return jnp.asarray(x).astype(jnp.float32)
 
 
+# dtype kinds accepted by the public functions: (numpy kinds, what the error message says).
+_DTYPES = {
+    "float": ((jnp.floating,), "a floating dtype (float32, bfloat16, ...)"),
+    "int": ((jnp.integer,), "an integer dtype (token ids)"),
+    "mask": ((jnp.bool_, jnp.integer), "dtype bool (or integer, nonzero = in the loss)"),
+}
+
+
+def _check_array(name: str, x: Any, kind: str, shape: tuple[int, ...] | None = None,
+                 shape_text: str = "") -> None:
+  """Raises ValueError naming `name` unless x (when given) has the dtype kind and the shape."""
+  if x is None:
+    return
+  dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+  kinds, accepted = _DTYPES[kind]
+  if not any(jnp.issubdtype(dtype, k) for k in kinds):
+    raise ValueError(f"{name} must have {accepted}, got {dtype}")
+  if shape is not None and tuple(jnp.shape(x)) != tuple(shape):
+    raise ValueError(f"{name} must have shape {tuple(shape)} ({shape_text}), got "
+                     f"{tuple(jnp.shape(x))}")
+
+
+def _static_hint(name: str) -> str:
+  return (f"pass {name} as a static argument (jax.jit(..., static_argnames=({name!r},)) or "
+          "functools.partial), not as a traced array")
+
+
+def _check_static_int(name: str, value: Any, hi: int | None = None, hi_text: str = "") -> None:
+  """Raises unless value is a Python int in [1, hi] (hi None: >= 1); traced: the jit remedy."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a static Python int, got a traced value; "
+                     f"{_static_hint(name)}")
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (
+      hi is not None and value > hi):
+    accepted = "a positive int" if hi is None else f"an int in [1, {hi_text}]"
+    raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+def _check_static_number(name: str, value: Any, ok, accepted: str) -> None:
+  """Raises unless value is None or a Python number with ok(value); traced: the jit remedy."""
+  if value is None:
+    return
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a static Python number or None, got a traced value; "
+                     f"{_static_hint(name)}")
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
 def _check_pair(student_logits: Array, teacher_logits: Array, mask: Array) -> None:
+  _check_array("student_logits", student_logits, "float")
+  _check_array("teacher_logits", teacher_logits, "float")
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(
         "student_logits and teacher_logits must have the same shape, got student "
@@ -42,15 +96,34 @@ def _check_pair(student_logits: Array, teacher_logits: Array, mask: Array) -> No
   if student_logits.ndim < 2:
     raise ValueError(
         f"logits must have shape [..., V] with at least one position, got {student_logits.shape}")
-  if tuple(mask.shape) != tuple(student_logits.shape[:-1]):
-    raise ValueError(
-        f"mask must have the logits' shape without the vocabulary axis, "
-        f"{tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}")
+  _check_array("mask", mask, "mask", student_logits.shape[:-1],
+               "the logits' shape without the vocabulary axis")
 
 
-def _check_positions(name: str, x: Array | None, mask: Array) -> None:
-  if x is not None and tuple(x.shape) != tuple(mask.shape):
-    raise ValueError(f"{name} must have the mask's shape {tuple(mask.shape)}, got {tuple(x.shape)}")
+def _check_topk_options(support: Any, tail: Any, renormalize: Any, *, has_sampled: bool,
+                       tail_weight_clip: Any, supports: tuple[str, ...] = SUPPORTS,
+                       others: str = "") -> None:
+  """Validates the top-K loss options shared by the materialised and the fused estimators.
+
+  Args:
+    support, tail, renormalize, tail_weight_clip: as in `topk_reverse_kl`.
+    has_sampled: whether sampled_tokens were given.
+    supports: the supports this caller accepts.
+    others: appended to the unknown-support message (where the other supports are available).
+  """
+  if not isinstance(support, str) or support not in supports:
+    raise ValueError(f"support {support!r} is not accepted here; accepted: "
+                     f"{', '.join(supports)}{others}")
+  if tail not in TAILS:
+    raise ValueError(f"unknown tail {tail!r}; accepted: {', '.join(TAILS)}")
+  if isinstance(renormalize, jax.core.Tracer):
+    raise ValueError(f"renormalize must be a static Python bool; {_static_hint('renormalize')}")
+  if renormalize not in (True, False):
+    raise ValueError(f"renormalize must be True or False, got {renormalize!r}")
+  if not has_sampled and (tail == "ema_pg" or support.endswith("+sampled")):
+    what = f"tail={tail!r}" if tail == "ema_pg" else f"support={support!r}"
+    raise ValueError(f"{what} needs sampled_tokens ([B, T] ids of the rollout tokens)")
+  _check_static_number("tail_weight_clip", tail_weight_clip, lambda c: c > 0, "> 0 or None")
 
 
 def _sanitize(logits: Array, mask: Array) -> Array:
@@ -59,27 +132,30 @@ def _sanitize(logits: Array, mask: Array) -> Array:
 
 
 def _safe_logsumexp(x: Array, axis: int = -1) -> Array:
-  """logsumexp that returns -inf (not NaN) for an all -inf row and has finite gradients."""
+  """logsumexp with finite gradients: -inf (not NaN) for an all -inf row, NaN for a NaN row."""
   m = jnp.max(x, axis=axis, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   s = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
   out = jnp.log(jnp.where(s > 0, s, 1.0)) + m
-  out = jnp.where(s > 0, out, -jnp.inf)
+  out = jnp.where(s > 0, out, jnp.where(jnp.isnan(s), jnp.nan, -jnp.inf))
   return jnp.squeeze(out, axis)
 
 
 def _kl_terms(logp: Array, logq: Array) -> Array:
-  """Σ_v p (log p - log q) over the last axis, exactly 0 where p = 0, finite where q = 0."""
+  """Σ_v p (log p - log q) over the last axis, exactly 0 where p = 0, finite where q = 0.
+
+  NaN in either argument (where p may be > 0) propagates: it is bad input, not zero mass.
+  """
   p = jnp.exp(logp)
-  live = p > 0
-  safe_logp = jnp.where(live, logp, 0.0)
-  safe_logq = jnp.where(live, jnp.maximum(logq, LOGP_FLOOR), 0.0)
-  return jnp.sum(jnp.where(live, p * (safe_logp - safe_logq), 0.0), axis=-1)
+  dead = (p == 0) & ~jnp.isnan(logq)
+  safe_logp = jnp.where(dead, 0.0, logp)
+  safe_logq = jnp.where(dead, 0.0, jnp.maximum(logq, LOGP_FLOOR))
+  return jnp.sum(jnp.where(dead, 0.0, p * (safe_logp - safe_logq)), axis=-1)
 
 
 def _entropy(logp: Array) -> Array:
   p = jnp.exp(logp)
-  return -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), axis=-1)
+  return -jnp.sum(jnp.where(p == 0, 0.0, p * jnp.where(p == 0, 0.0, logp)), axis=-1)
 
 
 def _token_mean(values: Array, mask: Array) -> tuple[Array, Array]:
@@ -91,9 +167,10 @@ def _token_mean(values: Array, mask: Array) -> tuple[Array, Array]:
 
 
 def _log_softmax(logits: Array) -> Array:
-  """log_softmax that is -inf everywhere (not NaN) on a row without any finite logit."""
+  """log_softmax: -inf everywhere (not NaN) on a row without any finite logit, NaN on a NaN row."""
   lse = _safe_logsumexp(logits)[..., None]
-  return jnp.where(jnp.isfinite(lse), logits - jnp.where(jnp.isfinite(lse), lse, 0.0), -jnp.inf)
+  empty = lse == -jnp.inf
+  return jnp.where(empty, -jnp.inf, logits - jnp.where(empty, 0.0, lse))
 
 
 def _gather(x: Array, idx: Array) -> Array:
@@ -115,10 +192,9 @@ def token_logprobs(logits: Array, tokens: Array) -> Array:
   Returns:
     [..., T] float32 log-probabilities.
   """
-  if tuple(tokens.shape) != tuple(logits.shape[:-1]):
-    raise ValueError(
-        f"tokens must have the logits' shape without the vocabulary axis, "
-        f"{tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
+  _check_array("logits", logits, "float")
+  _check_array("tokens", tokens, "int", logits.shape[:-1],
+               "the logits' shape without the vocabulary axis")
   logp = _log_softmax(_f32(logits))
   return _gather(logp, tokens[..., None].astype(jnp.int32))[..., 0]
 
@@ -144,19 +220,88 @@ def full_reverse_kl(student_logits: Array, teacher_logits: Array, mask: Array
   return loss, {"kl/student_entropy": ent, "kl/num_tokens": n}
 
 
-def _support_indices(student_logits: Array, teacher_logits: Array, k: int, support: str,
-                     sampled_tokens: Array | None) -> tuple[Array, Array, Array, Array]:
-  """Support slots: (indices [..., S], valid [..., S], student top-K, teacher top-K)."""
-  _, s_top = jax.lax.top_k(jax.lax.stop_gradient(student_logits), k)
-  _, t_top = jax.lax.top_k(teacher_logits, k)
-  base = t_top if support.startswith("teacher") else s_top
-  valid = jnp.ones(base.shape, bool)
-  if support.endswith("+sampled"):
-    y = sampled_tokens[..., None].astype(base.dtype)
-    extra_valid = ~jnp.any(base == y, axis=-1, keepdims=True)
-    base = jnp.concatenate([base, y], axis=-1)
-    valid = jnp.concatenate([valid, extra_valid], axis=-1)
-  return base, valid, s_top, t_top
+def _with_sampled_slot(top: Array, sampled_tokens: Array) -> tuple[Array, Array]:
+  """The sampled token as a (K+1)-th slot: (indices [..., K+1], valid [..., K+1]).
+
+  The extra slot is valid only when the token is not already in `top`, so valid[..., K] is also
+  the EMA-PG tail's "sampled token outside the support" indicator.
+  """
+  y = sampled_tokens[..., None].astype(top.dtype)
+  outside = ~jnp.any(top == y, axis=-1, keepdims=True)
+  valid = jnp.concatenate([jnp.ones(top.shape, bool), outside], axis=-1)
+  return jnp.concatenate([top, y], axis=-1), valid
+
+
+def _topk_token_terms(zs_sup: Array, zt_sup: Array, lse_s: Array, lse_t: Array, *,
+                      renormalize: bool, tail: str = "none", zs_y: Array | None = None,
+                      zt_y: Array | None = None, outside: Array | None = None,
+                      behavior_logprobs: Array | None = None,
+                      tail_weight_clip: float | None = None) -> tuple[Array, dict[str, Array]]:
+  """Per-position top-K reverse KL and its "kl/…" diagnostics, from the support's logits.
+
+  The one home of the top-K maths, shared by `topk_reverse_kl` (materialised logits) and
+  `topk.topk_reverse_kl_from_hidden` (fused), which differ only in how they obtain these inputs.
+  Positions where lse_s, lse_t (or the sampled-token inputs) are NaN get a NaN loss.
+
+  Args:
+    zs_sup: [..., S] float32 student logits on the support, -inf at unused slots (differentiated).
+    zt_sup: [..., S] float32 teacher logits on the support, -inf at unused slots (constants).
+    lse_s: [...] student logsumexp over the whole vocabulary (the unrenormalised loss and the
+      tail differentiate through it).
+    lse_t: [...] teacher logsumexp over the whole vocabulary.
+    renormalize: renormalise both distributions inside the support.
+    tail: "none" | "ema_pg".
+    zs_y, zt_y: [...] student / teacher logits of the sampled token (None: no sampled token).
+    outside: [...] bool, the sampled token is outside the un-augmented top-K (tail only).
+    behavior_logprobs: [...] float32 behaviour log-probs of the sampled tokens, finite at masked
+      positions (tail only; None: on-policy).
+    tail_weight_clip: optional upper cap on the tail's importance weight.
+
+  Returns:
+    (per_token [...], diagnostics: name -> [...]); aggregate with `_reduce_token_terms`.
+  """
+  if renormalize:
+    logp_sup, logq_sup = _log_softmax(zs_sup), _log_softmax(zt_sup)
+  else:
+    logp_sup, logq_sup = zs_sup - lse_s[..., None], zt_sup - lse_t[..., None]
+  per_token = _kl_terms(logp_sup, logq_sup)
+  invalid = jnp.isnan(lse_s) | jnp.isnan(lse_t)
+
+  # Diagnostics on the (augmented) support, measured with full-vocabulary probabilities.
+  aux_tok = {
+      "kl/teacher_mass": jnp.sum(jnp.exp(zt_sup - lse_t[..., None]), axis=-1),
+      "kl/student_mass": jnp.sum(jnp.exp(jax.lax.stop_gradient(zs_sup - lse_s[..., None])), -1),
+  }
+  if zs_y is not None:
+    logp_y, logq_y = zs_y - lse_s, zt_y - lse_t
+    invalid = invalid | jnp.isnan(zs_y) | jnp.isnan(zt_y)
+    aux_tok["kl/logp_gap"] = jax.lax.stop_gradient(logq_y - logp_y)
+    if tail == "ema_pg":
+      sg_logp_y = jax.lax.stop_gradient(logp_y)
+      if behavior_logprobs is None:
+        weight = jnp.ones_like(logp_y)
+      else:
+        blp = jax.lax.stop_gradient(behavior_logprobs)
+        invalid = invalid | jnp.isnan(blp)
+        weight = jnp.exp(sg_logp_y - blp)
+      if tail_weight_clip is not None:
+        weight = jnp.minimum(weight, tail_weight_clip)
+      ratio = jnp.exp(logp_y - sg_logp_y)  # value 1, gradient ∇ log π(y)
+      log_ratio_y = jnp.maximum(sg_logp_y, LOGP_FLOOR) - jnp.maximum(logq_y, LOGP_FLOOR)
+      per_token = per_token + jnp.where(outside, weight * ratio * log_ratio_y, 0.0)
+      aux_tok["kl/tail_fraction"] = outside.astype(jnp.float32)
+      aux_tok["kl/tail_weight"] = jnp.where(outside, weight, 0.0)
+  # A NaN input is bad input, whether or not it reached the support: the loss says so.
+  return jnp.where(invalid, jnp.nan, per_token), aux_tok
+
+
+def _reduce_token_terms(per_token: Array, aux_tok: dict[str, Array], mask: Array
+                        ) -> tuple[Array, dict[str, Array]]:
+  """Token-mean of the per-position loss and diagnostics, plus "kl/num_tokens"."""
+  loss, n = _token_mean(per_token, mask)
+  aux = {name: _token_mean(v, mask)[0] for name, v in aux_tok.items()}
+  aux["kl/num_tokens"] = n
+  return loss, aux
 
 
 def _overlap(s_top: Array, t_top: Array, vocab: int) -> Array:
@@ -212,72 +357,38 @@ def topk_reverse_kl(student_logits: Array, teacher_logits: Array, mask: Array, *
   """
   _check_pair(student_logits, teacher_logits, mask)
   vocab = student_logits.shape[-1]
-  if not isinstance(k, int) or k < 1 or k > vocab:
-    raise ValueError(f"k must be an int in [1, vocab size = {vocab}], got {k!r}")
-  if support not in SUPPORTS:
-    raise ValueError(f"unknown support {support!r}; accepted: {', '.join(SUPPORTS)}")
-  if tail not in TAILS:
-    raise ValueError(f"unknown tail {tail!r}; accepted: {', '.join(TAILS)}")
-  if sampled_tokens is None and (tail == "ema_pg" or support.endswith("+sampled")):
-    what = f"tail={tail!r}" if tail == "ema_pg" else f"support={support!r}"
-    raise ValueError(f"{what} needs sampled_tokens ([B, T] ids of the rollout tokens)")
-  if tail_weight_clip is not None and not tail_weight_clip > 0:
-    raise ValueError(f"tail_weight_clip must be > 0 or None, got {tail_weight_clip!r}")
-  _check_positions("sampled_tokens", sampled_tokens, mask)
-  _check_positions("behavior_logprobs", behavior_logprobs, mask)
+  _check_static_int("k", k, vocab, f"vocab size = {vocab}")
+  _check_topk_options(support, tail, renormalize, has_sampled=sampled_tokens is not None,
+                      tail_weight_clip=tail_weight_clip)
+  positions = "the mask's shape"
+  _check_array("sampled_tokens", sampled_tokens, "int", mask.shape, positions)
+  _check_array("behavior_logprobs", behavior_logprobs, "float", mask.shape, positions)
 
   mask = mask.astype(bool)
   zs = _sanitize(student_logits, mask)
   zt = jax.lax.stop_gradient(_sanitize(teacher_logits, mask))
-  idx, valid, s_top, t_top = _support_indices(zs, zt, k, support, sampled_tokens)
-
-  zs_sup = jnp.where(valid, _gather(zs, idx), -jnp.inf)
-  zt_sup = jnp.where(valid, _gather(zt, idx), -jnp.inf)
-  lse_s = _safe_logsumexp(zs)
-  lse_t = _safe_logsumexp(zt)
-  if renormalize:
-    logp_sup = _log_softmax(zs_sup)
-    logq_sup = _log_softmax(zt_sup)
-  else:
-    logp_sup = zs_sup - lse_s[..., None]
-    logq_sup = zt_sup - lse_t[..., None]
-  per_token = _kl_terms(logp_sup, logq_sup)
-
-  # Diagnostics on the (augmented) support, measured with full-vocabulary probabilities.
-  sg_logp_sup = jax.lax.stop_gradient(zs_sup - lse_s[..., None])
-  aux_tok = {
-      "kl/teacher_mass": jnp.sum(jnp.exp(zt_sup - lse_t[..., None]), axis=-1),
-      "kl/student_mass": jnp.sum(jnp.exp(sg_logp_sup), axis=-1),
-      "kl/overlap": _overlap(s_top, t_top, vocab),
-      "kl/student_entropy": _entropy(jax.lax.stop_gradient(_log_softmax(zs))),
-  }
-
+  _, s_top = jax.lax.top_k(jax.lax.stop_gradient(zs), k)
+  _, t_top = jax.lax.top_k(zt, k)
+  idx = t_top if support.startswith("teacher") else s_top
+  valid = jnp.ones(idx.shape, bool)
+  zs_y = zt_y = outside = blp = None
   if sampled_tokens is not None:
-    y = sampled_tokens[..., None].astype(jnp.int32)
-    logp_y = (_gather(zs, y) - lse_s[..., None])[..., 0]
-    logq_y = (_gather(zt, y) - lse_t[..., None])[..., 0]
-    aux_tok["kl/logp_gap"] = jax.lax.stop_gradient(logq_y - logp_y)
-    if tail == "ema_pg":
-      base_top = t_top if support.startswith("teacher") else s_top
-      outside = ~jnp.any(base_top == y, axis=-1)
-      sg_logp_y = jax.lax.stop_gradient(logp_y)
-      if behavior_logprobs is None:
-        weight = jnp.ones_like(logp_y)
-      else:
-        weight = jnp.exp(sg_logp_y - jax.lax.stop_gradient(_f32(behavior_logprobs)))
-      if tail_weight_clip is not None:
-        weight = jnp.minimum(weight, tail_weight_clip)
-      ratio = jnp.exp(logp_y - sg_logp_y)  # value 1, gradient ∇ log π(y)
-      log_ratio_y = jnp.maximum(sg_logp_y, LOGP_FLOOR) - jnp.maximum(logq_y, LOGP_FLOOR)
-      tail_term = jnp.where(outside, weight * ratio * log_ratio_y, 0.0)
-      per_token = per_token + tail_term
-      aux_tok["kl/tail_fraction"] = outside.astype(jnp.float32)
-      aux_tok["kl/tail_weight"] = jnp.where(outside, weight, 0.0)
+    y = jnp.where(mask, sampled_tokens, 0).astype(jnp.int32)
+    top_y, valid_y = _with_sampled_slot(idx, y)
+    zs_y, zt_y = _gather(zs, y[..., None])[..., 0], _gather(zt, y[..., None])[..., 0]
+    outside = valid_y[..., -1]
+    if support.endswith("+sampled"):
+      idx, valid = top_y, valid_y
+  if behavior_logprobs is not None:
+    blp = jnp.where(mask, _f32(behavior_logprobs), 0.0)
 
-  loss, n = _token_mean(per_token, mask)
-  aux = {name: _token_mean(v, mask)[0] for name, v in aux_tok.items()}
-  aux["kl/num_tokens"] = n
-  return loss, aux
+  per_token, aux_tok = _topk_token_terms(
+      jnp.where(valid, _gather(zs, idx), -jnp.inf), jnp.where(valid, _gather(zt, idx), -jnp.inf),
+      _safe_logsumexp(zs), _safe_logsumexp(zt), renormalize=renormalize, tail=tail, zs_y=zs_y,
+      zt_y=zt_y, outside=outside, behavior_logprobs=blp, tail_weight_clip=tail_weight_clip)
+  aux_tok["kl/overlap"] = _overlap(s_top, t_top, vocab)
+  aux_tok["kl/student_entropy"] = _entropy(jax.lax.stop_gradient(_log_softmax(zs)))
+  return _reduce_token_terms(per_token, aux_tok, mask)
 
 
 def _check_gamma(gamma: Any) -> None:
@@ -300,8 +411,7 @@ def reward_to_go(rewards: Array, mask: Array, gamma: float | Array) -> Array:
     [..., T] float32 returns, zero at masked positions.
   """
   _check_gamma(gamma)
-  if tuple(rewards.shape) != tuple(mask.shape):
-    raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must match")
+  _check_array("mask", mask, "mask", jnp.shape(rewards), "the rewards' shape")
   mask = mask.astype(bool)
   r = jnp.where(mask, _f32(rewards), 0.0)
   g = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), r.shape)
@@ -348,12 +458,13 @@ def sampled_token_opd(student_logprobs: Array, teacher_logprobs: Array, mask: Ar
     raise ValueError(
         "student_logprobs and teacher_logprobs must have the same shape, got student "
         f"{tuple(student_logprobs.shape)} and teacher {tuple(teacher_logprobs.shape)}")
-  _check_positions("mask", mask, student_logprobs)
-  _check_positions("behavior_logprobs", behavior_logprobs, mask)
-  if ppo_clip is not None and not 0 < ppo_clip < 1:
-    raise ValueError(f"ppo_clip must be in (0, 1) or None, got {ppo_clip!r}")
-  if advantage_clip is not None and not advantage_clip > 0:
-    raise ValueError(f"advantage_clip must be > 0 or None, got {advantage_clip!r}")
+  positions = "student_logprobs' shape"
+  _check_array("student_logprobs", student_logprobs, "float")
+  _check_array("teacher_logprobs", teacher_logprobs, "float")
+  _check_array("mask", mask, "mask", student_logprobs.shape, positions)
+  _check_array("behavior_logprobs", behavior_logprobs, "float", student_logprobs.shape, positions)
+  _check_static_number("ppo_clip", ppo_clip, lambda c: 0 < c < 1, "in (0, 1) or None")
+  _check_static_number("advantage_clip", advantage_clip, lambda c: c > 0, "> 0 or None")
 
   mask = mask.astype(bool)
 

@@ -13,12 +13,18 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from opd_jax import losses
+from opd_jax.sharding import BATCH_AXES
+
 Array = jax.Array
 
-SUPPORTS = ("teacher", "teacher+sampled")
-TAILS = ("none", "ema_pg")
-# Same floor as opd_jax.losses (this module is a leaf and does not import it; a test pins both).
-LOGP_FLOOR = -1e9
+# The fused loss needs only the teacher's top-K statistics, so it offers the teacher supports;
+# the student ones (losses.SUPPORTS) need the teacher's full logits.
+FUSED_SUPPORTS = ("teacher", "teacher+sampled")
+# One set of options and one floor, the losses module's (re-exported under their old names).
+SUPPORTS = losses.SUPPORTS
+TAILS = losses.TAILS
+LOGP_FLOOR = losses.LOGP_FLOOR
 
 
 class TopK(NamedTuple):
@@ -262,33 +268,36 @@ def _make_plan(hidden: Array, unembed: Array, *, k: int, chunk_tokens: int, chun
                entropy: bool, dense_grad: bool, mesh: Mesh | None,
                data_axis: str | tuple[str, ...] | None, tensor_axis: str | None) -> _Plan:
   """Validate the shapes and options shared by both public functions."""
+  losses._check_array("hidden", hidden, "float")
+  losses._check_array("unembed", unembed, "float")
   if hidden.ndim not in (2, 3) or unembed.ndim != 2 or hidden.shape[-1] != unembed.shape[0]:
     raise ValueError(
         f"hidden must be [N, D] or [B, T, D] and unembed [D, V] with the same D, got hidden "
         f"{tuple(hidden.shape)} and unembed {tuple(unembed.shape)}")
   for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+    losses._check_static_int(name, value)
   data = () if data_axis is None else (data_axis,) if isinstance(data_axis, str) else tuple(
       data_axis)
   v_loc = unembed.shape[1]
   if mesh is None:
     data, tensor_axis = (), None
   else:
-    for axis in data + ((tensor_axis,) if tensor_axis is not None else ()):
+    named = [("data_axis", data_axis, a) for a in data]
+    named += [("tensor_axis", tensor_axis, tensor_axis)] if tensor_axis is not None else []
+    for arg, value, axis in named:
       if axis not in mesh.shape:
-        raise ValueError(f"mesh axis {axis!r} (data_axis/tensor_axis) is not in the mesh's axes "
-                         f"{tuple(mesh.axis_names)}; pass None to leave that dimension unsharded")
+        raise ValueError(
+            f"mesh axis {axis!r} ({arg}={value!r}) is not in the mesh's axes "
+            f"{tuple(mesh.axis_names)}; build the mesh with opd_jax.sharding.make_mesh, or name "
+            "only this mesh's axes (None: leave that dimension unsharded)")
     if tensor_axis is not None:
       if v_loc % mesh.shape[tensor_axis]:
         raise ValueError(
             f"unembed's vocabulary size {v_loc} must be divisible by the size "
             f"{mesh.shape[tensor_axis]} of the tensor axis {tensor_axis!r}; pad the unembedding")
       v_loc //= mesh.shape[tensor_axis]
-  if not isinstance(k, int) or not 1 <= k <= min(v_loc, chunk_vocab):
-    raise ValueError(
-        f"k must be an int in [1, min(vocabulary per device = {v_loc}, chunk_vocab = "
-        f"{chunk_vocab})], got {k!r}")
+  losses._check_static_int("k", k, min(v_loc, chunk_vocab),
+                           f"min(vocabulary per device = {v_loc}, chunk_vocab = {chunk_vocab})")
   return _Plan(k=k, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, entropy=entropy,
                dense_grad=dense_grad, mesh=mesh, data_axis=data, tensor_axis=tensor_axis)
 
@@ -315,16 +324,18 @@ def _unflat(plan: _Plan, x: Array, lead: tuple[int, ...]) -> Array:
 def teacher_topk_from_hidden(hidden: Array, unembed: Array, *, k: int,
                              sampled_tokens: Array | None = None, chunk_tokens: int = 1024,
                              chunk_vocab: int = 8192, mesh: Mesh | None = None,
-                             data_axis: str | tuple[str, ...] | None = "data",
+                             data_axis: str | tuple[str, ...] | None = BATCH_AXES,
                              tensor_axis: str | None = "tensor") -> TopK:
   """Teacher top-K logits and full logsumexp from final hidden states, without [N, V] logits.
 
   Logits are produced in [chunk_tokens, chunk_vocab] blocks, merged into a running top-K and an
   online logsumexp, so peak memory is O(chunk_tokens × chunk_vocab). The result equals
   `lax.top_k` and `logsumexp` of `hidden @ unembed` in float32 (ties: lower index first). With a
-  mesh, tokens are split over `data_axis` and the vocabulary over `tensor_axis` (the unembedding
-  stays sharded; the per-shard top-K and partial logsumexp are merged exactly). Treated as a
-  constant (stop-gradient).
+  mesh, tokens are split over `data_axis` (by default BATCH_AXES, ("data", "fsdp"), as the
+  models split batch rows) and the vocabulary over `tensor_axis` (the unembedding stays sharded;
+  the per-shard top-K and partial logsumexp are merged exactly). Every named axis must be in the
+  mesh (a ValueError says which is not). Treated as a constant (stop-gradient). A NaN in a
+  position's logits gives a NaN logsumexp there.
 
   Args:
     hidden: [N, D] or [B, T, D] final hidden states (any float dtype).
@@ -333,7 +344,7 @@ def teacher_topk_from_hidden(hidden: Array, unembed: Array, *, k: int,
     sampled_tokens: optional [N] / [B, T] token ids whose logits are also returned.
     chunk_tokens: tokens per block.
     chunk_vocab: vocabulary entries per block.
-    mesh: optional mesh for the sharded version.
+    mesh: optional mesh for the sharded version (e.g. `opd_jax.sharding.make_mesh`).
     data_axis: mesh axis (or axes) splitting the tokens; None: not split.
     tensor_axis: mesh axis splitting the vocabulary; None: not split.
 
@@ -344,9 +355,7 @@ def teacher_topk_from_hidden(hidden: Array, unembed: Array, *, k: int,
                     entropy=False, dense_grad=False, mesh=mesh, data_axis=data_axis,
                     tensor_axis=tensor_axis)
   lead = hidden.shape[:-1]
-  if sampled_tokens is not None and tuple(sampled_tokens.shape) != tuple(lead):
-    raise ValueError(f"sampled_tokens must have hidden's shape without D, {tuple(lead)}, got "
-                     f"{tuple(sampled_tokens.shape)}")
+  losses._check_array("sampled_tokens", sampled_tokens, "int", lead, "hidden's shape without D")
   cols = (jnp.zeros(lead + (0,), jnp.int32) if sampled_tokens is None
           else sampled_tokens[..., None].astype(jnp.int32))
   h, cols, mask = _flat_rows(plan, lax.stop_gradient(hidden), cols, jnp.ones(lead, bool))
@@ -357,31 +366,8 @@ def teacher_topk_from_hidden(hidden: Array, unembed: Array, *, k: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# the loss (mirrors losses.topk_reverse_kl on the K (+1) gathered logits)
+# the loss: the fused passes supply the support's logits, losses owns the per-position maths
 # ----------------------------------------------------------------------------------------------
-
-
-def _log_softmax(x: Array) -> Array:
-  """log_softmax over the last axis; -inf (not NaN) on a row without a finite entry."""
-  m = lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  s = jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)
-  lse = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1.0)) + m, -jnp.inf)
-  return jnp.where(jnp.isfinite(lse), x - jnp.where(jnp.isfinite(lse), lse, 0.0), -jnp.inf)
-
-
-def _kl_terms(logp: Array, logq: Array) -> Array:
-  """Σ p (log p - log q) over the last axis, exactly 0 where p = 0, finite where q = 0."""
-  p = jnp.exp(logp)
-  live = p > 0
-  safe_logp = jnp.where(live, logp, 0.0)
-  safe_logq = jnp.where(live, jnp.maximum(logq, LOGP_FLOOR), 0.0)
-  return jnp.sum(jnp.where(live, p * (safe_logp - safe_logq), 0.0), axis=-1)
-
-
-def _token_mean(values: Array, mask: Array) -> tuple[Array, Array]:
-  n = jnp.sum(mask.astype(jnp.float32))
-  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(n, 1.0), n
 
 
 def topk_reverse_kl_from_hidden(
@@ -389,17 +375,19 @@ def topk_reverse_kl_from_hidden(
     support: str = "teacher", renormalize: bool = True, tail: str = "none",
     sampled_tokens: Array | None = None, behavior_logprobs: Array | None = None,
     tail_weight_clip: float | None = None, chunk_tokens: int = 1024, chunk_vocab: int = 8192,
-    mesh: Mesh | None = None, data_axis: str | tuple[str, ...] | None = "data",
+    mesh: Mesh | None = None, data_axis: str | tuple[str, ...] | None = BATCH_AXES,
     tensor_axis: str | None = "tensor") -> tuple[Array, dict[str, Array]]:
   """`losses.topk_reverse_kl` on the teacher's top-K, from the student's final hidden states.
 
   Same value, gradient and "kl/…" diagnostics as materialising `student_hidden @ unembed` and
-  calling `losses.topk_reverse_kl` with the same options (`support` "teacher" or
-  "teacher+sampled"; student supports need the teacher's logits off its top-K and are not
-  available here). Forward and backward run in [chunk_tokens, chunk_vocab] blocks (custom_vjp),
-  so memory is O(chunk_tokens × chunk_vocab) plus the D × V gradient, never O(N × V). With
-  renormalize=True and no tail (the paper's method) the loss only sees the support's logits and
-  the backward touches only those K (+1) columns; otherwise it sweeps the vocabulary again.
+  calling `losses.topk_reverse_kl` with the same options (`support` in FUSED_SUPPORTS; student
+  supports need the teacher's logits off its top-K and are only available there). Forward and
+  backward run in [chunk_tokens, chunk_vocab] blocks (custom_vjp), so memory is
+  O(chunk_tokens × chunk_vocab) plus the D × V gradient, never O(N × V). With renormalize=True and
+  no tail (the paper's method) the loss only sees the support's logits and the backward touches
+  only those K (+1) columns; otherwise it sweeps the vocabulary again. A NaN in the student's
+  hidden states or unembedding, or in the teacher's statistics, at an unmasked position makes the
+  loss NaN.
 
   Args:
     student_hidden: [B, T, D] (or [N, D]) student final hidden states (differentiated).
@@ -407,7 +395,7 @@ def topk_reverse_kl_from_hidden(
     teacher_topk: TopK from `teacher_topk_from_hidden` (constants), shaped like the mask; needs
       `sampled_logits` when sampled_tokens are given.
     mask: [B, T] (or [N]) bool loss mask; masked positions contribute exactly zero.
-    support: "teacher" | "teacher+sampled".
+    support: "teacher" | "teacher+sampled" (FUSED_SUPPORTS).
     renormalize, tail, sampled_tokens, behavior_logprobs, tail_weight_clip: as in
       `losses.topk_reverse_kl`.
     chunk_tokens, chunk_vocab, mesh, data_axis, tensor_axis: as in `teacher_topk_from_hidden`.
@@ -415,30 +403,26 @@ def topk_reverse_kl_from_hidden(
   Returns:
     (loss, aux): scalar token-mean loss and the scalar diagnostics of `losses.topk_reverse_kl`.
   """
-  if support not in SUPPORTS:
-    raise ValueError(f"support {support!r} is not available from hidden states; accepted: "
-                     f"{', '.join(SUPPORTS)} (student supports need full teacher logits)")
-  if tail not in TAILS:
-    raise ValueError(f"unknown tail {tail!r}; accepted: {', '.join(TAILS)}")
-  if sampled_tokens is None and (tail == "ema_pg" or support.endswith("+sampled")):
-    what = f"tail={tail!r}" if tail == "ema_pg" else f"support={support!r}"
-    raise ValueError(f"{what} needs sampled_tokens ([B, T] ids of the rollout tokens)")
+  losses._check_topk_options(
+      support, tail, renormalize, has_sampled=sampled_tokens is not None,
+      tail_weight_clip=tail_weight_clip, supports=FUSED_SUPPORTS,
+      others=" (student supports need the teacher's logits off its top-K: use "
+             "losses.topk_reverse_kl on materialised logits)")
   if sampled_tokens is not None and teacher_topk.sampled_logits is None:
     raise ValueError("sampled_tokens needs teacher_topk.sampled_logits: call "
                      "teacher_topk_from_hidden(..., sampled_tokens=...)")
-  if tail_weight_clip is not None and not tail_weight_clip > 0:
-    raise ValueError(f"tail_weight_clip must be > 0 or None, got {tail_weight_clip!r}")
   lead = tuple(student_hidden.shape[:-1])
   k = teacher_topk.indices.shape[-1]
-  for name, x, shape in (("mask", mask, lead), ("teacher_topk.indices", teacher_topk.indices,
-                         lead + (k,)), ("teacher_topk.logits", teacher_topk.logits, lead + (k,)),
-                         ("teacher_topk.logsumexp", teacher_topk.logsumexp, lead),
-                         ("teacher_topk.sampled_logits", teacher_topk.sampled_logits, lead),
-                         ("sampled_tokens", sampled_tokens, lead),
-                         ("behavior_logprobs", behavior_logprobs, lead)):
-    if x is not None and tuple(x.shape) != shape:
-      raise ValueError(f"{name} must have shape {shape} (student_hidden's without D), got "
-                       f"{tuple(x.shape)}")
+  positions = "student_hidden's shape without D"
+  for name, x, kind, shape in (
+      ("mask", mask, "mask", lead),
+      ("teacher_topk.indices", teacher_topk.indices, "int", lead + (k,)),
+      ("teacher_topk.logits", teacher_topk.logits, "float", lead + (k,)),
+      ("teacher_topk.logsumexp", teacher_topk.logsumexp, "float", lead),
+      ("teacher_topk.sampled_logits", teacher_topk.sampled_logits, "float", lead),
+      ("sampled_tokens", sampled_tokens, "int", lead),
+      ("behavior_logprobs", behavior_logprobs, "float", lead)):
+    losses._check_array(name, x, kind, shape, positions)
   dense = (not renormalize) or tail == "ema_pg"
   plan = _make_plan(student_hidden, student_unembed, k=k, chunk_tokens=chunk_tokens,
                     chunk_vocab=chunk_vocab, entropy=True, dense_grad=dense, mesh=mesh,
@@ -450,11 +434,13 @@ def topk_reverse_kl_from_hidden(
   t_top = jnp.where(m1, teacher_topk.indices.astype(jnp.int32), jnp.arange(k, dtype=jnp.int32))
   zt_top = jnp.where(m1, lax.stop_gradient(teacher_topk.logits).astype(jnp.float32), 0.0)
   lse_t = jnp.where(mask, lax.stop_gradient(teacher_topk.logsumexp).astype(jnp.float32), 0.0)
-  cols = t_top
+  cols, valid = t_top, jnp.ones(t_top.shape, bool)
+  zt_y = blp = None
   if sampled_tokens is not None:
-    y = jnp.where(mask, sampled_tokens.astype(jnp.int32), 0)
+    cols, valid = losses._with_sampled_slot(t_top, jnp.where(mask, sampled_tokens, 0))
     zt_y = jnp.where(mask, lax.stop_gradient(teacher_topk.sampled_logits).astype(jnp.float32), 0.0)
-    cols = jnp.concatenate([t_top, y[..., None]], axis=-1)
+  if behavior_logprobs is not None:
+    blp = jnp.where(mask, behavior_logprobs.astype(jnp.float32), 0.0)
 
   h, w_cols, w_mask = _flat_rows(plan, student_hidden, cols, mask)
   stats = _student_stats(plan, h, student_unembed, w_cols, w_mask)
@@ -462,48 +448,18 @@ def topk_reverse_kl_from_hidden(
   got, lse_s = unflat(stats.gathered), unflat(stats.lse)
   if not dense:
     lse_s = lax.stop_gradient(lse_s)  # the sparse backward drops the logsumexp's cotangent
-  s_top = unflat(stats.top_indices)
 
   zs_sup, zt_sup = got[..., :k], zt_top
   if support == "teacher+sampled":  # the sampled token as a (K+1)-th slot when not in the top-K
-    extra = ~jnp.any(t_top == y[..., None], axis=-1, keepdims=True)
-    valid = jnp.concatenate([jnp.ones(t_top.shape, bool), extra], axis=-1)
     zs_sup = jnp.where(valid, got, -jnp.inf)
     zt_sup = jnp.where(valid, jnp.concatenate([zt_top, zt_y[..., None]], -1), -jnp.inf)
-  if renormalize:
-    logp_sup, logq_sup = _log_softmax(zs_sup), _log_softmax(zt_sup)
-  else:
-    logp_sup, logq_sup = zs_sup - lse_s[..., None], zt_sup - lse_t[..., None]
-  per_token = _kl_terms(logp_sup, logq_sup)
-
+  per_token, aux_tok = losses._topk_token_terms(
+      zs_sup, zt_sup, lse_s, lse_t, renormalize=renormalize, tail=tail,
+      zs_y=None if zt_y is None else got[..., k], zt_y=zt_y,
+      outside=None if zt_y is None else valid[..., k], behavior_logprobs=blp,
+      tail_weight_clip=tail_weight_clip)
+  s_top = unflat(stats.top_indices)
   hit = jnp.any(s_top[..., :, None] == t_top[..., None, :], axis=-2)
-  aux_tok = {
-      "kl/teacher_mass": jnp.sum(jnp.exp(zt_sup - lse_t[..., None]), axis=-1),
-      "kl/student_mass": jnp.sum(jnp.exp(lax.stop_gradient(zs_sup - lse_s[..., None])), -1),
-      "kl/overlap": jnp.mean(hit.astype(jnp.float32), axis=-1),
-      "kl/student_entropy": lax.stop_gradient(unflat(stats.entropy)),
-  }
-  if sampled_tokens is not None:
-    logp_y = got[..., k] - lse_s
-    logq_y = zt_y - lse_t
-    aux_tok["kl/logp_gap"] = lax.stop_gradient(logq_y - logp_y)
-    if tail == "ema_pg":
-      outside = ~jnp.any(t_top == y[..., None], axis=-1)
-      sg_logp_y = lax.stop_gradient(logp_y)
-      if behavior_logprobs is None:
-        weight = jnp.ones_like(logp_y)
-      else:
-        blp = jnp.where(mask, behavior_logprobs.astype(jnp.float32), 0.0)
-        weight = jnp.exp(sg_logp_y - lax.stop_gradient(blp))
-      if tail_weight_clip is not None:
-        weight = jnp.minimum(weight, tail_weight_clip)
-      ratio = jnp.exp(logp_y - sg_logp_y)  # value 1, gradient ∇ log π(y)
-      log_ratio_y = jnp.maximum(sg_logp_y, LOGP_FLOOR) - jnp.maximum(logq_y, LOGP_FLOOR)
-      per_token = per_token + jnp.where(outside, weight * ratio * log_ratio_y, 0.0)
-      aux_tok["kl/tail_fraction"] = outside.astype(jnp.float32)
-      aux_tok["kl/tail_weight"] = jnp.where(outside, weight, 0.0)
-
-  loss, n_tok = _token_mean(per_token, mask)
-  aux = {name: _token_mean(v, mask)[0] for name, v in aux_tok.items()}
-  aux["kl/num_tokens"] = n_tok
-  return loss, aux
+  aux_tok["kl/overlap"] = jnp.mean(hit.astype(jnp.float32), axis=-1)
+  aux_tok["kl/student_entropy"] = lax.stop_gradient(unflat(stats.entropy))
+  return losses._reduce_token_terms(per_token, aux_tok, mask)

@@ -292,6 +292,82 @@ def test_masked_positions_contribute_exactly_zero_even_with_nan_logits():
   assert np.all(np.asarray(g)[1] == 0.0) and np.all(np.isfinite(g))
 
 
+def _estimators(s, t, mask, y, jit):
+  """name -> loss of every estimator on these logits, eager or jitted."""
+  topk = _topk if jit else _topk.__wrapped__
+  full = _full if jit else losses.full_reverse_kl
+  opd = jax.jit(losses.sampled_token_opd, static_argnames=("ppo_clip",)) if jit else (
+      losses.sampled_token_opd)
+  out = {"full": full(s, t, mask)[0]}
+  for variant in VARIANTS:
+    out["-".join(map(str, variant.values()))] = topk(s, t, mask, y, k=3, **variant)[0]
+  out["ema_pg+behaviour"] = topk(s, t, mask, y, np.full(mask.shape, -2.0, np.float32), k=3,
+                                 renormalize=False, tail="ema_pg", clip=1.5)[0]
+  lp, lq = losses.token_logprobs(s, y), losses.token_logprobs(t, y)
+  out["sampled_token_opd"] = opd(lp, lq, mask, gamma=0.5)[0]
+  out["sampled_token_opd+ppo"] = opd(lp, lq, mask, behavior_logprobs=lp, ppo_clip=0.2)[0]
+  return out
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("who,vocab_slot", [("student", 0), ("student", 7), ("teacher", 0),
+                                            ("teacher", 7)])
+def test_nan_logit_at_a_counted_position_makes_every_loss_nan(jit, who, vocab_slot):
+  # A NaN is bad input: the loss must say so (NaN), not turn it into a finite number. The slot is
+  # the sampled token (0) or another one, inside or outside the top-K depending on the row.
+  s, t, mask, y = _inputs(16)
+  y[0, 1] = 0
+  mask[0, 1] = True
+  (s if who == "student" else t)[0, 1, vocab_slot] = np.nan
+  for name, loss in _estimators(s, t, mask, y, jit).items():
+    assert np.isnan(loss), name  # sampled_token_opd: a NaN row gives a NaN token log-prob
+
+
+def test_nan_sampled_logprob_at_a_counted_position_makes_sampled_token_opd_nan():
+  lp = np.full((2, 3), -1.0, np.float32)
+  mask = np.ones((2, 3), bool)
+  for arg in ("student", "teacher", "behaviour"):
+    bad = lp.copy()
+    bad[1, 2] = np.nan
+    kw = dict(behavior_logprobs=bad if arg == "behaviour" else lp)
+    loss, _ = losses.sampled_token_opd(bad if arg == "student" else lp,
+                                       bad if arg == "teacher" else lp, mask, gamma=0.5, **kw)
+    assert np.isnan(loss), arg
+
+
+def test_nan_logits_at_masked_positions_change_nothing():
+  s, t, mask, y = _inputs(17)
+  mask[1, 2] = False
+  mask[0, 0] = True
+  s_bad, t_bad = s.copy(), t.copy()
+  s_bad[1, 2, 4] = np.nan
+  t_bad[1, 2, :] = np.nan
+  y_bad = y.copy()
+  y_bad[1, 2] = -5  # out-of-range ids at masked positions are garbage too
+  for jit in (False, True):
+    clean, bad = _estimators(s, t, mask, y, jit), _estimators(s_bad, t_bad, mask, y_bad, jit)
+    for name in clean:
+      assert np.isfinite(bad[name]), name
+      np.testing.assert_array_equal(bad[name], clean[name], err_msg=name)
+  g = jax.grad(lambda x: losses.sampled_token_opd(x, losses.token_logprobs(t_bad, y), mask,
+                                                  gamma=1.0)[0])(losses.token_logprobs(s_bad, y))
+  assert np.all(np.asarray(g)[1, 2] == 0.0) and np.all(np.isfinite(g))
+
+
+def test_teacher_minus_inf_where_the_student_has_mass_costs_the_floor():
+  s, t, mask, _ = _inputs(18)
+  mask[:] = False
+  mask[0, 0] = True
+  t[0, 0, 2] = -np.inf  # the teacher rules token 2 out; the student gives it mass p
+  p = np.exp(ref.log_softmax(s[0, 0]))[2]
+  t_ok = t.copy()
+  t_ok[0, 0, 2] = 0.0
+  for loss in (_full(s, t, mask)[0], _topk(s, t, mask, k=V)[0]):
+    assert np.isfinite(loss)
+    # The -inf term p · (log p − log q) with log q floored at LOGP_FLOOR dominates everything.
+    np.testing.assert_allclose(loss, -p * losses.LOGP_FLOOR, rtol=1e-3)
+
+
 def test_fully_masked_batch_gives_zero_loss():
   s, t, _, y = _inputs(9)
   mask = np.zeros((B, T), bool)
@@ -413,3 +489,60 @@ def test_bad_inputs_raise_clear_errors():
     losses.full_reverse_kl(s, t, mask[:, :2])
   with pytest.raises(ValueError, match="ppo_clip"):
     losses.sampled_token_opd(s[..., 0], t[..., 0], mask, ppo_clip=1.5)
+  shape_error = r"mask must have shape \(2, 3\) \(student_logprobs' shape\), got \(2, 2\)"
+  with pytest.raises(ValueError, match=shape_error):
+    losses.sampled_token_opd(s[..., 0], t[..., 0], mask[:, :2])
+  with pytest.raises(ValueError, match=r"behavior_logprobs must have shape \(2, 3\)"):
+    losses.sampled_token_opd(s[..., 0], t[..., 0], mask, behavior_logprobs=s[:1, :, 0])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda s, t, m, y: losses.token_logprobs(s, y.astype(np.float32)),
+     "tokens must have an integer dtype"),
+    (lambda s, t, m, y: losses.token_logprobs(s.astype(np.int32), y),
+     "logits must have a floating dtype"),
+    (lambda s, t, m, y: losses.topk_reverse_kl(s, t, m, k=3, sampled_tokens=y.astype(float)),
+     "sampled_tokens must have an integer dtype"),
+    (lambda s, t, m, y: losses.topk_reverse_kl(s, t, m, k=3, sampled_tokens=y[:, :2]),
+     r"sampled_tokens must have shape \(2, 3\) \(the mask's shape\), got \(2, 2\)"),
+    (lambda s, t, m, y: losses.topk_reverse_kl(s, t, m.astype(np.float32), k=3),
+     r"mask must have dtype bool \(or integer, nonzero = in the loss\), got float32"),
+    (lambda s, t, m, y: losses.full_reverse_kl(s.astype(np.int32), t, m),
+     "student_logits must have a floating dtype"),
+    (lambda s, t, m, y: losses.topk_reverse_kl(s, t, m, k=3.0), "k must be an int"),
+    (lambda s, t, m, y: losses.topk_reverse_kl(s, t, m, k=3, renormalize=None),
+     "renormalize must be True or False"),
+    (lambda s, t, m, y: losses.topk_reverse_kl(s, t, m, k=3, tail="ema_pg", sampled_tokens=y,
+                                               tail_weight_clip=-1.0),
+     r"tail_weight_clip must be > 0 or None, got -1.0"),
+    (lambda s, t, m, y: losses.sampled_token_opd(s[..., 0], t[..., 0].astype(np.int32), m),
+     "teacher_logprobs must have a floating dtype"),
+    (lambda s, t, m, y: losses.reward_to_go(s[..., 0], m.astype(np.float32), 0.5),
+     "mask must have dtype bool"),
+])
+def test_bad_dtypes_and_shapes_name_the_argument(call, match):
+  s, t, mask, y = _inputs(15)
+  with pytest.raises(ValueError, match=match):
+    call(s, t, mask, y)
+
+
+def test_integer_masks_are_accepted_as_nonzero_in_the_loss():
+  s, t, mask, y = _inputs(19)
+  np.testing.assert_array_equal(losses.topk_reverse_kl(s, t, mask.astype(np.int32), k=3)[0],
+                                losses.topk_reverse_kl(s, t, mask, k=3)[0])
+
+
+def test_options_traced_under_jit_say_how_to_make_them_static():
+  s, t, mask, y = _inputs(15)
+  with pytest.raises(ValueError, match=r"k must be a static.*static_argnames=\('k',\)"):
+    jax.jit(lambda s, k: losses.topk_reverse_kl(s, t, mask, k=k))(s, 3)
+  with pytest.raises(ValueError, match=r"renormalize must be a static.*\('renormalize',\)"):
+    jax.jit(lambda s, r: losses.topk_reverse_kl(s, t, mask, k=3, renormalize=r))(s, True)
+  with pytest.raises(ValueError, match=r"tail_weight_clip must be a static.*tail_weight_clip"):
+    jax.jit(lambda s, c: losses.topk_reverse_kl(s, t, mask, k=3, tail="ema_pg", sampled_tokens=y,
+                                                tail_weight_clip=c))(s, 2.0)
+  for name in ("ppo_clip", "advantage_clip"):
+    with pytest.raises(ValueError, match=rf"{name} must be a static.*\('{name}',\)"):
+      jax.jit(lambda x, c: losses.sampled_token_opd(x, x, mask, **{name: c}))(s[..., 0], 0.2)
+  # gamma may be traced (a documented feature, e.g. a vmapped grid of γ).
+  jax.jit(lambda x, g: losses.sampled_token_opd(x, x, mask, gamma=g))(s[..., 0], 0.5)

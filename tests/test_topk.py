@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from opd_jax import losses, topk
+from opd_jax import losses, sharding, topk
 
 # N = 14 tokens (not a multiple of CT = 4), V = 44 (not a multiple of CV = 8; 11 or 22 per shard).
 B, T, D, V, K, CT, CV = 2, 7, 8, 44, 4, 4, 8
@@ -25,7 +25,8 @@ OPTIONS = {
 
 
 def _mesh(shape, axis_type=AxisType.Auto):
-  return jax.make_mesh(shape, ("data", "tensor"), axis_types=(axis_type,) * 2)
+  """A (data, fsdp, tensor) mesh, the package's standard axes (the fused defaults name them)."""
+  return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=(axis_type,) * 3)
 
 
 def _data(seed=0, b=B):
@@ -102,7 +103,7 @@ def data():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+@pytest.mark.parametrize("mesh_shape", [None, (2, 1, 4)])
 def test_teacher_topk_equals_lax_top_k_on_logits(data, mesh_shape):
   mesh = None if mesh_shape is None else _mesh(mesh_shape)
   got = _teacher(data["ht"], data["wt"], data["y"], mesh=mesh)
@@ -121,7 +122,7 @@ def test_teacher_topk_accepts_flat_tokens(data):
   assert got.sampled_logits is None
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (1, 4), (2, 2)])
+@pytest.mark.parametrize("mesh_shape", [None, (1, 1, 4), (2, 1, 2)])
 def test_ties_go_to_the_lower_index_across_chunks_and_shards(mesh_shape):
   # Integer hidden states and only 3 distinct unembedding columns: exact float32 ties everywhere,
   # including between columns of different vocabulary chunks and different shards.
@@ -151,8 +152,8 @@ def test_fused_loss_and_gradients_equal_plain(data, opt):
 
 
 @pytest.mark.parametrize("opt", ["lsm", "ema_pg"])  # the sparse and the dense backward
-@pytest.mark.parametrize("mesh_shape,axis_type", [((2, 4), AxisType.Auto),
-                                                  ((4, 2), AxisType.Explicit)])
+@pytest.mark.parametrize("mesh_shape,axis_type", [((2, 1, 4), AxisType.Auto),
+                                                  ((2, 2, 2), AxisType.Explicit)])
 def test_sharded_equals_unsharded(opt, mesh_shape, axis_type):
   d = _data(seed=1, b=3)  # 21 tokens: not a multiple of the data-parallel size
   mesh = _mesh(mesh_shape, axis_type)
@@ -168,6 +169,69 @@ def test_sharded_equals_unsharded(opt, mesh_shape, axis_type):
   else:
     got = _fused(*args, opt=opt, mesh=mesh)
   _assert_same(got, want)
+
+
+def _shard_map_in_specs(jaxpr):
+  """The in_specs of every shard_map in a (closed) jaxpr, nested jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      found.append(tuple(eqn.params["in_specs"]))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+        if hasattr(sub, "eqns"):
+          found += _shard_map_in_specs(sub)
+  return found
+
+
+def test_standard_mesh_splits_tokens_over_data_and_fsdp():
+  # The defaults split tokens over BATCH_AXES = (data, fsdp), the vocabulary over tensor.
+  mesh = sharding.make_mesh(2, 2, 2)
+  d = _data(seed=2, b=4)  # 28 tokens: 7 per (data, fsdp) shard, one batch row each
+  got = _teacher(d["ht"], d["wt"], d["y"], mesh=mesh)
+  want = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  np.testing.assert_array_equal(got.indices, want.indices)
+  for name in ("logits", "logsumexp", "sampled_logits"):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=2e-6, rtol=1e-6)
+  assert {s.data.shape for s in got.logsumexp.addressable_shards} == {(1, T)}
+  # The dense backward (every option in play); test_sharded_equals_unsharded has the sparse one.
+  args, opt = (d["hs"], d["ws"], want, d["mask"], d["y"], d["blp"]), "ema_pg+weights"
+  _assert_same(_fused(*args, opt=opt, mesh=mesh), _fused(*args, opt=opt))
+  jaxpr = jax.make_jaxpr(functools.partial(_fused.__wrapped__, opt=opt, mesh=mesh))(*args)
+  specs = _shard_map_in_specs(jaxpr.jaxpr)
+  assert len(specs) == 2  # the forward and the backward pass
+  for spec in specs:
+    assert spec[0] == P(("data", "fsdp"), None) and spec[1] == P(None, "tensor"), spec
+
+
+@pytest.mark.parametrize("where", ["student_hidden", "teacher_logits", "teacher_logsumexp"])
+def test_nan_at_a_counted_position_makes_the_fused_loss_nan(data, where):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  hs = d["hs"]
+  if where == "student_hidden":
+    hs = hs.at[0, 0, 3].set(jnp.nan)
+  elif where == "teacher_logits":
+    teacher = teacher._replace(logits=teacher.logits.at[0, 0, K - 1].set(jnp.nan))
+  else:
+    teacher = teacher._replace(logsumexp=teacher.logsumexp.at[0, 0].set(jnp.nan))
+  assert d["mask"][0, 0]
+  for opt in OPTIONS:
+    assert np.isnan(_fused(hs, d["ws"], teacher, d["mask"], d["y"], d["blp"], opt=opt)[0][0]), opt
+  eager, _ = topk.topk_reverse_kl_from_hidden(hs, d["ws"], teacher, d["mask"], chunk_tokens=CT,
+                                              chunk_vocab=CV, **_kwargs("ema_pg+weights", d))
+  assert np.isnan(eager)
+
+
+def test_nan_behaviour_logprob_at_a_counted_tail_position_makes_the_loss_nan(data):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  outside = ~np.any(np.asarray(teacher.indices) == np.asarray(d["y"])[..., None], axis=-1)
+  b, t = np.argwhere(outside & np.asarray(d["mask"]))[0]
+  blp = d["blp"].at[b, t].set(jnp.nan)
+  got = _fused(d["hs"], d["ws"], teacher, d["mask"], d["y"], blp, opt="ema_pg+weights")
+  assert np.isnan(got[0][0])
 
 
 def test_masked_positions_cost_nothing(data):
@@ -201,18 +265,18 @@ def test_memory_does_not_scale_with_tokens_times_vocab():
   assert compiled.memory_analysis().temp_size_in_bytes < n * v * 4 / 20
 
 
-def test_floor_matches_losses():
-  assert topk.LOGP_FLOOR == losses.LOGP_FLOOR
-
-
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(support="student"), "support 'student'"),
+    (dict(support="student"), r"support 'student' .*accepted: teacher, teacher\+sampled "
+                              r"\(student supports .*losses.topk_reverse_kl"),
     (dict(tail="ema"), "unknown tail"),
     (dict(tail="ema_pg"), "needs sampled_tokens"),
     (dict(chunk_vocab=2), r"k must be .*chunk_vocab = 2"),
     (dict(chunk_tokens=0), "chunk_tokens"),
     (dict(mesh="tensor3"), "divisible by the size 3"),
-    (dict(mesh="no_tensor_axis"), "mesh axis 'tensor'"),
+    (dict(mesh="no_tensor_axis"), r"mesh axis 'tensor' \(tensor_axis='tensor'\)"),
+    (dict(mesh="no_fsdp_axis"), r"mesh axis 'fsdp' \(data_axis=\('data', 'fsdp'\)\).*make_mesh"),
+    (dict(renormalize=np.bool_(True), chunk_tokens=2.0), "chunk_tokens must be a positive int"),
+    (dict(renormalize="yes"), "renormalize must be True or False"),
     (dict(sampled_tokens="no_teacher_logits"), "sampled_logits"),
     (dict(tail_weight_clip=0.0), "tail_weight_clip"),
 ])
@@ -220,10 +284,11 @@ def test_bad_options_raise(data, kwargs, match):
   d = data
   teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
   if kwargs.get("mesh") == "tensor3":
-    kwargs["mesh"] = jax.make_mesh((2, 3), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2,
-                                   devices=jax.devices()[:6])
+    kwargs["mesh"] = sharding.make_mesh(2, 1, 3, devices=jax.devices()[:6])
   elif kwargs.get("mesh") == "no_tensor_axis":
-    kwargs["mesh"] = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    kwargs["mesh"] = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+  elif kwargs.get("mesh") == "no_fsdp_axis":
+    kwargs["mesh"] = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
   if kwargs.get("sampled_tokens") == "no_teacher_logits":
     kwargs["sampled_tokens"], teacher = d["y"], teacher._replace(sampled_logits=None)
   with pytest.raises(ValueError, match=match):
@@ -231,6 +296,42 @@ def test_bad_options_raise(data, kwargs, match):
   with pytest.raises(ValueError, match="teacher_topk.indices"):
     topk.topk_reverse_kl_from_hidden(d["hs"], d["ws"], teacher._replace(
         indices=teacher.indices[:1]), d["mask"])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("indices", lambda x: x.astype(jnp.float32), "teacher_topk.indices must have an integer"),
+    ("logits", lambda x: x.astype(jnp.int32), "teacher_topk.logits must have a floating"),
+    ("mask", lambda x: x.astype(jnp.float32), "mask must have dtype bool"),
+    ("sampled_tokens", lambda x: x.astype(jnp.float32), "sampled_tokens must have an integer"),
+    ("student_hidden", lambda x: x.astype(jnp.int32), "hidden must have a floating"),
+])
+def test_bad_dtypes_raise(data, field, value, match):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  args = dict(student_hidden=d["hs"], student_unembed=d["ws"], teacher_topk=teacher,
+              mask=d["mask"], sampled_tokens=d["y"])
+  if field in ("indices", "logits"):
+    args["teacher_topk"] = teacher._replace(**{field: value(getattr(teacher, field))})
+  else:
+    args[field] = value(args[field])
+  with pytest.raises(ValueError, match=match):
+    topk.topk_reverse_kl_from_hidden(**args)
+
+
+def test_options_traced_under_jit_say_how_to_make_them_static(data):
+  d = data
+  teacher = _topk_of_logits(d["ht"] @ d["wt"], d["y"])
+  with pytest.raises(ValueError, match=r"k must be a static.*static_argnames=\('k',\)"):
+    jax.jit(lambda h, w, k: topk.teacher_topk_from_hidden(h, w, k=k))(d["ht"], d["wt"], K)
+  with pytest.raises(ValueError, match=r"static_argnames=\('chunk_vocab',\)"):
+    jax.jit(lambda h, w, c: topk.teacher_topk_from_hidden(h, w, k=K, chunk_vocab=c))(
+        d["ht"], d["wt"], CV)
+  fused = lambda h, w, **kw: topk.topk_reverse_kl_from_hidden(h, w, teacher, d["mask"], **kw)
+  with pytest.raises(ValueError, match=r"renormalize must be a static.*'renormalize',\)"):
+    jax.jit(lambda h, w, r: fused(h, w, renormalize=r))(d["hs"], d["ws"], True)
+  with pytest.raises(ValueError, match=r"tail_weight_clip must be a static.*'tail_weight_clip',"):
+    jax.jit(lambda h, w, c: fused(h, w, tail="ema_pg", sampled_tokens=d["y"],
+                                  tail_weight_clip=c))(d["hs"], d["ws"], 2.0)
 
 
 def test_bfloat16_inputs_are_computed_in_float32(data):
