@@ -54,17 +54,20 @@ def resolve_topk_impl(topk_impl: str | None = None) -> str:
 
 
 def _top_k(x: Array, k: int, blocks: Sequence[int] = ()) -> tuple[Array, Array]:
-  """Exactly `lax.top_k(x, k)` for x [R, V] (same values, same indices, ties to lower ids).
+  """Exactly `lax.top_k(x, k)` for x [R, V] without NaN (same values and indices, ties to lower
+  ids); with `blocks` empty it is one `lax.top_k`.
 
   The k largest entries lie in the k blocks with the largest maxima (ties to lower blocks): each
   of them is at least the k-th largest block maximum, and a block holding one has a maximum at
   least as large. The chosen blocks are put back in id order, so ties among candidates still go
-  to lower ids. A NaN ranks above every number, as in `lax.top_k` (rows holding both NaN and
-  +inf excepted: a +inf block of lower id may take a NaN block's place). Each `lax.top_k` is
-  kept as a TopK op by a barrier: without it, XLA's simplifier folds the slice of the
-  values/indices into their consumers and the CPU backend then lowers it to a sort of the whole
-  row (two orders of magnitude slower for [8, 32000], k = 50). With `blocks` empty this is one
-  `lax.top_k`.
+  to lower ids. Each `lax.top_k` is kept as a TopK op by a barrier: without it, XLA's simplifier
+  folds the slice of the values/indices into their consumers and the CPU backend then lowers it
+  to a sort of the whole row (two orders of magnitude slower for [8, 32000], k = 50).
+
+  A row holding NaN may differ: `lax.top_k` ranks NaN first, but XLA:CPU's vectorised max
+  reduction can drop a NaN and leave its block out. A NaN guard on the block maxima would cost
+  a separate [R, V] pass on XLA:CPU (the select does not fuse into that reduction), for rows
+  whose policy log-probs are NaN anyway.
   """
   r, v = x.shape
   n_blocks = -(-v // blocks[0]) if blocks else 0
@@ -72,10 +75,7 @@ def _top_k(x: Array, k: int, blocks: Sequence[int] = ()) -> tuple[Array, Array]:
     return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
   block = blocks[0]
   x_blocks = _as_blocks(x, block, -jnp.inf)  # the padding loses every tie to a real entry
-  # A block holding a NaN ranks as +inf: lax.top_k puts NaN first, but XLA:CPU's vectorised max
-  # reduction can drop a NaN, which would leave its block out.
-  maxima = jnp.max(jnp.where(jnp.isnan(x_blocks), jnp.inf, x_blocks), axis=-1)
-  _, chosen = jax.lax.optimization_barrier(jax.lax.top_k(maxima, k))
+  _, chosen = jax.lax.optimization_barrier(jax.lax.top_k(jnp.max(x_blocks, axis=-1), k))
   chosen = jnp.sort(chosen, axis=-1)
   candidates = jnp.take_along_axis(x_blocks, chosen[:, :, None], axis=1).reshape(r, k * block)
   vals, pos = _top_k(candidates, k, blocks[1:])
@@ -216,7 +216,8 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
     banned_ids: token ids that are never sampled.
     candidates: size of the fast top-p path's `lax.top_k`.
     topk_impl: how the top-k and the top-p candidates are found, "blocked" (block maxima first)
-      or "lax" (one `lax.top_k`); both give the same tokens. None picks by backend ("blocked" on
+      or "lax" (one `lax.top_k`); both give the same tokens for rows without NaN logits (see
+      `_top_k`). None picks by backend ("blocked" on
       CPU, "lax" elsewhere: see TOP_K_BLOCKS). Static.
 
   Returns:
