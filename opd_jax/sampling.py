@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from opd_jax import models
+from opd_jax import losses, models
 from opd_jax import sampling_rules as rules
 from opd_jax import sharding
 
@@ -85,11 +85,6 @@ def _segment_ends(max_new_tokens: int) -> tuple[int, ...]:
   return tuple(-(-max_new_tokens * (i + 1) // n) for i in range(n))
 
 
-def _gather_logprob(logits: Array, tokens: Array) -> Array:
-  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
@@ -136,7 +131,8 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
                                 banned_ids=banned, topk_impl=topk_impl)
     live = ~s.done
     tok = jnp.where(live, tok, 0)
-    policy_lp = _gather_logprob(logits, tok)
+    # [R, V] logits, [R] tokens: XLA fuses the log-softmax into the gather of the one entry.
+    policy_lp = losses.token_logprobs(logits, tok)
     col = (slice(None), s.step)
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
     # The last iteration's decode step is wasted work (1/N of it). The body stays straight-line:
