@@ -135,8 +135,8 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     policy_lp = losses.token_logprobs(logits, tok)
     col = (slice(None), s.step)
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-    # The last iteration's decode step is wasted work (1/N of it). The body stays straight-line:
-    # a lax.cond around the step would only save that 1/N.
+    # The last iteration's decode step is wasted work (1/N of it); guarding it with a lax.cond
+    # saves no time, so the body stays straight-line.
     hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True)
     return _DecodeState(
         step=s.step + 1, hidden=constrain(hidden), done=done,
@@ -209,8 +209,9 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
     num_samples: G rollouts per prompt; the prompt is prefilled once.
     prompt_buckets: padded prompt lengths to compile for (default: powers of two >= 16).
     mesh: optional (data, fsdp, tensor) mesh; rows are sharded over data and fsdp.
-    topk_impl: the top-k algorithm of `sampling_rules.draw`, "blocked" or "lax" (same tokens);
-      None picks by backend ("blocked" on CPU, "lax" on GPU/TPU). Static.
+    topk_impl: the top-k algorithm of `sampling_rules.draw`, "blocked" or "lax" (the same
+      tokens unless the logits hold NaN); None picks by backend ("blocked" on CPU, "lax" on
+      GPU/TPU). Static.
 
   Returns:
     A Rollout with [B*G, N] fields.

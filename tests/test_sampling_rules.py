@@ -14,7 +14,7 @@ N_SAMPLES = 20_000
 # Every test whose result goes through a top-k runs on each top-k algorithm, with vocabularies
 # wide enough for the blocked one to take its block path (>= 4 blocks per kept entry).
 IMPLS = rules.TOPK_IMPLS
-WIDE = 4 * 64 * rules.TOP_K_BLOCKS[0]                  # the 64 top-p candidates go blockwise too
+WIDE = 4 * rules.TOP_P_CANDIDATES * rules.TOP_K_BLOCKS[0]   # top-p candidates go blockwise too
 
 
 def _blocked_path_runs(vocab, k):
