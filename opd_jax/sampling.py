@@ -1,4 +1,4 @@
-"""XLA-compiled rollout sampler: prefill + `lax.while_loop` decode with top-p/top-k and token masks."""
+"""XLA-compiled rollout sampler: prefill + `lax.while_loop` decode, top-p/top-k, token masks."""
 
 from __future__ import annotations
 
