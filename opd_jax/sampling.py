@@ -1,4 +1,4 @@
-"""XLA-compiled rollout sampler: prefill + `lax.while_loop` decode with top-p/top-k and token masks."""
+"""XLA-compiled rollout sampler: prefill + `lax.while_loop` decode, top-p/top-k, token masks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from opd_jax import models
+from opd_jax import losses, models
 from opd_jax import sampling_rules as rules
 from opd_jax import sharding
 
@@ -85,17 +85,12 @@ def _segment_ends(max_new_tokens: int) -> tuple[int, ...]:
   return tuple(-(-max_new_tokens * (i + 1) // n) for i in range(n))
 
 
-def _gather_logprob(logits: Array, tokens: Array) -> Array:
-  picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
-                     "mesh", "segment_ends"))
+                     "mesh", "segment_ends", "topk_impl"))
 def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
-              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends):
+              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends, topk_impl):
   # The KV cache is allocated here, inside the program, and each while loop updates its carry in
   # place; between loop segments it is grown (copied) into a longer one. No copy of it ever exists
   # outside the compiled program.
@@ -133,14 +128,15 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     logits = constrain(models.logits_from_hidden(model, s.hidden))
     u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_rows,))
     tok, sample_lp = rules.draw(logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
-                                banned_ids=banned)
+                                banned_ids=banned, topk_impl=topk_impl)
     live = ~s.done
     tok = jnp.where(live, tok, 0)
-    policy_lp = _gather_logprob(logits, tok)
+    # [R, V] logits, [R] tokens: XLA fuses the log-softmax into the gather of the one entry.
+    policy_lp = losses.token_logprobs(logits, tok)
     col = (slice(None), s.step)
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-    # The last iteration's decode step is wasted work (1/N of it); skipping it with a lax.cond
-    # measured no faster, so the body stays straight-line.
+    # The last iteration's decode step is wasted work (1/N of it); guarding it with a lax.cond
+    # saves no time, so the body stays straight-line.
     hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True)
     return _DecodeState(
         step=s.step + 1, hidden=constrain(hidden), done=done,
@@ -164,13 +160,10 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
 
 def _check_args(prompts, prompt_mask, vocab, *, max_new_tokens, temperature, top_p, top_k,
                 banned, stop, num_samples):
-  if prompts.ndim != 2 or tuple(prompt_mask.shape) != tuple(prompts.shape):
-    raise ValueError(f"prompts must be [B, P] with a prompt_mask of the same shape, got prompts "
-                     f"{tuple(prompts.shape)} and prompt_mask {tuple(prompt_mask.shape)}")
-  lengths = np.asarray(prompt_mask).astype(bool).sum(axis=1)
-  if prompts.shape[0] == 0 or prompts.shape[1] == 0 or np.any(lengths == 0):
-    empty = np.flatnonzero(lengths == 0).tolist() if prompts.shape[1] else "all"
-    raise ValueError(f"prompts: every prompt needs at least one real token; empty rows: {empty}")
+  # Shapes and dtypes always; values (ids in the vocabulary, left padding, no empty row) only
+  # when the arrays are concrete, i.e. not when `sample` is itself traced.
+  models.decoder.check_tokens(prompts, prompt_mask, vocab_size=vocab, left_padded=True,
+                              names=("prompts", "prompt_mask"))
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if not 0.0 < float(top_p) <= 1.0:
@@ -197,13 +190,15 @@ def _check_args(prompts, prompt_mask, vocab, *, max_new_tokens, temperature, top
 def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, banned_token_ids: Sequence[int] = (),
            stop_token_ids: Sequence[int] = (), num_samples: int = 1,
-           prompt_buckets: Sequence[int] | None = None, mesh: Mesh | None = None) -> Rollout:
+           prompt_buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
+           topk_impl: str | None = None) -> Rollout:
   """Sample `num_samples` responses per prompt with one compiled program per shape.
 
   Args:
     model: an `opd_jax.models.Decoder`.
-    prompts: int32 [B, P] left-padded prompt tokens.
-    prompt_mask: bool [B, P], true on real prompt tokens.
+    prompts: int [B, P] left-padded prompt tokens, ids in [0, V) (padding positions included).
+    prompt_mask: bool (or 0/1 integer) [B, P], true on real prompt tokens: each row some padding
+      (False) first, then only real tokens (True), at least one.
     rng: a PRNG key; step t draws one uniform per row from fold_in(rng, t).
     max_new_tokens: N, the response budget (the loop ends earlier when every row has stopped).
     temperature: >= 0, 0 is greedy; traced (changing it does not recompile).
@@ -214,21 +209,32 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
     num_samples: G rollouts per prompt; the prompt is prefilled once.
     prompt_buckets: padded prompt lengths to compile for (default: powers of two >= 16).
     mesh: optional (data, fsdp, tensor) mesh; rows are sharded over data and fsdp.
+    topk_impl: the top-k algorithm of `sampling_rules.draw`, "blocked" or "lax" (the same
+      tokens unless the logits hold NaN); None picks by backend ("blocked" on CPU, "lax" on
+      GPU/TPU). Static.
 
   Returns:
     A Rollout with [B*G, N] fields.
+
+  Raises:
+    ValueError: a bad setting, or prompts that break the rules above (ids, dtypes, shapes, left
+      padding, empty rows), with the argument, an example row/position and what is accepted.
+      When `sample` is itself traced, only shapes and dtypes of the prompts can be checked.
   """
-  prompts = jnp.asarray(prompts)
+  # numpy inputs stay on the host for the checks; lists become numpy arrays.
+  prompts, prompt_mask = (x if isinstance(x, jax.Array) else np.asarray(x)
+                          for x in (prompts, prompt_mask))
   config = model.config
   banned, stop = tuple(int(i) for i in banned_token_ids), tuple(int(i) for i in stop_token_ids)
   _check_args(prompts, prompt_mask, config.vocab_size, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, top_k=top_k, banned=banned, stop=stop,
               num_samples=num_samples)
+  topk_impl = rules.resolve_topk_impl(topk_impl)
   b, p = prompts.shape
   padded = bucket_length(p, prompt_buckets)
   pad = ((0, 0), (padded - p, 0))
   prompts = jnp.pad(prompts.astype(jnp.int32), pad)
-  prompt_mask = jnp.pad(jnp.asarray(prompt_mask).astype(bool), pad)
+  prompt_mask = jnp.pad(jnp.asarray(prompt_mask, bool), pad)
   if mesh is not None:
     rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
     prompts, prompt_mask = jax.device_put((prompts, prompt_mask), rows)
@@ -236,4 +242,5 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
   return _generate(graphdef, state, prompts, prompt_mask, rng,
                    jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
                    top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh,
-                   segment_ends=_segment_ends(max_new_tokens))
+                   segment_ends=_segment_ends(max_new_tokens),
+                   topk_impl=topk_impl)

@@ -20,11 +20,14 @@ Array = jax.Array
 TOP_P_CANDIDATES = 64
 
 
-# On CPU, `_top_k` first picks whole blocks of this many entries by their maxima, then the k
-# entries within the chosen blocks (recursively, one size per level): far cheaper than XLA:CPU's
-# TopK over the whole vocabulary (measured in a decode loop, [8, 32000], k = 50: 0.45 ms ->
-# 0.15 ms). Other backends keep their own TopK kernel (the detour is not measured there).
+# The blocked top-k (`topk_impl="blocked"`) first picks whole blocks of this many entries by
+# their maxima, then the k entries within the chosen blocks (recursively, one size per level).
+# XLA:CPU's TopK over a whole [R, V] row costs several times more than TopK over the block maxima
+# and the k chosen blocks (about 3x for [8, 32000], k = 50), so "blocked" is the CPU default.
+# Other backends default to their own TopK kernel ("lax"); both give exactly `lax.top_k`'s result.
 TOP_K_BLOCKS = (32, 8)
+# Accepted values of `topk_impl` (None picks by backend, see `resolve_topk_impl`).
+TOPK_IMPLS = ("blocked", "lax")
 
 
 def _as_blocks(x: Array, block: int, fill: float) -> Array:
@@ -36,21 +39,36 @@ def _as_blocks(x: Array, block: int, fill: float) -> Array:
   return x.reshape(r, n_blocks, block)
 
 
-def _default_blocks() -> tuple[int, ...]:
-  return TOP_K_BLOCKS if jax.default_backend() == "cpu" else ()
+def resolve_topk_impl(topk_impl: str | None = None) -> str:
+  """The top-k algorithm to use: `topk_impl` if given, else "blocked" on CPU and "lax" elsewhere.
+
+  Raises:
+    ValueError: `topk_impl` is neither None nor one of TOPK_IMPLS.
+  """
+  if topk_impl is None:
+    return "blocked" if jax.default_backend() == "cpu" else "lax"
+  if topk_impl not in TOPK_IMPLS:
+    raise ValueError(f"topk_impl must be None (pick by backend) or one of {TOPK_IMPLS}, "
+                     f"got {topk_impl!r}")
+  return topk_impl
 
 
-def _top_k(x: Array, k: int, blocks: Sequence[int] | None = None) -> tuple[Array, Array]:
-  """Exactly `lax.top_k(x, k)` for x [R, V] (same values, same indices, ties to lower ids).
+def _top_k(x: Array, k: int, blocks: Sequence[int] = ()) -> tuple[Array, Array]:
+  """Exactly `lax.top_k(x, k)` for x [R, V] without NaN (same values and indices, ties to lower
+  ids); with `blocks` empty it is one `lax.top_k`.
 
   The k largest entries lie in the k blocks with the largest maxima (ties to lower blocks): each
   of them is at least the k-th largest block maximum, and a block holding one has a maximum at
   least as large. The chosen blocks are put back in id order, so ties among candidates still go
   to lower ids. Each `lax.top_k` is kept as a TopK op by a barrier: without it, XLA's simplifier
-  folds the slice of the values/indices into their consumers and the CPU backend then sorts the
-  whole row (measured: 70 ms instead of 0.5 ms for [8, 32000], k = 50).
+  folds the slice of the values/indices into their consumers and the CPU backend then lowers it
+  to a sort of the whole row (two orders of magnitude slower for [8, 32000], k = 50).
+
+  A row holding NaN may differ: `lax.top_k` ranks NaN first, but XLA:CPU's vectorised max
+  reduction can drop a NaN and leave its block out. A NaN guard on the block maxima would cost
+  a separate [R, V] pass on XLA:CPU (the select does not fuse into that reduction), for rows
+  whose policy log-probs are NaN anyway.
   """
-  blocks = _default_blocks() if blocks is None else blocks
   r, v = x.shape
   n_blocks = -(-v // blocks[0]) if blocks else 0
   if n_blocks < 4 * k:  # too few blocks for the detour to pay
@@ -139,8 +157,8 @@ def _bisect_threshold(x: Array, lse: Array, top_p: Array) -> Array:
 
 
 # `_draw_above` locates the uniform's token with block sums of this many entries, then a
-# cumulative sum inside the one chosen block: a cumsum over the whole vocabulary is a slow
-# reduce-window on XLA:CPU (measured: 0.9 ms per decode step for [8, 32000]).
+# cumulative sum inside the one chosen block: XLA:CPU lowers a cumsum over the whole vocabulary
+# to a reduce-window, which is slow for rows of tens of thousands of entries.
 DRAW_BLOCK = 128
 
 
@@ -176,14 +194,15 @@ def _draw_above(x: Array, lse: Array, threshold: Array, u: Array) -> tuple[Array
 
 def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
          top_p: float | Array = 1.0, banned_ids: Sequence[int] = (),
-         candidates: int = TOP_P_CANDIDATES) -> tuple[Array, Array]:
+         candidates: int = TOP_P_CANDIDATES, topk_impl: str | None = None
+         ) -> tuple[Array, Array]:
   """Sample one token per row: bans, temperature, top-k, exact top-p, then an inverse-CDF draw.
 
   Top-k keeps exactly k tokens (ties broken towards lower ids, as `lax.top_k`), chosen before the
   division by the temperature, which does not reorder them (up to ties created by rounding);
-  top-p keeps the
-  smallest descending prefix whose mass reaches p (the crossing token included) plus any token
-  tied with its last one, renormalised after top-k as transformers does. Temperature 0 is greedy.
+  top-p keeps the smallest descending prefix whose mass reaches p (the crossing token included)
+  plus any token tied with its last one, renormalised after top-k as transformers does.
+  Temperature 0 is greedy.
   Without top-k, the nucleus threshold comes from a `lax.top_k` of `candidates` entries when their
   mass reaches p in every row, else from an exact bisection over the vocabulary (no sort); the
   draw itself does not depend on which of the two found the threshold.
@@ -196,11 +215,16 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
     top_p: nucleus mass in (0, 1]; may be traced.
     banned_ids: token ids that are never sampled.
     candidates: size of the fast top-p path's `lax.top_k`.
+    topk_impl: how the top-k and the top-p candidates are found, "blocked" (block maxima first)
+      or "lax" (one `lax.top_k`); both give the same tokens for rows without NaN logits (see
+      `_top_k`). None picks by backend ("blocked" on
+      CPU, "lax" elsewhere: see TOP_K_BLOCKS). Static.
 
   Returns:
     (tokens [R] int32, log-probs [R] of the tokens under the distribution sampled from; 0 for
     greedy).
   """
+  blocks = TOP_K_BLOCKS if resolve_topk_impl(topk_impl) == "blocked" else ()
   x = ban_tokens(logits.astype(jnp.float32), banned_ids)
   temperature = jnp.asarray(temperature, jnp.float32)
 
@@ -209,17 +233,18 @@ def draw(logits: Array, u: Array, *, temperature: float | Array = 1.0, top_k: in
 
   # The temperature is applied inside the sampling branch, where XLA fuses the division into
   # its first pass over the row (or, with top-k, applies it to the k survivors only).
-  return jax.lax.cond(temperature > 0,
-                      lambda x: _draw_truncated(x, u, temperature, top_k, top_p, candidates),
-                      greedy_draw, x)
+  def sample_draw(x):
+    return _draw_truncated(x, u, temperature, top_k, top_p, candidates, blocks)
+
+  return jax.lax.cond(temperature > 0, sample_draw, greedy_draw, x)
 
 
 def _draw_truncated(x: Array, u: Array, temperature: Array, top_k: int, top_p: float | Array,
-                    candidates: int) -> tuple[Array, Array]:
+                    candidates: int, blocks: Sequence[int]) -> tuple[Array, Array]:
   p = jnp.asarray(top_p, jnp.float32)
   vocab = x.shape[-1]
   if top_k > 0:
-    vals, idx = _top_k(x, min(top_k, vocab))
+    vals, idx = _top_k(x, min(top_k, vocab), blocks)
     vals = apply_temperature(vals, temperature)
     kept, _ = _nucleus(vals, jax.nn.logsumexp(vals, axis=-1), p)
     token, logp = _draw_sorted(vals, idx, kept, u)
@@ -228,7 +253,7 @@ def _draw_truncated(x: Array, u: Array, temperature: Array, top_k: int, top_p: f
     lse = jax.nn.logsumexp(x, axis=-1)
 
     def nucleus_threshold(x):
-      vals, _ = _top_k(x, min(candidates, vocab))
+      vals, _ = _top_k(x, min(candidates, vocab), blocks)
       kept, decided = _nucleus(vals, lse, p)
       fast = jnp.min(jnp.where(kept, vals, jnp.inf), axis=-1)
       return jax.lax.cond(jnp.all(decided), lambda x: fast,

@@ -396,3 +396,60 @@ def test_tokenizer_folder_loads_offline_with_chat_template(tmp_path):
   assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
   with pytest.raises(models.CheckpointError, match="no tokenizer.json"):
     models.load_tokenizer(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_forward_prefill_and_decode_step_reject_bad_tokens_and_masks():
+  """Shapes and dtypes are checked always (inside jit too); ids, 0/1 masks and left padding
+  when the arrays are concrete."""
+  model = models.init_model(mh.tiny_model_config(), seed=0)
+  tokens, mask = mh.left_padded_batch(0, B, T, 128)
+  big = tokens.copy()
+  big[2, 7] = 128
+  two = mask.astype(np.int32)
+  two[1, 3] = 2
+  cases = [
+      (big, mask, r"tokens holds ids outside the vocabulary \[0, 128\): 128 at row 2, position 7"),
+      (tokens.astype(np.float32), mask, r"tokens must hold integer token ids, got dtype float32"),
+      (tokens, mask.astype(np.float32), r"attention_mask must be bool .*got dtype float32"),
+      (tokens, two, r"attention_mask must be bool or 0/1, got 2 at row 1, position 3"),
+      (tokens, mask[:, :-1], r"attention_mask must have the tokens' shape \(4, 12\)"),
+  ]
+  cache = models.init_cache(model.config, B, T)
+  for bad_tokens, bad_mask, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      models.forward(model, bad_tokens, bad_mask)
+    with pytest.raises(ValueError, match=msg):
+      models.prefill(model, jnp.asarray(bad_tokens), jnp.asarray(bad_mask), cache)
+  # Inside jit the values are unknown; dtypes are still checked.
+  with pytest.raises(ValueError, match="tokens must hold integer token ids"):
+    _forward(model, jnp.asarray(tokens, jnp.float32), jnp.asarray(mask))
+  # prefill takes left-padded prompts only, each with a real token.
+  right = mask[:, ::-1].copy()
+  empty = mask.copy()
+  empty[3] = False
+  with pytest.raises(ValueError, match=r"attention_mask must be left-padded.*row 1 has a real "
+                                       r"token at position 10 followed by padding at 11"):
+    models.prefill(model, tokens, right, cache)
+  with pytest.raises(ValueError, match=r"every row needs at least one real token.*rows: \[3\]"):
+    models.prefill(model, tokens, empty, cache)
+  # decode_step: one id per row, in the vocabulary.
+  with pytest.raises(ValueError, match=r"tokens holds ids outside the vocabulary \[0, 128\): "
+                                       r"-3 at position 1"):
+    models.decode_step(model, jnp.array([5, -3, 0, 1]), cache)
+  with pytest.raises(ValueError, match="tokens must hold integer token ids, got dtype float32"):
+    jax.jit(lambda t: models.decode_step(model, t, cache))(jnp.zeros((B,), jnp.float32))
+
+
+def test_forward_takes_padding_anywhere_and_integer_masks():
+  """forward scores prompt + response batches: padding right of a response, 0/1 int masks."""
+  model = models.init_model(mh.tiny_model_config(), seed=0)
+  tokens, mask = mh.left_padded_batch(0, B, T, 128)
+  right = mask[:, ::-1].copy()
+  want = _forward(model, jnp.asarray(tokens), jnp.asarray(right))
+  got = models.forward(model, tokens, right.astype(np.int64))
+  np.testing.assert_allclose(np.asarray(got)[right], np.asarray(want)[right], atol=1e-5)

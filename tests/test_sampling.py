@@ -1,11 +1,12 @@
 """The compiled sampler against transformers' generate and the model's own forward pass."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import model_helpers as mh
-from opd_jax import models, sampling
+from opd_jax import models, sampling, sampling_rules
 
 N_NEW = 8
 
@@ -160,6 +161,78 @@ def test_bad_arguments_raise(checkpoint, prompts):
     m = kw.pop("prompt_mask", mask)
     with pytest.raises(ValueError, match=msg):
       _sample(model, tokens, m, **kw)
+
+
+def _bad_prompts(tokens, mask):
+  """(prompts, prompt_mask, message) that the README rules out, one problem each."""
+  right = mask[:, ::-1].copy()                          # right padding: rows 1..3 end in padding
+  holes = mask.copy()
+  holes[0, 4] = False                                   # a gap inside row 0's prompt
+  too_big, negative, two = tokens.copy(), tokens.copy(), mask.astype(np.int32)
+  too_big[1, 6] = 128                                   # the vocabulary is [0, 128)
+  negative[2, 1] = -1                                   # a padding slot, still embedded
+  two[3, 8] = 2
+  return [
+      (tokens, right, r"prompt_mask must be left-padded.*row 1 has a real token at position 5 "
+                      r"followed by padding at 6"),
+      (tokens, holes, r"prompt_mask must be left-padded.*row 0 has a real token at position 3 "
+                      r"followed by padding at 4"),
+      (too_big, mask, r"prompts holds ids outside the vocabulary \[0, 128\): 128 at row 1, "
+                      r"position 6"),
+      (negative, mask, r"-1 at row 2, position 1.*padding positions too"),
+      (tokens.astype(np.float32), mask, r"prompts must hold integer token ids, got dtype float32"),
+      (tokens, mask.astype(np.float32), r"prompt_mask must be bool .*got dtype float32.*0/1"),
+      (tokens, two, r"prompt_mask must be bool or 0/1, got 2 at row 3, position 8"),
+      (tokens, mask[:, 1:], r"prompt_mask must have the prompts' shape \(4, 9\), got \(4, 8\)"),
+      (tokens[0], mask[0], r"prompts must have shape \[B, T\].*got \(9,\)"),
+  ]
+
+
+def test_prompts_that_break_the_input_rules_raise(checkpoint, prompts):
+  """Right padding, holes, ids outside the vocabulary, float ids or masks: a ValueError each."""
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  for bad_tokens, bad_mask, msg in _bad_prompts(tokens, mask):
+    for convert in (np.asarray, jnp.asarray):            # numpy and jax arrays alike
+      with pytest.raises(ValueError, match=msg):
+        _sample(model, convert(bad_tokens), convert(bad_mask))
+  with pytest.raises(ValueError, match="topk_impl must be None .* got 'sort'"):
+    _sample(model, tokens, mask, topk_impl="sort")
+  # Inside jit only the values are unknown: shapes and dtypes are still checked.
+  traced = jax.jit(lambda t: _sample(model, t, mask))
+  with pytest.raises(ValueError, match="prompts must hold integer token ids"):
+    traced(jnp.asarray(tokens, jnp.float32))
+
+
+def test_integer_masks_and_int64_ids_give_the_bool_int32_rollout(checkpoint, prompts):
+  """What tokenizers return (int64 ids, 0/1 masks, as lists too) is accepted as it is."""
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  want = _sample(model, tokens, mask, seed=6)
+  got = _sample(model, tokens.astype(np.int64).tolist(), mask.astype(np.int64).tolist(), seed=6)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.policy_logprobs, want.policy_logprobs)
+
+
+def test_every_top_k_algorithm_gives_the_same_rollout():
+  """A vocabulary wide enough for the blocked top-k to take its block path for the 64 top-p
+  candidates. At this model's flatness they decide a 0.5 nucleus at the first step, but not a
+  0.95 one (the bisection runs). Top-k itself is compared on both paths in test_sampling_rules."""
+  vocab = 4 * sampling_rules.TOP_P_CANDIDATES * sampling_rules.TOP_K_BLOCKS[0]
+  model = models.init_model(mh.tiny_model_config(vocab_size=vocab), seed=1, std=0.5)
+  tokens, mask = mh.left_padded_batch(4, 3, 7, vocab)
+  for top_p in (0.5, 0.95):                                   # one program per algorithm
+    kw = dict(seed=8, num_samples=2, top_p=top_p)
+    want = _sample(model, tokens, mask, topk_impl="lax", **kw)
+    got = _sample(model, tokens, mask, topk_impl="blocked", **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.sample_logprobs, want.sample_logprobs, atol=1e-6)
+    assert np.mean(np.asarray(want.sample_logprobs) < -1e-3) > 0.5    # not a greedy rollout
+  default = "blocked" if jax.default_backend() == "cpu" else "lax"
+  before = sampling.compiled_programs()
+  _sample(model, tokens, mask, topk_impl=default, **kw)
+  _sample(model, tokens, mask, topk_impl=None, **kw)            # the same compiled program
+  assert sampling.compiled_programs() == before
 
 
 def test_segmented_decode_loop_gives_the_same_rollout(checkpoint, prompts, monkeypatch):

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.decoder import (Decoder, causal_valid, check_tokens, logits_from_hidden,
-                                    positions_from_mask)
+from opd_jax.models.decoder import (Decoder, causal_valid, check_token_ids, check_tokens,
+                                    logits_from_hidden, positions_from_mask)
 from opd_jax.sharding import BATCH_AXES, check_mesh
 
 Array = jax.Array
@@ -112,16 +112,21 @@ def prefill(model: Decoder, tokens: Array, attention_mask: Array, cache: KVCache
 
   Args:
     model: the Decoder.
-    tokens: int [B, P] left-padded prompts.
-    attention_mask: bool [B, P], true on real prompt tokens.
+    tokens: int [B, P] left-padded prompts, ids in [0, V) (padding positions included).
+    attention_mask: bool (or 0/1 integer) [B, P], true on real prompt tokens: in each row some
+      padding (False) first, then only real tokens (True), at least one.
     cache: an empty cache from `init_cache` (index 0) with max_len >= P.
     return_hidden: return final hidden states [B, P, D] instead of float32 logits [B, P, V];
       `logits_from_hidden(model, hidden[:, -1])` then gives the last-position logits only.
 
   Returns:
     (logits or hidden states, the filled cache). The outputs equal `forward`'s.
+
+  Raises:
+    ValueError: bad shapes or dtypes; when called outside jit also ids outside [0, V), a mask
+      that is not left padding, or a row without real tokens (see `check_tokens`).
   """
-  check_tokens(tokens, attention_mask)
+  check_tokens(tokens, attention_mask, vocab_size=model.config.vocab_size, left_padded=True)
   p = tokens.shape[1]
   if p > cache.max_len:
     raise ValueError(f"prompt length {p} exceeds the cache's max_len {cache.max_len}")
@@ -142,16 +147,20 @@ def decode_step(model: Decoder, tokens: Array, cache: KVCache, *,
 
   Args:
     model: the Decoder.
-    tokens: int [B], the token each row appends (written at slot `cache.index`).
+    tokens: int [B] ids in [0, V), the token each row appends (written at slot `cache.index`).
     cache: the cache after `prefill` and any earlier decode steps.
     return_hidden: return final hidden states [B, D] instead of float32 logits [B, V].
 
   Returns:
     (logits [B, V] or hidden [B, D], the updated cache).
+
+  Raises:
+    ValueError: a bad shape or dtype; outside jit also ids outside [0, V).
   """
   if tokens.ndim != 1 or tokens.shape[0] != cache.valid.shape[0]:
     raise ValueError(f"tokens must have shape [B] = ({cache.valid.shape[0]},), "
                      f"got {tuple(tokens.shape)}")
+  check_token_ids(tokens, model.config.vocab_size)
   valid = jax.lax.dynamic_update_slice(
       cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), (0, cache.index))
   hidden, kv = model.trunk(tokens[:, None], cache.next_position[:, None], valid[:, None, :],

@@ -238,13 +238,103 @@ def logits_from_hidden(model: Decoder, hidden: Array) -> Array:
                     preferred_element_type=jnp.float32)
 
 
-def check_tokens(tokens: Array, attention_mask: Array) -> None:
-  """Static shape checks shared by forward and prefill."""
+def _concrete(x) -> np.ndarray | None:
+  """x's values on the host, or None under jit (a tracer) or when another process holds part."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  return np.asarray(x)
+
+
+def check_token_ids(tokens, vocab_size: int | None = None, *, name: str = "tokens") -> None:
+  """Token ids must be an integer array, and (when concrete) every id must lie in [0, vocab).
+
+  Under jit the values are unknown, so only the dtype is checked there. An id outside the
+  vocabulary is not an error inside XLA: the embedding lookup returns NaN for it.
+  """
+  if not hasattr(tokens, "dtype"):
+    raise ValueError(f"{name} must be an integer array (numpy or jax), got {type(tokens).__name__}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}; accepted: any "
+                     "integer dtype (convert with .astype(np.int32))")
+  values = None if vocab_size is None else _concrete(tokens)
+  if values is None or values.size == 0:
+    return
+  bad = (values < 0) | (values >= vocab_size)
+  if bad.any():
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    at = (f"row {where[0]}, position {where[1]}" if len(where) == 2 else
+          f"position {', '.join(map(str, where))}")
+    raise ValueError(f"{name} holds ids outside the vocabulary [0, {vocab_size}): "
+                     f"{int(values[where])} at {at} ({int(bad.sum())} such ids); padding "
+                     "positions too must hold a valid id (e.g. 0)")
+
+
+def check_tokens(tokens: Array, attention_mask: Array, *, vocab_size: int | None = None,
+                 left_padded: bool = False,
+                 names: tuple[str, str] = ("tokens", "attention_mask")) -> None:
+  """Checks a batch of token ids and its mask, as forward, prefill and the sampler take them.
+
+  Always (also under jit): tokens is a [B, T] integer array, the mask has the same shape and is
+  bool or integer. When the arrays are concrete (not traced, and held by this process alone),
+  also their values: ids in [0, vocab_size) (with vocab_size given), integer masks only 0 or 1,
+  and with `left_padded` every row some padding (False) first, then only real tokens (True), at
+  least one of them. Inside jit none of the value checks can run.
+
+  Args:
+    tokens: int [B, T] token ids.
+    attention_mask: bool (or 0/1 integer) [B, T], true on real tokens.
+    vocab_size: the model's vocabulary size (None: ids are not range-checked).
+    left_padded: require left padding and at least one real token per row.
+    names: the two arguments' names, for the error messages.
+
+  Raises:
+    ValueError: naming the argument, the problem with an example row/position, and what is
+      accepted.
+  """
+  tokens_name, mask_name = names
+  for name, x in ((tokens_name, tokens), (mask_name, attention_mask)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise ValueError(f"{name} must be an array (numpy or jax), got {type(x).__name__}")
   if tokens.ndim != 2:
-    raise ValueError(f"tokens must have shape [B, T], got {tuple(tokens.shape)}")
+    raise ValueError(f"{tokens_name} must have shape [B, T] (batch, length), got "
+                     f"{tuple(tokens.shape)}")
   if tuple(attention_mask.shape) != tuple(tokens.shape):
-    raise ValueError(f"attention_mask must have the tokens' shape {tuple(tokens.shape)}, "
+    raise ValueError(f"{mask_name} must have the {tokens_name}' shape {tuple(tokens.shape)}, "
                      f"got {tuple(attention_mask.shape)}")
+  mask_dtype = attention_mask.dtype
+  if not (mask_dtype == jnp.bool_ or jnp.issubdtype(mask_dtype, jnp.integer)):
+    raise ValueError(f"{mask_name} must be bool (True on real tokens), got dtype {mask_dtype}; "
+                     "accepted: bool, or integers 0/1 as tokenizers return")
+  check_token_ids(tokens, vocab_size, name=tokens_name)
+  mask = _concrete(attention_mask)
+  if mask is None:
+    return
+  if mask.dtype != np.bool_:
+    bad = (mask != 0) & (mask != 1)
+    if bad.any():
+      b, t = (int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"{mask_name} must be bool or 0/1, got {mask[b, t]} at row {b}, "
+                       f"position {t}")
+    mask = mask.astype(bool)
+  if not left_padded:
+    return
+  if mask.shape[0] == 0:
+    raise ValueError(f"{tokens_name} must hold at least one row, got shape {mask.shape}")
+  empty = ~mask.any(axis=1)
+  if empty.any():
+    rows = np.flatnonzero(empty).tolist() if mask.shape[1] else "all"
+    raise ValueError(f"{mask_name}: every row needs at least one real token (True); empty rows: "
+                     f"{rows}")
+  gaps = mask[:, :-1] & ~mask[:, 1:]          # a real token followed by padding
+  if gaps.any():
+    b, t = (int(i) for i in np.argwhere(gaps)[0])
+    raise ValueError(
+        f"{mask_name} must be left-padded: each row padding (False) first, then only real "
+        f"tokens (True); row {b} has a real token at position {t} followed by padding at "
+        f"{t + 1}. Right padding or holes would make the model continue from a padding slot: "
+        "move every row's padding to its left")
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -266,17 +356,22 @@ def forward(model: Decoder, tokens: Array, attention_mask: Array, *,
 
   Args:
     model: the Decoder.
-    tokens: int [B, T]; batches may be left-padded.
-    attention_mask: bool/int [B, T], true on real tokens. Rotary positions are counted per row
-      over the real tokens, so left padding does not shift them.
+    tokens: int [B, T] ids in [0, V), padding positions included.
+    attention_mask: bool (or 0/1 integer) [B, T], true on real tokens. Padding may sit anywhere
+      (left of a prompt, right of a response): rotary positions are counted per row over the real
+      tokens, and no token attends to padding.
     return_hidden: return the final hidden states [B, T, D] (after the last RMSNorm, before the
       unembedding, in the model dtype) instead of the logits.
 
   Returns:
     float32 logits [B, T, V] (or the hidden states). Values at padding positions are finite but
     meaningless.
+
+  Raises:
+    ValueError: bad shapes or dtypes; when called outside jit also ids outside [0, V) or a mask
+      other than 0/1 (see `check_tokens`).
   """
-  check_tokens(tokens, attention_mask)
+  check_tokens(tokens, attention_mask, vocab_size=model.config.vocab_size)
   hidden, _ = model.trunk(tokens, positions_from_mask(attention_mask),
                           causal_valid(attention_mask))
   return hidden if return_hidden else logits_from_hidden(model, hidden)
