@@ -1,4 +1,4 @@
-"""Pure-functional on-policy distillation estimators (PAPER.md Eqs. 1-8, App. G.3).
+"""Pure-functional OPD estimators: the paper's Eqs. 1-8 and App. G.3 (see docs/method.md).
 
 Every function here is `jax.jit`-able, computes in float32 whatever the input dtype, treats the
 teacher as a constant (stop-gradient), and aggregates with the token-mean: the sum over every

@@ -14,7 +14,7 @@ Array = jax.Array
 
 def special_token_mask(tokens: Array, special_ids: Sequence[int] | Array, response_mask: Array, *,
                        first_occurrence_only: bool = True) -> Array:
-  """Loss mask with convention tokens removed (PAPER.md, special-token masking).
+  """Loss mask with convention tokens removed (docs/method.md, special-token masking).
 
   The authors' rule: for each listed id, its FIRST occurrence inside each response is excluded
   from the loss; with `first_occurrence_only=False` every occurrence is excluded.

@@ -169,7 +169,7 @@ def test_ema_pg_expected_gradient_identity():
   """E_{y~π}[∇(head + tail)] = ∇ L_full + ∇ π(S), exactly, at one prefix.
 
   The head's self-term adds the gradient of the student's mass on S, which the sampled-token tail
-  does not cancel; this pins the implemented formula (PAPER.md, EMA-PG head/tail).
+  does not cancel; this pins the implemented formula (docs/method.md, EMA-PG head/tail).
   """
   rng = np.random.default_rng(11)
   s = rng.normal(size=(1, 1, V)).astype(np.float32)

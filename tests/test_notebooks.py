@@ -8,8 +8,9 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_toy_variance_notebook_runs(monkeypatch):
+def test_toy_variance_notebook_runs(monkeypatch, tmp_path):
   monkeypatch.setenv("TOY_NOTEBOOK_CONFIG", "smoke")  # the kernel inherits the environment
+  monkeypatch.setenv("TOY_NOTEBOOK_WORKDIR", str(tmp_path))  # outputs nowhere else
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(ROOT / "notebooks" / "toy_variance.ipynb", as_version=4)
   # Run from the repository root so that the kernel imports this checkout of opd_jax.
@@ -21,3 +22,6 @@ def test_toy_variance_notebook_runs(monkeypatch):
   assert len(images) == 2  # the variance figure and the exact-study figure
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
   assert "Expected result" in text and "var exponent" in text
+  for name in ("variance/summary.csv", "variance/toy_variance_seed42.png", "exact/exact.csv",
+               "exact/toy_exact.png"):
+    assert (tmp_path / name).stat().st_size > 0

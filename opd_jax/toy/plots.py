@@ -13,6 +13,8 @@ from matplotlib import colors  # noqa: E402
 
 from opd_jax.toy import env  # noqa: E402
 
+HEATMAP_BINS = 60  # position bins of the state-visitation heatmaps
+
 
 def write_csv(path: str, rows: list[dict]) -> None:
   """Rows of dicts (same keys) as a CSV file with a header."""
@@ -36,20 +38,24 @@ def _gamma_colors(gammas) -> list:
   return [cmap(0.9 * i / max(len(gammas) - 1, 1)) for i in range(len(gammas))]
 
 
-def _heatmap(ax, positions: np.ndarray, task: int, title: str, lim: float) -> None:
-  """Visitation frequency of (time, position) over rollouts [N, T + 1], square-root colour scale."""
+def _heatmap(ax, positions: np.ndarray, task: int, title: str, lim: float):
+  """Visitation frequency of (time, position) over rollouts [N, T + 1], square-root colour scale.
+
+  Returns the image, for a colour bar.
+  """
   n, steps = positions.shape
-  bins = np.linspace(-lim, lim, 61)
+  bins = np.linspace(-lim, lim, HEATMAP_BINS + 1)
   counts = np.stack([np.histogram(positions[:, t], bins=bins)[0] for t in range(steps)], axis=1)
-  ax.imshow(counts / n, origin="lower", aspect="auto", cmap="magma",
-            norm=colors.PowerNorm(0.5, vmin=0.0, vmax=1.0),
-            extent=(-0.5, steps - 0.5, -lim, lim), interpolation="nearest")
-  ax.axhline(env.TARGETS[task], color="cyan", ls="--", lw=1)
-  ax.axhline(env.TARGETS[1 - task], color="white", ls=":", lw=0.8)
+  image = ax.imshow(counts / n, origin="lower", aspect="auto", cmap="magma",
+                    norm=colors.PowerNorm(0.5, vmin=0.0, vmax=1.0),
+                    extent=(-0.5, steps - 0.5, -lim, lim), interpolation="nearest")
+  ax.axhline(env.TARGETS[task], color="cyan", ls="--", lw=1, label="this task's target")
+  ax.axhline(env.TARGETS[1 - task], color="white", ls=":", lw=0.8, label="other task's target")
   ax.set_title(title, fontsize=9)
-  ax.set_xlabel("time step", fontsize=8)
-  ax.set_ylabel("position", fontsize=8)
+  ax.set_xlabel("time step t (steps)", fontsize=8)
+  ax.set_ylabel("position s_t (state units)", fontsize=8)
   ax.tick_params(labelsize=7)
+  return image
 
 
 def seed_figure(path: str, *, seed: int, gammas, var_IxG: np.ndarray,
@@ -75,7 +81,9 @@ def seed_figure(path: str, *, seed: int, gammas, var_IxG: np.ndarray,
   gammas = [float(g) for g in gammas]
   cols = _gamma_colors(gammas)
   ncol = max(3, len(heat_gammas))
-  fig, axes = plt.subplots(3, ncol, figsize=(4.2 * ncol, 10.5), squeeze=False)
+  # Constrained layout leaves room for the heatmaps' shared colour bar (tight_layout cannot).
+  fig, axes = plt.subplots(3, ncol, figsize=(4.4 * ncol, 10.5), squeeze=False,
+                           layout="constrained")
   for task in (0, 1):
     ax = axes[0, task]
     series = var_IxG[task::2]
@@ -85,9 +93,11 @@ def seed_figure(path: str, *, seed: int, gammas, var_IxG: np.ndarray,
       ax.plot(its, _rolling_median(y, window), color=c, lw=1.6, label=f"γ={g:g}")
     ax.set_yscale("log")
     ax.set_title(f"{env.TASK_NAMES[task]} task: gradient variance (App. E.2)", fontsize=9)
-    ax.set_xlabel("iteration", fontsize=8)
+    ax.set_xlabel("OPD iteration (updates, both tasks counted)", fontsize=8)
+    ax.set_ylabel("variance (1/M) Σ‖g_m − ḡ‖² (log scale)", fontsize=8)
     ax.tick_params(labelsize=7)
-  axes[0, 0].legend(fontsize=7, ncol=2)
+  axes[0, 0].legend(fontsize=7, ncol=2, title="thin: raw, bold: rolling median",
+                    title_fontsize=7)
   ax = axes[0, 2]
   styles = ("-", "--", ":", "-.")
   for p, name in enumerate(point_names):
@@ -95,25 +105,32 @@ def seed_figure(path: str, *, seed: int, gammas, var_IxG: np.ndarray,
       ax.plot(gammas, same_var_Px2xG[p, task], marker="o", ms=3, ls=styles[p % 4],
               color=("tab:blue", "tab:red")[task], label=f"{name}, {env.TASK_NAMES[task]}")
   ax.set_yscale("log")
-  ax.set_xlabel("γ", fontsize=8)
-  ax.set_title("variance at the same parameters", fontsize=9)
+  ax.set_xlabel("γ (future-reward coupling)", fontsize=8)
+  ax.set_ylabel("variance (1/M) Σ‖g_m − ḡ‖² (log scale)", fontsize=8)
+  ax.set_title("variance of each ĝ_γ at the same parameters", fontsize=9)
   ax.legend(fontsize=7)
   ax.tick_params(labelsize=7)
   for extra in range(3, ncol):
     axes[0, extra].axis("off")
   lim = max(6.0, float(np.percentile(np.abs(positions_Gx2xNxT), 99.5)))
+  image = None
   for j, hg in enumerate(heat_gammas):
     g = gammas.index(float(hg))
     for task in (0, 1):
-      _heatmap(axes[1 + task, j], positions_Gx2xNxT[g, task], task,
-               f"γ={hg:g}, {env.TASK_NAMES[task]} task: |s_T−target| = "
-               f"{final_dist_Gx2[g, task]:.2f} (teacher {teacher_dist_2[task]:.2f})", lim)
+      image = _heatmap(axes[1 + task, j], positions_Gx2xNxT[g, task], task,
+                       f"γ={hg:g}, {env.TASK_NAMES[task]} task: |s_T−target| = "
+                       f"{final_dist_Gx2[g, task]:.2f} (teacher {teacher_dist_2[task]:.2f})", lim)
+  axes[1, 0].legend(fontsize=7, loc="upper right", facecolor="black", labelcolor="white")
   for j in range(len(heat_gammas), ncol):
     axes[1, j].axis("off")
     axes[2, j].axis("off")
+  if image is not None:  # every heatmap shares the colour scale (PowerNorm, vmin 0, vmax 1)
+    bar = fig.colorbar(image, ax=axes[1:, :len(heat_gammas)], shrink=0.8, pad=0.01)
+    bar.set_label(f"fraction of rollouts per position bin (width {2 * lim / HEATMAP_BINS:.2f}; "
+                  "square-root scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
   fig.suptitle(f"Toy variance study (App. E), seed {seed}: gradient variance per task and γ; "
                "state visitation of the final students (sqrt scale)", fontsize=11)
-  fig.tight_layout()
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
 
@@ -135,7 +152,7 @@ def exact_figure(path: str, rows: list[dict], fits: list[dict], dpi: int = 90) -
   cols = dict(zip(gam_names, _gamma_colors(gam_names)))
   cols.update({n: c for n, c in zip([n for n in names if n not in cols],
                                     ("tab:red", "tab:orange", "tab:brown", "tab:pink"))})
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
   for ax, what in zip(axes[:2], ("variance", "bias")):
     for name in names:
       y = np.array([by[int(t), name][what] for t in lengths])
@@ -154,7 +171,10 @@ def exact_figure(path: str, rows: list[dict], fits: list[dict], dpi: int = 90) -
     ax.set_yscale("log")
     ax.set_xticks(lengths, [str(int(t)) for t in lengths])
     ax.minorticks_off()
-    ax.set_xlabel("sequence length T (log scale; slopes fitted over every T)", fontsize=9)
+    ax.set_xlabel("sequence length T (tokens, log scale; slopes fitted over every T)",
+                  fontsize=9)
+    ax.set_ylabel("tr Cov[g] (log scale)" if what == "variance" else "‖E[g] − ∇J‖ (log scale)",
+                  fontsize=9)
     ax.set_title(f"exact {what} ({'tr Cov[g]' if what == 'variance' else '‖E[g] − ∇J‖'})",
                  fontsize=10)
     ax.legend(fontsize=7)
@@ -164,12 +184,11 @@ def exact_figure(path: str, rows: list[dict], fits: list[dict], dpi: int = 90) -
   ax.plot(gs, [by[t_max, n]["variance"] for n in gam_names], marker="o", color="tab:blue")
   ax.set_yscale("log")
   ax.set_ylabel("variance tr Cov[g] (log)", color="tab:blue", fontsize=9)
-  ax.set_xlabel("γ", fontsize=9)
+  ax.set_xlabel("γ (future-reward coupling)", fontsize=9)
   twin = ax.twinx()
   twin.plot(gs, [by[t_max, n]["bias"] for n in gam_names], marker="s", color="tab:orange")
   twin.set_ylabel("bias ‖E[g] − ∇J‖ (linear)", color="tab:orange", fontsize=9)
   twin.set_ylim(bottom=0.0)
   ax.set_title(f"ĝ_γ at T = {t_max}: bias falls to 0, variance rises with γ", fontsize=10)
-  fig.tight_layout()
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
