@@ -76,3 +76,19 @@ def test_run_stops_when_the_turns_run_out(folders):
 def test_run_rejects_one_step(folders):
   with pytest.raises(ValueError, match="steps=1 must be >= 2"):
     trl_peer.run(*folders, steps=1)
+
+
+def test_trl_beta_one_is_the_reverse_kl_over_the_full_vocabulary():
+  # The comparison relies on TRL's beta = 1 meaning KL(student || teacher) per token, exactly.
+  import torch
+  from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+  gen = torch.Generator().manual_seed(0)
+  h_s, h_t = torch.randn(5, 8, generator=gen), torch.randn(5, 6, generator=gen)
+  w_s, w_t = torch.randn(40, 8, generator=gen), torch.randn(40, 6, generator=gen)
+  divergence, _ = ChunkedDivergenceFunction.apply(h_s, w_s, None, h_t, w_t, None, 1.0)
+  log_ps = torch.log_softmax(h_s @ w_s.T, -1)
+  log_pt = torch.log_softmax(h_t @ w_t.T, -1)
+  reverse = (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+  forward = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+  torch.testing.assert_close(divergence, reverse, rtol=1e-4, atol=1e-5)
+  assert not torch.allclose(divergence, forward, rtol=1e-2)
