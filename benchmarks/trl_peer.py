@@ -13,8 +13,8 @@ loss, backward, clipping, optimizer step) and split into disjoint parts by wrapp
 generation call, both models' backbone forwards, the fused divergence, `accelerator.backward`,
 the teacher's output-head projections inside the divergence (its forward and its backward each
 project the teacher's head again) and the optimizer step. Wall time and process CPU time (all
-threads) are both kept: on a shared, oversubscribed machine the wall time mostly measures the
-other processes. Keys:
+threads) are both kept; on a shared, oversubscribed machine both grow with the load (see
+_Timers), so compare against our trainer turn by turn (--serve) in the same run. Keys:
   s_per_step, rollout_s, scoring_s, update_s, cpu_s_per_step, rollout_cpu_s, scoring_cpu_s,
     update_cpu_s: medians over the steps after the first (rollout = the student's generate;
     scoring = teacher backbone forward + teacher head projections; update = the rest);
@@ -122,8 +122,9 @@ def prompt_strings(vocab_size: int, seed: int = 0) -> list[str]:
 class _Timers:
   """Exclusive wall and process-CPU time per named section (a nested section's is not its parent's).
 
-  CPU time (all of the process's threads) is reported besides wall time because on a shared,
-  oversubscribed machine the wall time mostly measures the other processes.
+  CPU time (all of the process's threads) is kept besides wall time: it does not count the time
+  slices a shared machine gives to other processes, though it does count torch's OpenMP threads
+  spinning at barriers while their partner waits for a core, so neither is clean under load.
   """
 
   def __init__(self):
