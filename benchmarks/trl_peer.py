@@ -22,8 +22,8 @@ _Timers), so compare against our trainer turn by turn (--serve) in the same run.
   parts_s, parts_cpu_s: per step, rollout, teacher_forward, teacher_head, student_forward,
     loss_forward (the fused divergence less the teacher head), backward (less the teacher head),
     optimizer, other;
-  prompt_len_min/max (64 both), completion_len_min/max (128 both when generation ran to length), losses (TRL's logged loss per
-  step), peak_rss_mib, and the settings and versions.
+  prompt_len_min/max (64 both), completion_len_min/max (128 both when generation ran to length),
+  losses (TRL's logged loss per step), peak_rss_mib, and the settings and versions.
 With --serve it takes turns with another benchmark: it writes "ready" once loaded, then runs one
 step per line read from stdin and writes one JSON line per step (step, s, cpu_s, rollout_s,
 scoring_s, update_s), then the summary line above.
