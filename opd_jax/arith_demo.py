@@ -215,6 +215,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
       evals = {}
 
       def evaluator(step, model, seed=seed, evals=evals):
+        # The trainer's parameters may be split over a mesh; the demo's model is tiny, so the
+        # evaluation runs it on one device (and its 500-row batches need no mesh divisibility).
+        model = jax.device_put(model, jax.devices()[0])
         out = {"accuracy": greedy_accuracy(model, test[0], test[2]),
                "reverse_kl": sampled_reverse_kl(model, teacher, test[0], seed + step)}
         evals[step] = out

@@ -110,6 +110,9 @@ def load(data_dir: str | pathlib.Path, split: str):
   builder = TinyArith(data_dir=str(data_dir), file_format="array_record")
   if not builder.is_prepared():
     print(f"building the tiny_arith dataset in {data_dir} (once)")
-    with tfds.display_progress_bar(False):
+    tfds.display_progress_bar(False)
+    try:
       builder.download_and_prepare()
+    finally:
+      tfds.display_progress_bar(True)
   return builder.as_data_source()[split]
