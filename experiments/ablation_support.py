@@ -95,7 +95,7 @@ def _smoke(c):
   c.steps = 2
   c.model.dtype = c.teacher.dtype = "float32"
   c.data.max_prompt_len = 256
-  c.data.prompts_per_step = 4
+  c.data.prompts_per_step = 8        # a multiple of the batch ways data*fsdp (8 in the tests)
   c.rollout.num_samples = 2
   c.rollout.max_new_tokens = 8
   c.loss.k = min(c.loss.k, 4)

@@ -87,3 +87,41 @@ def write_dapo(root, n: int = 8) -> pathlib.Path:
        "prompt": [{"content": head + f"Compute {i} times 2." + tail, "role": "user"}],
        "reward_model": {"ground_truth": str(2 * i), "style": "rule-lm"},
        "extra_info": {"index": f"uuid-{i}"}} for i in range(n)])
+
+
+def build_assets(root) -> dict:
+  """Tokenizer, student and teacher folders, benchmark and DAPO sources, and one TFDS folder
+  with every dataset already built: what the evaluation and experiment tests share."""
+  # pylint: disable=import-outside-toplevel
+  from opd_jax.data import math_datasets
+  root = pathlib.Path(root)
+  make_tokenizer(root / "tokenizer")
+  student = make_model_folder(root / "student", seed=0, tokenizer_from=root / "tokenizer")
+  teacher = make_model_folder(root / "teacher", seed=1, std=0.5, tokenizer_from=root / "tokenizer")
+  sources = write_benchmarks(root / "sources")
+  dapo = write_dapo(root / "sources")
+  tfds_dir = root / "tfds"
+  for name, src in sources.items():
+    math_datasets.build(name, source=src, data_dir=tfds_dir)
+  math_datasets.build("dapo_math_17k", source=dapo, data_dir=tfds_dir)
+  return dict(tokenizer=root / "tokenizer", student=student, teacher=teacher, sources=sources,
+              dapo=dapo, tfds=tfds_dir)
+
+
+def fill_paths(c, assets: dict, workdir) -> None:
+  """Points a paper experiment config at the tiny assets (the paths a user must set)."""
+  c.workdir = str(workdir)
+  c.model.path = str(assets["student"])
+  c.data.data_dir = str(assets["tfds"])
+  c.eval.data_dir = str(assets["tfds"])
+  if c.tasks:
+    c.tasks[0].teacher.path = str(assets["teacher"])
+    c.tasks[0].data.source = str(assets["dapo"])
+    c.tasks[0].data.data_dir = str(assets["tfds"])
+    c.tasks[1].data.dataset = "math500"
+    c.tasks[1].data.split = "test"
+    c.tasks[1].data.data_dir = str(assets["tfds"])
+    c.tasks[1].teacher.path = str(assets["teacher"])
+  else:
+    c.teacher.path = str(assets["teacher"])
+    c.data.source = str(assets["dapo"])
