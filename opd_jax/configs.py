@@ -124,7 +124,7 @@ def opd() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = 16384    # response budget of an evaluation sample
   c.eval.top_p = 0.9               # the paper evaluates at top-p 0.9 ...
   c.eval.temperature = 1.0         # ... and temperature 1
-  c.eval.batch_size = 64           # problems per sampler call (rows = batch_size * samples)
+  c.eval.batch_size = 128          # responses per sampler call (the KV cache's batch)
   c.eval.limit = 0                 # 0 = every problem; N > 0 = the first N per benchmark (smoke)
   c.eval.math_verify = False       # also report agreement with math-verify (if installed)
   c.eval.grade_timeout_s = 5.0     # limit of one symbolic comparison of the grader

@@ -270,9 +270,10 @@ def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int
     k: samples per problem.
     max_new_tokens: response budget in tokens.
     top_p, temperature: sampling settings (the paper: 0.9 and 1).
-    batch_size: problems per sampler call (rows = batch_size * k; padded to the mesh's batch
-      ways). Every call has this shape, so one program is compiled per prompt-length bucket.
-    seed: the draws of benchmark b, chunk c come from fold_in(fold_in(key(seed), b), c), the same
+    batch_size: responses sampled per sampler call (rounded up to a multiple of the mesh's
+      batch ways): what bounds the KV cache's memory, batch_size x (prompt + max_new_tokens)
+      tokens. Every call has this shape, so one program is compiled per prompt-length bucket.
+    seed: the draws of benchmark b, call c come from fold_in(fold_in(key(seed), b), c), the same
       at every training step (common random numbers make steps comparable).
     workdir: where `eval/step_N.json` (scores and per-problem results) and
       `eval/step_N_responses.jsonl` (the texts) go; None writes nothing.
@@ -318,21 +319,25 @@ def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int
   with math_grading.Grader(workers=grade_workers or None) as grader:
     for name in benchmarks:
       problems = load_benchmark(name, data_dir=data_dir, source=sources.get(name), limit=limit)
-      prompts = [encode(p).prompt for p in problems]
+      # Row r is sample r % k of problem r // k. Rows are sampled batch_size at a time (one
+      # shape per call: the last call is padded with copies of its first row), each row with
+      # its own draws, so a problem's k samples need not share a call.
+      encoded = [encode(p).prompt for p in problems]
+      prompts = [encoded[r // k] for r in range(len(problems) * k)]
       responses: list[list[int]] = []
       stopped: list[bool] = []
       bkey = jax.random.fold_in(root, BENCHMARKS.index(name))
-      for c, start in enumerate(range(0, len(prompts), batch_size)):
-        chunk = prompts[start:start + batch_size]
-        padded = chunk + [chunk[0]] * (rows - len(chunk))   # one shape per call
+      for c, start in enumerate(range(0, len(prompts), rows)):
+        chunk = prompts[start:start + rows]
+        padded = chunk + [chunk[0]] * (rows - len(chunk))
         p_len = sampling.bucket_length(max(len(p) for p in padded))
         tokens, mask = _left_pad(padded, p_len)
         out = sampling.sample(
             model, tokens, mask, jax.random.fold_in(bkey, c), max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, banned_token_ids=banned,
-            stop_token_ids=stop_ids, num_samples=k, mesh=mesh)
+            stop_token_ids=stop_ids, num_samples=1, mesh=mesh)
         resp, resp_mask = _to_host(out.tokens), _to_host(out.mask)
-        for r in range(len(chunk) * k):
+        for r in range(len(chunk)):
           ids = resp[r, :int(resp_mask[r].sum())].tolist()
           responses.append(ids)
           stopped.append(bool(ids) and ids[-1] in stop_ids)

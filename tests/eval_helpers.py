@@ -51,28 +51,29 @@ def _parquet(path: pathlib.Path, rows) -> pathlib.Path:
   return path
 
 
-def problem(i: int) -> tuple[str, str]:
-  """Problem i of every tiny benchmark and its answer."""
-  return f"What is {i} plus 0?", str(i)
+def problem(name: str, i: int) -> tuple[str, str]:
+  """Problem i of a tiny benchmark and its answer."""
+  return f"[{name}] What is {i} plus 0?", str(i)
 
 
 def write_benchmarks(root, n: int = 3) -> dict[str, pathlib.Path]:
   """n problems per benchmark, each in one of its published layouts; {name: source file}."""
   root = pathlib.Path(root)
-  rows = [problem(i) for i in range(n)]
+  rows = lambda name: [problem(name, i) for i in range(n)]
   return {
       "math500": _jsonl(root / "math500" / "test.jsonl", [
           {"problem": p, "answer": a, "solution": "", "unique_id": f"test/x/{i}.json"}
-          for i, (p, a) in enumerate(rows)]),
+          for i, (p, a) in enumerate(rows("math500"))]),
       "aime24": _parquet(root / "aime24" / "train.parquet", [
-          {"id": i, "problem": p, "answer": a, "solution": ""} for i, (p, a) in enumerate(rows)]),
+          {"id": i, "problem": p, "answer": a, "solution": ""}
+          for i, (p, a) in enumerate(rows("aime24"))]),
       "aime25": _jsonl(root / "aime25" / "aime2025-I.jsonl", [
-          {"question": p, "answer": a} for p, a in rows]),
+          {"question": p, "answer": a} for p, a in rows("aime25")]),
       "minerva_math": _jsonl(root / "minerva" / "test.jsonl", [
-          {"question": p, "answer": a} for p, a in rows]),
+          {"question": p, "answer": a} for p, a in rows("minerva_math")]),
       "olympiadbench": _parquet(root / "olympiad" / "OE_TO_maths_en_COMP" / "train.parquet", [
           {"id": 100 + i, "question": p, "final_answer": [f"${a}$"]}
-          for i, (p, a) in enumerate(rows)]),
+          for i, (p, a) in enumerate(rows("olympiadbench"))]),
   }
 
 

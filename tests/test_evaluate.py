@@ -88,22 +88,23 @@ def _script(i: int, j: int) -> str | None:
 
 
 def _fake_sample(tokenizer, calls):
+  """A stand-in for sampling.sample: the n-th row showing problem i gets _script(i, n)."""
   stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  seen = {}
 
   def sample(model, tokens, mask, rng, *, max_new_tokens, num_samples, **kwargs):
     del model, rng
+    assert num_samples == 1
     calls.append(dict(rows=tokens.shape[0], kwargs=kwargs))
-    out = np.zeros((tokens.shape[0] * num_samples, max_new_tokens), np.int32)
+    out = np.zeros((tokens.shape[0], max_new_tokens), np.int32)
     out_mask = np.zeros(out.shape, bool)
-    for b in range(tokens.shape[0]):
-      text = tokenizer.decode(tokens[b][mask[b]].tolist())
-      i = int(re.search(r"What is (\d+) plus", text).group(1))
-      for j in range(num_samples):
-        reply = _script(i, j)
-        ids = ([5] * max_new_tokens if reply is None else
-               tokenizer.encode(reply, add_special_tokens=False) + [stop])
-        r = b * num_samples + j
-        out[r, :len(ids)], out_mask[r, :len(ids)] = ids, True
+    for r in range(tokens.shape[0]):
+      text = tokenizer.decode(tokens[r][mask[r]].tolist())
+      j = seen[text] = seen.get(text, -1) + 1
+      reply = _script(int(re.search(r"What is (\d+) plus", text).group(1)), j)
+      ids = ([5] * max_new_tokens if reply is None else
+             tokenizer.encode(reply, add_special_tokens=False) + [stop])
+      out[r, :len(ids)], out_mask[r, :len(ids)] = ids, True
     return sampling.Rollout(out, out_mask, np.zeros(out.shape), np.zeros(out.shape))
   return sample
 
@@ -119,9 +120,9 @@ def test_scores_lengths_and_files_with_a_scripted_sampler(assets, tmp_path, monk
   lines = []
   k = 3
   out = evaluate.evaluate(
-      model, tok, ("math500", "aime24"), k=k, max_new_tokens=N_TOKENS, batch_size=2,
+      model, tok, ("math500", "aime24"), k=k, max_new_tokens=N_TOKENS, batch_size=6,
       data_dir=assets["tfds"], workdir=tmp_path, step=7, label="scripted", log=lines.append)
-  # 3 problems in chunks of 2, each call padded to the mesh's 8 batch ways.
+  # 3 problems x 3 samples in calls of 6 rows, rounded up to the mesh's 8 batch ways.
   assert [c["rows"] for c in calls] == [8, 8] * 2
   assert calls[0]["kwargs"]["top_p"] == 0.9 and calls[0]["kwargs"]["temperature"] == 1.0
   # Embedding rows past the tokenizer's vocabulary are banned.
