@@ -167,6 +167,24 @@ def test_scores_lengths_and_files_with_a_scripted_sampler(assets, tmp_path, monk
   assert float(table[2].split("|")[1]) == pytest.approx(round(100 * correct.mean(), 1))
 
 
+def test_math_verify_agreement_is_reported_on_request(assets, monkeypatch):
+  pytest.importorskip("math_verify")
+  tok = models.load_tokenizer(assets["tokenizer"])
+  model = models.init_model(models.ModelConfig(
+      model_type="qwen2", vocab_size=eval_helpers.MODEL_VOCAB, hidden_size=16,
+      intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8))
+  monkeypatch.setattr(evaluate.sampling, "sample", _fake_sample(tok, []))
+  kwargs = dict(k=3, max_new_tokens=N_TOKENS, batch_size=9, data_dir=assets["tfds"],
+                workdir=None, log=lambda _: None)
+  plain = evaluate.evaluate(model, tok, ("aime25",), **kwargs)
+  assert "aime25/math_verify_agreement" not in plain
+  monkeypatch.setattr(evaluate.sampling, "sample", _fake_sample(tok, []))
+  checked = evaluate.evaluate(model, tok, ("aime25",), math_verify=True, **kwargs)
+  # Integer answers in \\boxed{}: both graders decide every item alike.
+  assert checked["aime25/math_verify_agreement"] == 1.0
+  assert {k: v for k, v in checked.items() if "math_verify" not in k} == plain
+
+
 # ----------------------------------------------------------------------------------------------
 # real sampling on a tiny model, the trainer hook and the standalone entry
 # ----------------------------------------------------------------------------------------------
