@@ -180,7 +180,7 @@ def test_math_verify_agreement_is_reported_on_request(assets, monkeypatch):
   assert "aime25/math_verify_agreement" not in plain
   monkeypatch.setattr(evaluate.sampling, "sample", _fake_sample(tok, []))
   checked = evaluate.evaluate(model, tok, ("aime25",), math_verify=True, **kwargs)
-  # Integer answers in \\boxed{}: both graders decide every item alike.
+  # Integer answers in \boxed{}: both graders decide every item alike.
   assert checked["aime25/math_verify_agreement"] == 1.0
   assert {k: v for k, v in checked.items() if "math_verify" not in k} == plain
 
