@@ -118,6 +118,23 @@ def opd() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                 # evaluate every this many iterations, at 0 and at the end
   #                                  (0 = never; the runner supplies the evaluation)
+  # Math evaluation (opd_jax.evaluate; the "opd_eval" runner and the standalone entry point).
+  c.eval.benchmarks = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
+  c.eval.samples = 1               # k responses per problem: 1 = pass@1 (Table 1), 32 = avg@32
+  c.eval.max_new_tokens = 16384    # response budget of an evaluation sample
+  c.eval.top_p = 0.9               # the paper evaluates at top-p 0.9 ...
+  c.eval.temperature = 1.0         # ... and temperature 1
+  c.eval.batch_size = 128          # responses per sampler call (the KV cache's batch)
+  c.eval.limit = 0                 # 0 = every problem; N > 0 = the first N per benchmark (smoke)
+  c.eval.math_verify = False       # also report agreement with math-verify (if installed)
+  c.eval.grade_timeout_s = 5.0     # limit of one symbolic comparison of the grader
+  c.eval.grade_workers = 0         # grader processes (0 = half the CPUs, 2 to 8)
+  c.eval.data_dir = ""             # TFDS folder of the benchmark builds ("" = data.data_dir,
+  #                                  else workdir/tfds)
+  # Published file or folder each benchmark is built from the first time ("" = already built,
+  # or <data_dir>/downloads/manual/<name>/).
+  c.eval.sources = ml_collections.ConfigDict(dict(
+      math500="", aime24="", aime25="", minerva_math="", olympiadbench=""))
 
   c.log = ml_collections.ConfigDict()
   c.log.every = 1                  # metrics line every this many iterations

@@ -16,6 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 RUNNERS = {
     "estimator_table": "opd_jax.estimator_table:run",
     "opd": "opd_jax.train:run",
+    "opd_eval": "opd_jax.evaluate:train",   # the trainer with the math evaluator
     "tiny_arith": "opd_jax.arith_demo:run",
     "toy_variance": "opd_jax.toy.study:run",
     "toy_exact": "opd_jax.toy.exact:run",

@@ -1,0 +1,575 @@
+"""Math evaluation: pass@1 / avg@k on the five test benchmarks, during training and standalone.
+
+Each problem is rendered like a training prompt (the student's chat template and the instruction
+of `opd_jax.data.prompts`), k responses are sampled (the paper: top-p 0.9, temperature 1), and
+each response is graded on its text after `</think>` (last `\\boxed{}`) by
+`opd_jax.data.math_grading`. Per benchmark:
+
+  pass@1  fraction of problems whose FIRST sample is correct (Table 1's protocol with k = 1);
+  avg@k   mean correctness over all k samples (the unbiased pass@1 estimate; k > 1 only);
+  pass@k  fraction of problems with at least one correct sample (k > 1 only);
+plus the mean response length in tokens (stop token included), the fraction of responses that
+hit the length budget without stopping, and the fraction without an extractable answer. "avg/"
+metrics are the unweighted mean over the evaluated benchmarks (the paper's Avg column).
+
+Standalone, on a trainer run or on a Hugging Face folder (student and teacher rows of Table 1):
+
+  python -m opd_jax.evaluate --config=experiments/math_lsm.py --checkpoint=DIR [--step=N]
+      [--workdir=OUT] [--label=NAME] [--config.eval.samples=32 ...]
+
+DIR is a trainer workdir (its `checkpoints/`), a checkpoint folder of a run, or a Hugging Face
+checkpoint folder (config.json + safetensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from opd_jax import masking, models, sampling, sharding
+from opd_jax.data import math_datasets, math_grading, registry
+
+# The five test sets of Table 1, in the paper's column order, and their column headers.
+BENCHMARKS = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
+COLUMNS = {"math500": "MATH500", "aime24": "AIME24", "aime25": "AIME25",
+           "minerva_math": "Minerva", "olympiadbench": "Olympiad"}
+_STEP_FILE = re.compile(r"^step_(\d+)\.json$")
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """The evaluation settings of a config (`config.eval` plus the prompt and stop settings)."""
+  benchmarks: tuple[str, ...]
+  samples: int
+  max_new_tokens: int
+  top_p: float
+  temperature: float
+  batch_size: int
+  limit: int
+  math_verify: bool
+  data_dir: str
+  sources: tuple[tuple[str, str], ...]
+  grade_timeout_s: float
+  grade_workers: int
+  chat_template: bool
+  max_prompt_len: int
+  stop_strings: tuple[str, ...]
+  banned_strings: tuple[str, ...]
+  seed: int
+
+  @classmethod
+  def from_config(cls, config: Mapping) -> "EvalSettings":
+    """Checks `config.eval` (one ValueError naming the first bad setting) and freezes it."""
+    c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    e = c["eval"]
+    benchmarks = tuple(e["benchmarks"])
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if not benchmarks or unknown or len(set(benchmarks)) != len(benchmarks):
+      raise ValueError(f"config.eval.benchmarks={benchmarks!r} is not accepted; give distinct "
+                       f"names among {', '.join(BENCHMARKS)}")
+    for key in ("samples", "max_new_tokens", "batch_size"):
+      if not isinstance(e[key], int) or isinstance(e[key], bool) or e[key] < 1:
+        raise ValueError(f"config.eval.{key}={e[key]!r} is not accepted; a positive int")
+    if not isinstance(e["limit"], int) or e["limit"] < 0:
+      raise ValueError(f"config.eval.limit={e['limit']!r} is not accepted; an int >= 0 "
+                       "(0 = every problem)")
+    if not 0.0 < e["top_p"] <= 1.0:
+      raise ValueError(f"config.eval.top_p={e['top_p']!r} is not accepted; a float in (0, 1]")
+    if e["temperature"] < 0:
+      raise ValueError(f"config.eval.temperature={e['temperature']!r} is not accepted; >= 0 "
+                       "(0 = greedy)")
+    if e["grade_timeout_s"] <= 0:
+      raise ValueError(f"config.eval.grade_timeout_s={e['grade_timeout_s']!r} is not "
+                       "accepted; > 0 seconds")
+    if e["grade_workers"] < 0:
+      raise ValueError(f"config.eval.grade_workers={e['grade_workers']!r} is not accepted; an "
+                       "int >= 0 (0 = half the CPUs, 2 to 8)")
+    sources = tuple(sorted((k, str(v)) for k, v in dict(e["sources"]).items() if v))
+    for name, path in sources:
+      if name not in BENCHMARKS:
+        raise ValueError(f"config.eval.sources.{name} is not a benchmark; accepted: "
+                         f"{', '.join(BENCHMARKS)}")
+      if not pathlib.Path(path).exists():
+        raise ValueError(f"config.eval.sources.{name}={path!r} does not exist; give the local "
+                         "file or folder the benchmark is built from")
+    return cls(
+        benchmarks=benchmarks, samples=e["samples"], max_new_tokens=e["max_new_tokens"],
+        top_p=float(e["top_p"]), temperature=float(e["temperature"]),
+        batch_size=e["batch_size"], limit=e["limit"], math_verify=bool(e["math_verify"]),
+        data_dir=e["data_dir"] or c["data"]["data_dir"], sources=sources,
+        grade_timeout_s=float(e["grade_timeout_s"]), grade_workers=e["grade_workers"],
+        chat_template=bool(c["data"]["chat_template"]),
+        max_prompt_len=c["data"]["max_prompt_len"],
+        stop_strings=tuple(c["rollout"]["stop_strings"]),
+        banned_strings=tuple(c["rollout"]["banned_strings"]), seed=c["seed"])
+
+
+# ----------------------------------------------------------------------------------------------
+# scores and the table
+# ----------------------------------------------------------------------------------------------
+
+
+def accuracy_metrics(correct: np.ndarray) -> dict[str, float]:
+  """pass@1 (first sample), avg@k and pass@k (k > 1 only) of a [problems, k] bool array."""
+  correct = np.asarray(correct, bool)
+  if correct.ndim != 2 or correct.shape[1] < 1:
+    raise ValueError(f"correct must be [problems, k] with k >= 1, got shape {correct.shape}")
+  k = correct.shape[1]
+  if correct.shape[0] == 0:
+    raise ValueError("correct has no problems; nothing to score")
+  out = {"pass@1": float(correct[:, 0].mean())}
+  if k > 1:
+    out[f"avg@{k}"] = float(correct.mean())
+    out[f"pass@{k}"] = float(correct.any(axis=1).mean())
+  return out
+
+
+def headline(k: int) -> str:
+  """The metric a table shows for k samples: pass@1 (k = 1) or avg@k."""
+  return "pass@1" if k == 1 else f"avg@{k}"
+
+
+def format_table(rows: Sequence[tuple[str, Mapping[str, float]]],
+                 benchmarks: Sequence[str] = BENCHMARKS, *, metric: str = "pass@1") -> str:
+  """A text table in the paper's layout: MATH500, AIME24, AIME25, Minerva, Olympiad, Avg.
+
+  Args:
+    rows: (label, flat metrics) pairs, e.g. ("LSM step 400", {"math500/pass@1": 0.804, ...}).
+    benchmarks: the columns (in BENCHMARKS order); Avg is their unweighted mean.
+    metric: which per-benchmark metric to show (in percent, one decimal).
+
+  Returns:
+    The table as text, one row per entry, with a header line.
+  """
+  order = [b for b in BENCHMARKS if b in benchmarks]
+  header = ["Model"] + [COLUMNS[b] for b in order] + ["Avg"]
+  body = []
+  for label, m in rows:
+    values = [m.get(f"{b}/{metric}") for b in order]
+    shown = [f"{100 * v:.1f}" if v is not None else "-" for v in values]
+    avg = (f"{100 * sum(values) / len(values):.1f}" if all(v is not None for v in values)
+           else "-")
+    body.append([label] + shown + [avg])
+  width0 = max(len(r[0]) for r in [header] + body)
+  widths = [width0] + [max(len(h), 5) for h in header[1:]]
+  lines = [" | ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                      for i, (h, w) in enumerate(zip(header, widths)))]
+  lines.append("-+-".join("-" * w for w in widths))
+  for r in body:
+    lines.append(" | ".join(x.ljust(w) if i == 0 else x.rjust(w)
+                            for i, (x, w) in enumerate(zip(r, widths))))
+  return "\n".join(lines)
+
+
+def table_from_workdir(workdir: str | pathlib.Path) -> str:
+  """The paper-layout table of every `workdir/eval/step_N.json`, one row per step."""
+  records = []
+  for path in sorted((pathlib.Path(workdir) / "eval").glob("step_*.json")):
+    if _STEP_FILE.match(path.name):
+      records.append(json.loads(path.read_text()))
+  if not records:
+    raise FileNotFoundError(f"{pathlib.Path(workdir) / 'eval'} holds no step_N.json")
+  records.sort(key=lambda r: r["step"])
+  last = records[-1]
+  rows = [(f"{r['label']} step {r['step']}", r["metrics"]) for r in records]
+  return format_table(rows, last["settings"]["benchmarks"],
+                      metric=headline(last["settings"]["samples"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _mesh_of(model) -> Any:
+  """The mesh the model's parameters are sharded on, or None (single device)."""
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    s = getattr(leaf, "sharding", None)
+    if isinstance(s, NamedSharding):
+      return s.mesh
+  return None
+
+
+def _to_host(x) -> np.ndarray:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _left_pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros((len(seqs), length), bool)
+  for i, seq in enumerate(seqs):
+    tokens[i, length - len(seq):], mask[i, length - len(seq):] = seq, True
+  return tokens, mask
+
+
+def _decode(tokenizer, ids: Sequence[int], stop_texts: Sequence[str]) -> str:
+  """The response text, special tokens kept (</think> may be one), the final stop token cut."""
+  text = tokenizer.decode(list(ids), skip_special_tokens=False)
+  for s in stop_texts:
+    if s and text.endswith(s):
+      return text[:-len(s)]
+  return text
+
+
+def load_benchmark(name: str, *, data_dir: str | pathlib.Path, source: str | None = None,
+                   limit: int = 0) -> list[dict[str, str]]:
+  """The problems of a benchmark ({id, problem, answer, source}), built once under data_dir.
+
+  Args:
+    name: one of BENCHMARKS.
+    data_dir: the TFDS data folder of the builds.
+    source: the published file(s) for the first build (None: `<data_dir>/downloads/manual/`).
+    limit: 0 for every problem, else the first `limit` (in the build's fixed order).
+
+  Returns:
+    The problems as dicts of str.
+  """
+  if name not in BENCHMARKS:
+    raise ValueError(f"benchmark {name!r} is not accepted; accepted: {', '.join(BENCHMARKS)}")
+  split = math_datasets.load_split(name, source=source or None, data_dir=data_dir)
+  n = len(split) if not limit else min(limit, len(split))
+  return list(split[:n])
+
+
+def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int = 1,
+             max_new_tokens: int = 16384, top_p: float = 0.9, temperature: float = 1.0,
+             batch_size: int = 64, seed: int = 0, workdir: str | pathlib.Path | None = None,
+             step: int = 0, data_dir: str | pathlib.Path, chat_template: bool = True,
+             sources: Mapping[str, str] | None = None, limit: int = 0,
+             max_prompt_len: int = 2048,
+             stop_strings: Sequence[str] = ("<|im_end|>", "<|endoftext|>"),
+             banned_strings: Sequence[str] = (), math_verify: bool = False,
+             grade_timeout_s: float = 5.0, grade_workers: int | None = None,
+             label: str = "model", log: Callable[[str], None] = print) -> dict[str, float]:
+  """Samples k responses per problem of each benchmark, grades them and reports the scores.
+
+  Args:
+    model: an `opd_jax.models.Decoder` (its parameters' mesh, if any, shards the sampling rows).
+    tokenizer: the model's tokenizer (prompts use its chat template, responses are decoded by it).
+    benchmarks: names among BENCHMARKS.
+    k: samples per problem.
+    max_new_tokens: response budget in tokens.
+    top_p, temperature: sampling settings (the paper: 0.9 and 1).
+    batch_size: responses sampled per sampler call (rounded up to a multiple of the mesh's
+      batch ways): what bounds the KV cache's memory, batch_size x (prompt + max_new_tokens)
+      tokens. Every call has this shape, so one program is compiled per prompt-length bucket.
+    seed: the draws of benchmark b, call c come from fold_in(fold_in(key(seed), b), c), the same
+      at every training step (common random numbers make steps comparable).
+    workdir: where `eval/step_N.json` (scores and per-problem results) and
+      `eval/step_N_responses.jsonl` (the texts) go; None writes nothing.
+    step: the training step (names the files and the table row).
+    data_dir: TFDS data folder of the benchmark builds.
+    chat_template: wrap problems in the tokenizer's chat template (else plain text).
+    sources: optional {benchmark: published file or folder} for the first build.
+    limit: 0 = every problem; N > 0 = the first N of each benchmark (smoke runs).
+    max_prompt_len: longer prompts are an error.
+    stop_strings: single tokens that end a response.
+    banned_strings: single tokens never sampled (ids past the tokenizer's vocabulary, i.e.
+      embedding padding, are always banned).
+    math_verify: also report the agreement rate with math-verify (when it is installed).
+    grade_timeout_s: limit of one symbolic comparison.
+    grade_workers: grader processes (None: the grader's default).
+    label: the row label of the printed table.
+    log: where the table and notes go.
+
+  Returns:
+    Flat metrics {"math500/pass@1": ..., "avg/pass@1": ..., "math500/mean_length": ...}.
+  """
+  benchmarks = tuple(benchmarks)
+  for b in benchmarks:
+    if b not in BENCHMARKS:
+      raise ValueError(f"benchmark {b!r} is not accepted; accepted: {', '.join(BENCHMARKS)}")
+  for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"evaluate: {name}={value!r} is not accepted; a positive int")
+  sources = dict(sources or {})
+  mesh = _mesh_of(model)
+  ways = sharding.batch_divisor(mesh) if mesh is not None else 1
+  rows = -(-batch_size // ways) * ways
+  stop_ids = tuple(masking.ids_for_strings(tokenizer, stop_strings))
+  vocab = model.config.vocab_size
+  banned = tuple(masking.ids_for_strings(tokenizer, banned_strings)) + tuple(
+      range(min(len(tokenizer), vocab), vocab))
+  encode = registry.encoder(benchmarks[0], tokenizer, tokenizer, chat_template=chat_template,
+                            max_prompt_len=max_prompt_len)
+  root = jax.random.key(seed)
+  flat: dict[str, float] = {}
+  details: dict[str, Any] = {}
+  texts: list[dict[str, Any]] = []
+  with math_grading.Grader(workers=grade_workers or None) as grader:
+    for name in benchmarks:
+      problems = load_benchmark(name, data_dir=data_dir, source=sources.get(name), limit=limit)
+      # Row r is sample r % k of problem r // k. Rows are sampled batch_size at a time (one
+      # shape per call: the last call is padded with copies of its first row), each row with
+      # its own draws, so a problem's k samples need not share a call.
+      encoded = [encode(p).prompt for p in problems]
+      prompts = [encoded[r // k] for r in range(len(problems) * k)]
+      responses: list[list[int]] = []
+      stopped: list[bool] = []
+      bkey = jax.random.fold_in(root, BENCHMARKS.index(name))
+      for c, start in enumerate(range(0, len(prompts), rows)):
+        chunk = prompts[start:start + rows]
+        padded = chunk + [chunk[0]] * (rows - len(chunk))
+        p_len = sampling.bucket_length(max(len(p) for p in padded))
+        tokens, mask = _left_pad(padded, p_len)
+        out = sampling.sample(
+            model, tokens, mask, jax.random.fold_in(bkey, c), max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, banned_token_ids=banned,
+            stop_token_ids=stop_ids, num_samples=1, mesh=mesh)
+        resp, resp_mask = _to_host(out.tokens), _to_host(out.mask)
+        for r in range(len(chunk)):
+          ids = resp[r, :int(resp_mask[r].sum())].tolist()
+          responses.append(ids)
+          stopped.append(bool(ids) and ids[-1] in stop_ids)
+      decoded = [_decode(tokenizer, ids, stop_strings) for ids in responses]
+      refs = [p["answer"] for p in problems for _ in range(k)]
+      report = grader.grade(decoded, refs, timeout_s=grade_timeout_s)
+      n = len(problems)
+      correct = np.asarray(report.correct, bool).reshape(n, k)
+      lengths = np.asarray([len(r) for r in responses]).reshape(n, k)
+      truncated = (lengths == max_new_tokens) & ~np.asarray(stopped).reshape(n, k)
+      m = accuracy_metrics(correct)
+      m["mean_length"] = float(lengths.mean())
+      m["truncated_fraction"] = float(truncated.mean())
+      m["no_answer_fraction"] = report.num_no_answer / len(decoded)
+      m["grade_timeouts"] = float(report.num_timeouts)
+      if math_verify:
+        try:
+          m["math_verify_agreement"] = math_grading.crosscheck_math_verify(
+              decoded, refs, ours=report.correct)
+        except ImportError as e:
+          log(f"eval: config.eval.math_verify is set but math-verify is missing ({e}); no "
+              "agreement rate reported")
+      flat.update({f"{name}/{key}": v for key, v in m.items()})
+      details[name] = dict(m, problems=n, items=[
+          {"id": p["id"], "answer": p["answer"],
+           "extracted": list(report.answers[i * k:(i + 1) * k]),
+           "correct": correct[i].tolist(), "length": lengths[i].tolist(),
+           "truncated": truncated[i].tolist()} for i, p in enumerate(problems)])
+      texts += [{"benchmark": name, "id": p["id"], "sample": j, "response": decoded[i * k + j]}
+                for i, p in enumerate(problems) for j in range(k)]
+  for key in ["pass@1"] + ([f"avg@{k}", f"pass@{k}"] if k > 1 else []):
+    flat[f"avg/{key}"] = float(np.mean([flat[f"{b}/{key}"] for b in benchmarks]))
+  settings = dict(benchmarks=list(benchmarks), samples=k, max_new_tokens=max_new_tokens,
+                  top_p=top_p, temperature=temperature, limit=limit, seed=seed,
+                  chat_template=chat_template)
+  if workdir is not None and jax.process_index() == 0:
+    folder = pathlib.Path(workdir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"step": step, "label": label, "settings": settings, "metrics": flat,
+              "benchmarks": details}
+    (folder / f"step_{step}.json").write_text(json.dumps(record, indent=1))
+    with open(folder / f"step_{step}_responses.jsonl", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
+    log(table_from_workdir(workdir))
+  else:
+    log(format_table([(f"{label} step {step}", flat)], benchmarks, metric=headline(k)))
+  return flat
+
+
+def evaluate_with_config(model, tokenizer, config: ml_collections.ConfigDict, *, step: int,
+                         workdir: str | pathlib.Path | None, label: str = "model",
+                         log: Callable[[str], None] = print) -> dict[str, float]:
+  """`evaluate` with the settings of `config.eval` (and its prompt / stop settings)."""
+  e = EvalSettings.from_config(config)
+  data_dir = e.data_dir or (pathlib.Path(workdir) / "tfds" if workdir else "")
+  if not data_dir:
+    raise ValueError("config.eval.data_dir (or config.data.data_dir, or a workdir) must name the "
+                     "TFDS folder of the benchmark builds")
+  return evaluate(
+      model, tokenizer, e.benchmarks, k=e.samples, max_new_tokens=e.max_new_tokens,
+      top_p=e.top_p, temperature=e.temperature, batch_size=e.batch_size, seed=e.seed,
+      workdir=workdir, step=step, data_dir=data_dir, chat_template=e.chat_template,
+      sources=dict(e.sources), limit=e.limit, max_prompt_len=e.max_prompt_len,
+      stop_strings=e.stop_strings, banned_strings=e.banned_strings, math_verify=e.math_verify,
+      grade_timeout_s=e.grade_timeout_s, grade_workers=e.grade_workers or None, label=label,
+      log=log)
+
+
+def make_evaluator(config: ml_collections.ConfigDict, tokenizer, *,
+                   log: Callable[[str], None] = print) -> Callable[[int, Any], dict[str, float]]:
+  """`evaluator(step, student_model) -> flat metrics` for `train.run(..., evaluator=...)`.
+
+  Args:
+    config: the run's config; `config.eval` holds the settings, results go to
+      `config.workdir/eval/`.
+    tokenizer: the student's tokenizer.
+    log: where the table goes.
+
+  Returns:
+    The evaluator (settings are checked here, before training starts).
+  """
+  EvalSettings.from_config(config)   # fail before the run, not at its first evaluation
+  label = "student"
+
+  def evaluator(step: int, model) -> dict[str, float]:
+    return evaluate_with_config(model, tokenizer, config, step=step, workdir=config.workdir,
+                                label=label, log=log)
+  return evaluator
+
+
+def train(config: ml_collections.ConfigDict) -> list[dict]:
+  """The OPD trainer with the math evaluator (the runner of the paper's experiment files)."""
+  from opd_jax import train as trainer  # pylint: disable=import-outside-toplevel
+  if not config.workdir:
+    raise ValueError("config.workdir='' is not accepted; the trainer needs a folder "
+                     "(--config.workdir=DIR)")
+  dataset = (config.tasks[0].data.dataset if config.tasks else config.data.dataset)
+  tokenizer = registry.tokenizer_for(config.model.tokenizer or config.model.path, dataset,
+                                     pathlib.Path(config.workdir))
+  return trainer.run(config, evaluator=make_evaluator(config, tokenizer))
+
+
+# ----------------------------------------------------------------------------------------------
+# standalone: a trainer checkpoint or a Hugging Face folder
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_hf_folder(folder: pathlib.Path) -> bool:
+  return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _checkpoint_dir(folder: pathlib.Path) -> pathlib.Path:
+  if (folder / "checkpoints").is_dir():
+    return folder / "checkpoints"
+  if any(p.name.isdigit() for p in folder.iterdir() if p.is_dir()):
+    return folder
+  raise ValueError(f"--checkpoint={str(folder)!r} is neither a Hugging Face folder (config.json "
+                   "+ *.safetensors), a trainer workdir (with checkpoints/) nor a checkpoint "
+                   "folder (numbered step folders)")
+
+
+def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path, *,
+               step: int | None = None, tokenizer: str = "") -> tuple[Any, Any, int, str]:
+  """The model to evaluate: a Hugging Face folder, or the student of a trainer checkpoint.
+
+  Args:
+    config: the experiment config (its model settings describe the student of a run; its mesh
+      shards the model).
+    checkpoint: a Hugging Face folder, a trainer workdir or its checkpoints folder.
+    step: which checkpoint step (None: the latest); ignored for a Hugging Face folder.
+    tokenizer: tokenizer folder; "" = the Hugging Face folder's own (if it has one), else
+      config.model.tokenizer, else config.model.path.
+
+  Returns:
+    (model, tokenizer, step, label): step is 0 for a Hugging Face folder.
+  """
+  # pylint: disable=import-outside-toplevel
+  from opd_jax import checkpoint as ckpt_lib
+  from opd_jax import steps
+  from opd_jax import train as trainer
+  from opd_jax.settings import ModelSource, TrainSettings
+  folder = pathlib.Path(checkpoint)
+  if not folder.is_dir():
+    raise ValueError(f"--checkpoint={str(checkpoint)!r} is not an existing folder")
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  has_own = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
+  tok_dir = tokenizer or (str(folder) if _is_hf_folder(folder) and has_own else "") or \
+      config.model.tokenizer or config.model.path
+  if not tok_dir:
+    raise ValueError("no tokenizer: pass --tokenizer=DIR or set config.model.tokenizer / "
+                     "config.model.path")
+  tok = models.load_tokenizer(tok_dir)
+  if _is_hf_folder(folder):
+    dtype = ModelSource.from_config(config.model, "model").dtype
+    model, _ = models.load_hf_checkpoint(folder, dtype=jnp.dtype(dtype), mesh=mesh)
+    return model, tok, 0, folder.name
+  ckdir = _checkpoint_dir(folder)
+  run = config.copy_and_resolve_references()
+  if not run.workdir:
+    run.workdir = str(ckdir.parent)
+  s = TrainSettings.from_config(run)
+  student_config = trainer.model_config_of(s.model, len(tok))
+  ckpt = ckpt_lib.Checkpointer(ckdir, save_every=1, keep=1_000_000, async_save=False)
+  try:
+    chosen = ckpt.latest_step() if step is None else step
+    if chosen is None:
+      raise ValueError(f"{ckdir} holds no complete checkpoint")
+    total_updates = s.steps * s.minibatches
+    shard = steps.train_state_shardings(student_config, s.opt, total_updates, mesh)
+    graphdef, params_abstract = steps.split_abstract(student_config)
+    abstract = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        steps.abstract_state(params_abstract, s.opt, total_updates), shard)
+    state, _ = ckpt.restore(chosen, abstract)
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, state.params), tok, chosen, ckdir.parent.name
+
+
+def main(argv, flags) -> dict[str, float]:
+  """The standalone entry point (see the module docstring)."""
+  del argv
+  config = flags.config
+  if config is None:
+    raise ValueError("--config=experiments/<name>.py is required")
+  model, tok, step, label = load_model(
+      config, flags.checkpoint, step=None if flags.step < 0 else flags.step,
+      tokenizer=flags.tokenizer)
+  folder = pathlib.Path(flags.checkpoint)
+  if flags.workdir:
+    workdir = flags.workdir
+  elif _is_hf_folder(folder):
+    workdir = config.workdir
+    if not workdir:
+      raise ValueError("evaluating a Hugging Face folder needs --workdir=OUT (or "
+                       "--config.workdir) for eval/step_0.json")
+  else:
+    workdir = str(_checkpoint_dir(folder).parent)
+  return evaluate_with_config(model, tok, config, step=step, workdir=workdir,
+                              label=flags.label or label)
+
+
+def _cli() -> None:
+  # Flags are defined only when run as a program, so that importing this module (the trainer's
+  # runner does) never clashes with opd_jax.main's --config.
+  # pylint: disable=import-outside-toplevel
+  from absl import app
+  from absl import flags as absl_flags
+  from absl import logging
+  from ml_collections import config_flags
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file exposing get_config(); ':arg' is passed to it.")
+  checkpoint = absl_flags.DEFINE_string(
+      "checkpoint", None, "Trainer workdir, checkpoint folder, or Hugging Face folder.",
+      required=True)
+  step = absl_flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
+  workdir = absl_flags.DEFINE_string(
+      "workdir", "", "Where eval/step_N.json goes (default: the run's workdir).")
+  label = absl_flags.DEFINE_string("label", "", "Row label of the table.")
+  tokenizer = absl_flags.DEFINE_string("tokenizer", "", "Tokenizer folder (see load_model).")
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+    if not absl_flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    values = type("Flags", (), dict(
+        config=config.value, checkpoint=checkpoint.value, step=step.value,
+        workdir=workdir.value, label=label.value, tokenizer=tokenizer.value))
+    main(argv, values)
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  _cli()
