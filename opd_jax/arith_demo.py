@@ -247,7 +247,8 @@ def _print_table(table, t_info, log) -> None:
   log(f"{'method':>14s} {'seed':>5s} {'step':>5s} {'exact match':>12s} {'reverse KL':>11s} "
       f"{'grad norm':>10s}")
   for method, seed, step, acc, kl, grad in table:
-    log(f"{method:>14s} {seed:5d} {step:5d} {acc:12.3f} {kl:11.4f} {grad:10.3f}")
+    shown = f"{grad:10.3f}" if np.isfinite(grad) else f"{'-':>10s}"   # no update at step 0
+    log(f"{method:>14s} {seed:5d} {step:5d} {acc:12.3f} {kl:11.4f} {shown}")
 
 
 def _plot(results: dict, path: pathlib.Path) -> None:

@@ -26,6 +26,17 @@ def _fail(name: str, value: Any, accepted: str) -> None:
   raise ConfigError(f"config.{name}={value!r} is not accepted; {accepted}")
 
 
+def plain(value: Any) -> Any:
+  """A ConfigDict (also inside lists and tuples, as `to_dict` leaves them) as plain dicts."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(plain(v) for v in value)
+  return value
+
+
 def check_keys(config: Mapping, defaults: Mapping, prefix: str = "") -> None:
   """Raises ConfigError for keys absent from `defaults` or values of another type."""
   for key, value in config.items():
@@ -40,7 +51,7 @@ def check_keys(config: Mapping, defaults: Mapping, prefix: str = "") -> None:
       check_keys(value, default, name + ".")
     elif name == "tasks":
       for i, task in enumerate(value):
-        check_keys(task, configs.task_fields(), f"tasks[{i}].")
+        check_keys(task, plain(configs.task_fields()), f"tasks[{i}].")
     elif default is not None and not _same_kind(value, default):
       _fail(name, value, f"expected a {type(default).__name__} like the default {default!r}")
 
@@ -178,8 +189,8 @@ class TrainSettings:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TrainSettings":
     """Validates every setting (one ConfigError naming the first bad one) and freezes them."""
-    c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    check_keys(c, configs.opd().to_dict())
+    c = plain(config)
+    check_keys(c, plain(configs.opd()))
     if not c["workdir"]:
       _fail("workdir", c["workdir"], "the trainer needs a folder for checkpoints and metrics "
             "(--config.workdir=DIR)")

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import checkpoint, masking, metrics, models, sampling, sharding, steps
+from opd_jax import checkpoint, masking, metrics, models, sampling, settings, sharding, steps
 from opd_jax.data import order, registry
 from opd_jax.settings import ConfigError, ModelSource, Task, TrainSettings
 
@@ -94,6 +94,10 @@ def _check_layout(s: TrainSettings, mesh, vocab: int) -> None:
   if s.opt.minibatch_size % ways:
     raise ConfigError(f"config.opt.minibatch_size={s.opt.minibatch_size} must be a multiple "
                       f"of the mesh's batch ways data*fsdp={ways} (mesh {dict(mesh.shape)})")
+  if s.prompts_per_step % ways:
+    raise ConfigError(f"config.data.prompts_per_step={s.prompts_per_step} must be a multiple "
+                      f"of the mesh's batch ways data*fsdp={ways} (the prompts are split over "
+                      "them before sampling)")
   if s.prompts_per_step % jax.process_count():
     raise ConfigError(f"config.data.prompts_per_step={s.prompts_per_step} must be a multiple "
                       f"of the process count {jax.process_count()}")
@@ -250,7 +254,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
 
   total_updates = s.steps * s.minibatches
   writer = metrics.MetricsWriter(workdir, tensorboard=s.tensorboard, primary=primary)
-  writer.write_config(config.to_dict())
+  writer.write_config(settings.plain(config))
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=s.checkpoint_every,
                                  keep=s.checkpoint_keep, async_save=s.checkpoint_async)
   state, start = _initial_state(s, student_config, vocab, ckpt, mesh, total_updates, say)

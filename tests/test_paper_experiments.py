@@ -143,16 +143,8 @@ def test_lsm_mask_smoke_trains_evaluates_and_its_checkpoint_reproduces_the_evalu
   assert sharding.make_mesh().size == 8
 
 
-# Multi-task runs stop in the trainer today: metrics.MetricsWriter.write_config cannot write the
-# ConfigDicts inside config.tasks (ConfigDict.to_dict leaves tuples' items as they are), and
-# plain-dict tasks fail settings.check_keys. Strict: this starts failing once that is fixed.
-_TRAINER_MULTITASK = pytest.mark.xfail(strict=True, raises=ValueError,
-                                       reason="the trainer cannot record a multi-task config")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(f, marks=_TRAINER_MULTITASK) if f in MULTITASK
-                                  else f for f in FILES if f != "math_lsm_mask"])
+@pytest.mark.parametrize("name", [f for f in FILES if f != "math_lsm_mask"])
 def test_every_other_file_smoke_runs(assets, tmp_path, name):
   _, history = _run_smoke(name, assets, tmp_path)
   assert [h["step"] for h in history] == [1, 2]
