@@ -25,7 +25,8 @@ test: $(VENV)/.installed-test  ## the test suite without tests marked slow
 test-all: $(VENV)/.installed-test  ## every test, slow ones included
 	$(PY) -m pytest -q
 
-demo: estimators  ## (until the trainer demo lands) the estimator comparison table
+demo: $(VENV)/.installed  ## end-to-end OPD on synthetic arithmetic, outputs in workdir/demo
+	$(PY) -m opd_jax.main --config=experiments/tiny_arith.py --config.workdir=workdir/demo
 
 estimators: $(VENV)/.installed  ## the estimator comparison table
 	$(PY) -m opd_jax.main --config=experiments/estimator_table.py

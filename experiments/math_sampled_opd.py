@@ -30,58 +30,14 @@ from opd_jax import configs
 
 def get_config(arg=None):
   c = configs.opd()
-  _paper(c)
+  configs.table_a1_math(c)
   c.rollout.top_p = 1.0              # the baseline samples from the full distribution
   c.loss.estimator = "sampled_token"
   c.loss.gamma = 0.0                 # per-token reward only
   c.loss.ppo_clip = 0.2
   c.eval.samples = 1                 # Table 1: pass@1 on the five benchmarks
   if arg == "smoke":
-    _smoke(c)
+    configs.smoke_math(c)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; accepted: 'smoke' or none")
   return c
-
-
-def _paper(c):
-  """Table A1's math settings (the student and teacher folders are the user's to set)."""
-  c.experiment = "opd_eval"          # the trainer with the math evaluator (opd_jax.evaluate)
-  c.model.path = ""                  # set: local Qwen2.5-7B-Instruct folder (the student)
-  c.teacher.path = ""                # set: local OpenThinker3-7B folder (same vocabulary)
-  c.model.dtype = c.teacher.dtype = "bfloat16"
-  c.data.dataset = "dapo_math_17k"   # English part, deduplicated; data.source = its parquet
-  c.data.max_prompt_len = 2048
-  c.data.prompts_per_step = 16       # 16 prompts x 8 rollouts = 128 rollouts per step
-  c.rollout.num_samples = 8
-  c.rollout.max_new_tokens = 16384
-  c.rollout.temperature = 1.0
-  c.loss.k = 32
-  c.opt.minibatch_size = 64          # two AdamW steps per iteration
-  c.opt.lr = 2e-6
-  c.opt.warmup_steps = 0
-  c.steps = 400
-  c.mesh.data, c.mesh.fsdp = 1, 8
-  c.eval.every = 50
-  c.eval.max_new_tokens = 16384
-  c.eval.top_p, c.eval.temperature = 0.9, 1.0
-
-
-def _smoke(c):
-  """2 steps of tiny prompts and responses (CPU); model paths are still needed."""
-  c.steps = 2
-  c.model.dtype = c.teacher.dtype = "float32"
-  c.data.max_prompt_len = 256
-  c.data.prompts_per_step = 8        # a multiple of the batch ways data*fsdp (8 in the tests)
-  c.rollout.num_samples = 2
-  c.rollout.max_new_tokens = 8
-  c.loss.k = min(c.loss.k, 4)
-  c.opt.minibatch_size = 8
-  c.mesh.data, c.mesh.fsdp = -1, 1
-  c.checkpoint.every = 1
-  c.eval.every = 2
-  c.eval.limit = 2
-  c.eval.samples = min(c.eval.samples, 2)
-  c.eval.max_new_tokens = 8
-  c.eval.batch_size = 8
-  c.log.samples_every = 0
-  c.log.tensorboard = False

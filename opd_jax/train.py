@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from opd_jax import checkpoint, masking, metrics, models, sampling, settings, sharding, steps
-from opd_jax.data import order, registry
+from opd_jax.data import order, prompts, registry
 from opd_jax.settings import ConfigError, ModelSource, Task, TrainSettings
 
 Evaluator = Callable[[int, Any], Mapping[str, float]]
@@ -46,6 +47,8 @@ class TaskRuntime:
   teacher_def: Any
   teacher_params: Any
   teacher_vocab: int
+  teacher_tokenizer: Any
+  text: bool             # prompts are text: check that responses re-tokenise alike for the teacher
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +88,7 @@ def _open_task(task: Task, index: int, s: TrainSettings, workdir: pathlib.Path, 
                             chat_template=s.chat_template, max_prompt_len=s.max_prompt_len)
   teacher_def, teacher_params = nnx.split(teacher)
   return TaskRuntime(index, task.name, examples, encode, teacher_def, teacher_params,
-                     teacher.config.vocab_size)
+                     teacher.config.vocab_size, teacher_tok, registry.is_text(task.data.dataset))
 
 
 def _check_layout(s: TrainSettings, mesh, vocab: int) -> None:
@@ -155,6 +158,13 @@ def _global_rows(mesh, *local: np.ndarray) -> list[jax.Array]:
           for x in local]
 
 
+def _host(x) -> np.ndarray:
+  """A global array on the host (gathered from every process when it spans several)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def _left_pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
   tokens = np.zeros((len(seqs), length), np.int32)
   mask = np.zeros((len(seqs), length), bool)
@@ -195,9 +205,9 @@ def _rollout_metrics(response_mask: np.ndarray, budget: int, stopped: np.ndarray
 
 def _samples_page(path: pathlib.Path, tokenizer, batch: dict, scores: dict, count: int,
                   prompts_text: Sequence[str]) -> None:
-  host = jax.device_get({k: batch[k] for k in ("response", "response_mask", "loss_mask")} |
-                        {k: scores[k] for k in ("teacher_logprobs", "behavior_logprobs",
-                                                "t_indices", "t_logits", "t_lse")})
+  host = {k: batch[k] for k in ("response", "response_mask", "loss_mask")} | {
+      k: scores[k] for k in ("teacher_logprobs", "behavior_logprobs", "t_indices", "t_logits",
+                             "t_lse")}
   views = []
   for r in range(min(count, host["response"].shape[0])):
     n = int(host["response_mask"][r].sum())
@@ -329,17 +339,27 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
 
       ubatch = {k: batch[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
       ubatch |= _update_inputs(s.loss.estimator, scores)
-      if samples_due := (primary and not sft and s.samples_every
+      # Every process gathers (a collective on several hosts); process 0 writes the page.
+      if samples_due := (not sft and s.samples_every
                          and (step + 1) % s.samples_every == 0):
-        page_batch = jax.device_get(batch)   # the update donates nothing of the batch, but the
-        page_scores = jax.device_get(scores)  # page is written after the step is known finite
+        # The page is written once the step is known to be finite.
+        page_batch = {k: _host(batch[k]) for k in ("response", "response_mask", "loss_mask")}
+        page_scores = {k: _host(scores[k]) for k in ("teacher_logprobs", "behavior_logprobs",
+                                                      "t_indices", "t_logits", "t_lse")}
       state, update_metrics = update(state, ubatch, key)
       # On-policy: the next rollout needs these parameters, so reading the metrics now costs no
       # overlap; it lets a non-finite step stop the run before anything of it is saved.
       values.update(jax.device_get(update_metrics))
       t3 = time.perf_counter()
-      host_mask = np.asarray(jax.device_get(response_mask))
-      stopped = np.isin(np.asarray(jax.device_get(response)), stop_ids).any(axis=1)
+      host_mask, host_response = _host(response_mask), _host(response)
+      stopped = np.isin(host_response, stop_ids).any(axis=1)
+      if task.text and not sft:
+        # The teacher scores the student's token ids: they must read as the same tokens under
+        # the teacher's tokenizer (a ValueError above data.retokenize_max_fraction).
+        ids = prompts.unpad(host_response, host_mask)
+        values.update(prompts.check_retokenization(
+            ids, prompts.retokenize(ids, tokenizer, task.teacher_tokenizer),
+            s.retokenize_max_fraction).metrics())
       values.update(_rollout_metrics(host_mask, s.rollout.max_new_tokens, stopped))
       values = {k: float(v) for k, v in values.items()}
       _finite_or_raise(step + 1, values)
@@ -352,7 +372,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       if evaluator is not None and s.eval_every and (done % s.eval_every == 0
                                                       or done == s.steps):
         values.update(evaluate(done))
-      if samples_due:
+      if samples_due and primary:
         texts = [str(e.prompt_text) for e in enc for _ in range(s.rollout.num_samples)]
         _samples_page(workdir / "samples" / f"step_{done}.html", tokenizer, page_batch,
                       page_scores, s.samples_count, texts)

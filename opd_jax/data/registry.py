@@ -35,6 +35,12 @@ def _check(dataset: str) -> None:
     raise ValueError(f"dataset {dataset!r} is not registered; accepted: {', '.join(DATASETS)}")
 
 
+def is_text(dataset: str) -> bool:
+  """Whether the dataset's prompts are text rendered by a tokenizer (not stored token ids)."""
+  _check(dataset)
+  return dataset != "tiny_arith"
+
+
 def data_dir(source, workdir: pathlib.Path) -> pathlib.Path:
   """The TFDS data_dir of a DatasetSource: its own, else workdir/tfds."""
   return pathlib.Path(source.data_dir) if source.data_dir else pathlib.Path(workdir) / "tfds"
