@@ -11,11 +11,14 @@ on a one-device mesh: `sampling.sample` (rollout) -> `steps.score` (teacher scor
 `steps.make_update` (the update, state donated), with the settings, models and state built the
 trainer's way (`TrainSettings.from_config` of `configs.opd()`, `train.load_model`,
 `steps.init_state` in `steps.train_state_shardings`); the split rollout / scoring / update is
-timed at the same points as the trainer's time/* metrics. Two estimators, each with its own
-state: "lsm" (the default: K = 32, fused top-K loss; the headline) and "full_rkl" (reverse KL over
-all 32000 entries, the loss TRL computes at beta = 1). Compile time = first iteration - median;
-XLA's caches are cleared before each estimator's first iteration so that both include every
-phase's compilation (the sampler's too).
+timed at the same points as the trainer's time/* metrics. The splits of the two sides hold
+different work: our scoring also runs the student (its log-probs before the update and the
+top-K diagnostics), and our update ends with one more student forward (the policy/kl_before_after
+metric); TRL's scoring is the teacher alone and its update holds the student's forward.
+Two estimators, each with its own state: "lsm" (the default: K = 32, fused top-K loss; the
+headline) and "full_rkl" (reverse KL over all 32000 entries, the loss TRL computes at beta = 1).
+Compile time = first iteration - median; XLA's caches are cleared before each estimator's first
+iteration so that both include every phase's compilation (the sampler's too).
 
 TRL runs in a child process (benchmarks/trl_peer.py --serve, torch on 2 threads) on the same
 weights saved as Hugging Face folders and the same prompt ids (trl_peer builds its own word-level
@@ -26,12 +29,11 @@ machine hits all; medians over the rounds, and per-round ratios TRL s / ours s.
 Keys: speedup_vs_trl (TRL median s per step / our LSM median s per iteration) and
 speedup_vs_trl_full_rkl; ours.<estimator>: s_per_iter, rollout_s, scoring_s, update_s,
 cpu_s_per_iter and rollout_cpu_s, scoring_cpu_s, update_cpu_s (process CPU time, all threads),
-tokens_per_s (32 x 128 / s_per_iter), compile_s,
-first_iter_s, iter_s (every round), speedup_vs_trl, speedup_per_round, losses; trl: the same
-split from its per-step lines plus trl_peer's summary; load_before / load_after (1-minute load
-averages: the machine may be shared).
+tokens_per_s (32 x 128 / s_per_iter), compile_s, first_iter_s, iter_s (every round),
+speedup_vs_trl, speedup_per_round, losses; trl: the same split from its per-step lines plus
+trl_peer's summary; load_before / load_after (1-minute load averages: the machine may be shared).
 
-Run (several minutes on a 2-core CPU): python benchmarks/bench_train.py [--rounds 3]
+Run (about 15 minutes on a 2-core CPU): python benchmarks/bench_train.py [--rounds 3]
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class OurTrainer:
                                     total_updates)
     # All prompts are 64 tokens, a bucket length: left-padding to sampling.bucket_length adds none.
     p_len = sampling.bucket_length(prompt_ids.shape[1])
-    assert p_len == prompt_ids.shape[1], p_len
+    if p_len != prompt_ids.shape[1]:
+      raise ValueError(f"prompt length {prompt_ids.shape[1]} is not a bucket length ({p_len})")
     self.prompt_np = prompt_ids.astype(np.int32)
     self.root = jax.random.key(s.seed)
     self.step = 0
@@ -238,7 +241,8 @@ def main():
         jax.clear_caches()                            # its first iteration compiles everything
         traces = sampling.compiled_programs()
         first[estimator] = ours[estimator].iteration()
-        assert sampling.compiled_programs() == traces + 1, "the sampler was not recompiled"
+        if sampling.compiled_programs() != traces + 1:
+          raise RuntimeError(f"{estimator}: the sampler was not recompiled in its first iteration")
       for _ in range(args.rounds):
         for estimator in ESTIMATORS:
           time.sleep(PAUSE_S)
