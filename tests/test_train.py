@@ -129,15 +129,11 @@ def test_two_iterations_write_metrics_checkpoint_and_samples(tmp_path, tiny_arit
   assert (tmp_path / "checkpoints" / "2").is_dir()
   page = tmp_path / "samples" / "step_2.html"
   assert page.exists() == (estimator != "sft")
-
-
-def test_sampler_and_trainer_log_probs_agree(tmp_path, tiny_arith_dir):
-  # The rollout's policy log-probs (KV-cache decode) and the scoring forward (full pass) are two
-  # computations of the same numbers: the logged mismatch is small but its max is measured.
-  c = train_helpers.tiny_config(tmp_path, tiny_arith_dir, steps=1, **_mesh8())
-  (row,) = train.run(c, log=lambda _: None)
-  assert 0.0 <= row["rollout/logprob_mismatch_max"] < 1e-4
-  assert row["rollout/logprob_mismatch_mean"] <= row["rollout/logprob_mismatch_max"]
+  if estimator != "sft":
+    # The rollout's policy log-probs (KV-cache decode) and the scoring forward (full pass) are
+    # two computations of the same numbers: their logged mismatch is small.
+    assert 0.0 <= rows[-1]["rollout/logprob_mismatch_mean"] <= rows[-1][
+        "rollout/logprob_mismatch_max"] < 1e-4
 
 
 def test_non_finite_loss_stops_the_run_without_a_checkpoint(tmp_path, tiny_arith_dir):
@@ -174,7 +170,8 @@ def _synthetic_batch(rng, rows, p, n, vocab, k):
           "teacher_prompt_mask": prompt_mask, "policy_logprobs": np.zeros((rows, n), np.float32)}
 
 
-@pytest.mark.parametrize("estimator", ["lsm", "sampled_token"])
+@pytest.mark.parametrize("estimator", ["lsm", pytest.param("sampled_token",
+                                                            marks=pytest.mark.slow)])
 def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
   config = models.ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=32,
                               intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
