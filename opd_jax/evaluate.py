@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from opd_jax import masking, models, sampling, sharding
-from opd_jax.data import math_datasets, math_grading, registry
+from opd_jax.data import math_datasets, math_grading, prompts, registry
 
 # The five test sets of Table 1, in the paper's column order, and their column headers.
 BENCHMARKS = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
@@ -206,21 +206,6 @@ def _mesh_of(model) -> Any:
   return None
 
 
-def _to_host(x) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
-def _left_pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-  tokens = np.zeros((len(seqs), length), np.int32)
-  mask = np.zeros((len(seqs), length), bool)
-  for i, seq in enumerate(seqs):
-    tokens[i, length - len(seq):], mask[i, length - len(seq):] = seq, True
-  return tokens, mask
-
-
 def _decode(tokenizer, ids: Sequence[int], stop_texts: Sequence[str]) -> str:
   """The response text, special tokens kept (</think> may be one), the final stop token cut."""
   text = tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -322,20 +307,20 @@ def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int
       # shape per call: the last call is padded with copies of its first row), each row with
       # its own draws, so a problem's k samples need not share a call.
       encoded = [encode(p).prompt for p in problems]
-      prompts = [encoded[r // k] for r in range(len(problems) * k)]
+      queued = [encoded[r // k] for r in range(len(problems) * k)]
       responses: list[list[int]] = []
       stopped: list[bool] = []
       bkey = jax.random.fold_in(root, BENCHMARKS.index(name))
-      for c, start in enumerate(range(0, len(prompts), rows)):
-        chunk = prompts[start:start + rows]
+      for c, start in enumerate(range(0, len(queued), rows)):
+        chunk = queued[start:start + rows]
         padded = chunk + [chunk[0]] * (rows - len(chunk))
         p_len = sampling.bucket_length(max(len(p) for p in padded))
-        tokens, mask = _left_pad(padded, p_len)
+        tokens, mask = prompts.left_pad(padded, 0, p_len)
         out = sampling.sample(
             model, tokens, mask, jax.random.fold_in(bkey, c), max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, banned_token_ids=banned,
             stop_token_ids=stop_ids, num_samples=1, mesh=mesh)
-        resp, resp_mask = _to_host(out.tokens), _to_host(out.mask)
+        resp, resp_mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
         for r in range(len(chunk)):
           ids = resp[r, :int(resp_mask[r].sum())].tolist()
           responses.append(ids)

@@ -1,4 +1,4 @@
-"""Mesh axis names, the mesh from config axis sizes, and multi-host initialisation (a leaf module)."""
+"""Mesh axis names, the mesh from axis sizes, multi-host start-up and host copies (a leaf)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # The three axes every mesh of the package has, in this order. `data` and `fsdp` both split the
@@ -87,6 +89,14 @@ def batch_divisor(mesh: Mesh) -> int:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array."""
   return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(x) -> np.ndarray:
+  """A (global) array on the host; gathered from every process when it spans several, so on
+  several hosts every process must call it (a collective)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def initialize_distributed(enabled: bool) -> None:

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from opd_jax import checkpoint, masking, metrics, models, sampling, settings, sharding, steps
 from opd_jax.data import order, prompts, registry
@@ -158,24 +157,8 @@ def _global_rows(mesh, *local: np.ndarray) -> list[jax.Array]:
           for x in local]
 
 
-def _host(x) -> np.ndarray:
-  """A global array on the host (gathered from every process when it spans several)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
-def _left_pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-  tokens = np.zeros((len(seqs), length), np.int32)
-  mask = np.zeros((len(seqs), length), bool)
-  for i, seq in enumerate(seqs):
-    if len(seq):
-      tokens[i, -len(seq):], mask[i, -len(seq):] = seq, True
-  return tokens, mask
-
-
 def _right_pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
-  tokens, mask = _left_pad([np.asarray(x)[::-1] for x in seqs], length)
+  tokens, mask = prompts.left_pad([np.asarray(x)[::-1] for x in seqs], 0, length)
   return tokens[:, ::-1].copy(), mask[:, ::-1].copy()
 
 
@@ -295,8 +278,8 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       enc = _prompt_batch(task, s, step, rows)
       p_len = sampling.bucket_length(max(len(e.prompt) for e in enc))
       pt_len = sampling.bucket_length(max(len(e.teacher_prompt) for e in enc))
-      prompt, prompt_mask = _left_pad([e.prompt for e in enc], p_len)
-      t_prompt, t_prompt_mask = _left_pad([e.teacher_prompt for e in enc], pt_len)
+      prompt, prompt_mask = prompts.left_pad([e.prompt for e in enc], 0, p_len)
+      t_prompt, t_prompt_mask = prompts.left_pad([e.teacher_prompt for e in enc], 0, pt_len)
       if sft:
         if any(e.target is None for e in enc):
           raise ConfigError(f"config.loss.estimator='sft' needs reference responses; dataset "
@@ -343,15 +326,16 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       if samples_due := (not sft and s.samples_every
                          and (step + 1) % s.samples_every == 0):
         # The page is written once the step is known to be finite.
-        page_batch = {k: _host(batch[k]) for k in ("response", "response_mask", "loss_mask")}
-        page_scores = {k: _host(scores[k]) for k in ("teacher_logprobs", "behavior_logprobs",
-                                                      "t_indices", "t_logits", "t_lse")}
+        page_batch = {k: sharding.to_host(batch[k])
+                      for k in ("response", "response_mask", "loss_mask")}
+        page_scores = {k: sharding.to_host(scores[k]) for k in (
+            "teacher_logprobs", "behavior_logprobs", "t_indices", "t_logits", "t_lse")}
       state, update_metrics = update(state, ubatch, key)
       # On-policy: the next rollout needs these parameters, so reading the metrics now costs no
       # overlap; it lets a non-finite step stop the run before anything of it is saved.
       values.update(jax.device_get(update_metrics))
       t3 = time.perf_counter()
-      host_mask, host_response = _host(response_mask), _host(response)
+      host_mask, host_response = sharding.to_host(response_mask), sharding.to_host(response)
       stopped = np.isin(host_response, stop_ids).any(axis=1)
       if task.text and not sft:
         # The teacher scores the student's token ids: they must read as the same tokens under

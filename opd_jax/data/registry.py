@@ -1,4 +1,4 @@
-"""Datasets by name: where each is built from, its default tokenizer, and how an example is encoded."""
+"""Datasets by name: where each is built from, its tokenizer, how an example is encoded."""
 
 from __future__ import annotations
 
