@@ -3,11 +3,13 @@
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # about 40 s: `make test-all` runs it
 def test_toy_variance_notebook_runs(monkeypatch, tmp_path):
   monkeypatch.setenv("TOY_NOTEBOOK_CONFIG", "smoke")  # the kernel inherits the environment
   monkeypatch.setenv("TOY_NOTEBOOK_WORKDIR", str(tmp_path))  # outputs nowhere else

@@ -101,7 +101,8 @@ def _mesh8(**kw):
 
 
 @pytest.mark.parametrize("estimator", [
-    "lsm", "sampled_token",
+    "lsm",   # sampled-token OPD runs end to end in the kill-and-resume test
+    pytest.param("sampled_token", marks=pytest.mark.slow),
     pytest.param("full_rkl", marks=pytest.mark.slow),
     pytest.param("sft", marks=pytest.mark.slow)])
 def test_two_iterations_write_metrics_checkpoint_and_samples(tmp_path, tiny_arith_dir,
@@ -237,7 +238,8 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_like_an_uninterrupted_run(tmp_
                                                                            tiny_arith_dir):
   config_file = train_helpers.write_config_file(
       tmp_path / "tiny_opd.py", tiny_arith_dir,
-      "c.steps = 6\nc.mesh.data = 1\nc.log.samples_every = 0")
+      "c.steps = 6\nc.mesh.data = 1\nc.log.samples_every = 0\n"
+      "c.loss.estimator = 'sampled_token'")   # the PPO ratio's behaviour log-probs too
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
