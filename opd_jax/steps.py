@@ -209,7 +209,7 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   graphdef, _ = split_abstract(config)
 
   def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
-    del key  # the update draws no random numbers; kept so that dropout-like noise could
+    del key  # no randomness in today's update; the key is part of the update's signature
     batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
     n_rows = batch["response"].shape[0]
     m = n_rows // minibatches
