@@ -234,10 +234,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
       log(f"  {method:13s} seed {seed}: exact match {evals[min(evals)]['accuracy']:.3f} -> "
           f"{evals[max(evals)]['accuracy']:.3f} ({time.perf_counter() - t:.0f} s)")
   _print_table(table, t_info, log)
+  summary = summarize(results)
+  _print_summary(summary, log)
   if workdir:
     _plot(results, workdir / "curves.png")
     (workdir / "results.json").write_text(json.dumps(
-        {"teacher": t_info, "table": table, "seconds": time.perf_counter() - t_start}))
+        {"teacher": t_info, "table": table, "summary": summary,
+         "seconds": time.perf_counter() - t_start}))
   log(f"total {time.perf_counter() - t_start:.0f} s; curves in {workdir / 'curves.png'}")
   return results
 
@@ -249,6 +252,43 @@ def _print_table(table, t_info, log) -> None:
   for method, seed, step, acc, kl, grad in table:
     shown = f"{grad:10.3f}" if np.isfinite(grad) else f"{'-':>10s}"   # no update at step 0
     log(f"{method:>14s} {seed:5d} {step:5d} {acc:12.3f} {kl:11.4f} {shown}")
+
+
+def summarize(results: dict) -> dict:
+  """Per method: mean exact match and reverse KL over seeds at each evaluated step, the gain
+  (last minus first evaluation) of each seed, and the method with the best mean at each step."""
+  out = {"methods": {}, "leader": {}}
+  for method, per_seed in results.items():
+    steps_ = sorted(set.intersection(*(set(e) for e in per_seed.values())))
+    out["methods"][method] = {
+        "mean_accuracy": {s: float(np.mean([e[s]["accuracy"] for e in per_seed.values()]))
+                          for s in steps_},
+        "mean_reverse_kl": {s: float(np.mean([e[s]["reverse_kl"] for e in per_seed.values()]))
+                            for s in steps_},
+        "gain": {seed: e[max(e)]["accuracy"] - e[min(e)]["accuracy"]
+                 for seed, e in per_seed.items()},
+    }
+  for step in sorted({s for m in out["methods"].values() for s in m["mean_accuracy"]}):
+    scores = {m: v["mean_accuracy"][step] for m, v in out["methods"].items()
+              if step in v["mean_accuracy"]}
+    out["leader"][step] = max(scores, key=scores.get)
+  return out
+
+
+def _print_summary(summary: dict, log) -> None:
+  methods = summary["methods"]
+  steps_ = sorted(summary["leader"])
+  log("\nmean over seeds: exact match (reverse KL)")
+  log(f"{'method':>14s} " + " ".join(f"{'step ' + str(s):>15s}" for s in steps_))
+  for method, v in methods.items():
+    cells = [f"{v['mean_accuracy'][s]:.3f} ({v['mean_reverse_kl'][s]:.3f})"
+             if s in v["mean_accuracy"] else "-" for s in steps_]
+    log(f"{method:>14s} " + " ".join(f"{c:>15s}" for c in cells))
+  log("best mean exact match: " + ", ".join(f"step {s}: {m}" for s, m in
+                                              summary["leader"].items()))
+  log("gain in exact match (last - first evaluation): " + "; ".join(
+      f"{m} " + ", ".join(f"seed {seed} {g:+.3f}" for seed, g in v["gain"].items())
+      for m, v in methods.items()))
 
 
 def _plot(results: dict, path: pathlib.Path) -> None:

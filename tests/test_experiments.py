@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from opd_jax import main
+from opd_jax import arith_demo, main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "experiments").glob("*.py"))
@@ -47,12 +47,28 @@ def test_tiny_arith_smoke_runs_every_method(tmp_path, tiny_arith_dir, capsys):
     evals = per_seed[0]
     assert sorted(evals) == [0, 2, 4], method
     assert all(0.0 <= e["accuracy"] <= 1.0 and e["reverse_kl"] >= 0.0 for e in evals.values())
-  assert "exact match" in out and (tmp_path / "curves.png").exists()
-  table = json.loads((tmp_path / "results.json").read_text())["table"]
-  assert len(table) == 2 * 3
+  assert "exact match" in out and "best mean exact match" in out
+  assert (tmp_path / "curves.png").exists()
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert len(saved["table"]) == 2 * 3
+  assert set(saved["summary"]["methods"]) == {"lsm", "sft"}
   # Each run is a real trainer workdir: metrics and a final checkpoint.
   for method in results:
     assert (tmp_path / "runs" / f"{method}_seed0" / "checkpoints" / "4").is_dir()
+
+
+def test_demo_summary_averages_over_seeds_and_names_the_leader():
+  ev = lambda acc, kl: {"accuracy": acc, "reverse_kl": kl}  # noqa: E731
+  results = {
+      "a": {0: {0: ev(0.3, 1.0), 50: ev(0.5, 0.5)}, 1: {0: ev(0.4, 1.0), 50: ev(0.9, 0.1)}},
+      "b": {0: {0: ev(0.3, 1.0), 50: ev(0.8, 0.2)}, 1: {0: ev(0.4, 1.0), 50: ev(0.7, 0.2)}},
+  }
+  summary = arith_demo.summarize(results)
+  assert summary["methods"]["a"]["mean_accuracy"] == pytest.approx({0: 0.35, 50: 0.7})
+  assert summary["methods"]["b"]["mean_accuracy"] == pytest.approx({0: 0.35, 50: 0.75})
+  assert summary["methods"]["a"]["mean_reverse_kl"][50] == pytest.approx(0.3)
+  assert summary["methods"]["a"]["gain"] == pytest.approx({0: 0.2, 1: 0.5})
+  assert summary["leader"][50] == "b"
 
 
 def test_a_config_path_works_from_any_directory(tmp_path):
