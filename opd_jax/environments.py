@@ -26,6 +26,8 @@ from opd_jax.data import prompts, text_game
 
 # Why an episode ended (EpisodeBatch.ended).
 DONE, TURNS, BUDGET = 0, 1, 2
+# Stands for a response when a chat template renders the text that follows one.
+_MARK = "\x00response\x00"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +122,6 @@ class ChatRenderer:
   turn_end: str
   system: str | None = None
 
-  _MARK = "\x00response\x00"
-
   def _head(self) -> list[dict[str, str]]:
     return [] if self.system is None else [{"role": "system", "content": self.system}]
 
@@ -131,11 +131,11 @@ class ChatRenderer:
 
   def observation(self, text: str, closed: bool) -> list[int]:
     conversation = self._head() + [{"role": "user", "content": "."},
-                                   {"role": "assistant", "content": self._MARK},
+                                   {"role": "assistant", "content": _MARK},
                                    {"role": "user", "content": text}]
     rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False,
                                                   add_generation_prompt=True)
-    anchor = self._MARK + self.turn_end
+    anchor = _MARK + self.turn_end
     if anchor not in rendered:
       raise ValueError(f"the chat template does not end an assistant turn with "
                        f"turn_end={self.turn_end!r}; set the renderer's turn_end to the template's "
@@ -145,6 +145,22 @@ class ChatRenderer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def chat_turn_end(tokenizer: Any, candidates: Sequence[str]) -> str:
+  """The first of `candidates` (e.g. config.rollout.stop_strings) that the tokenizer's chat
+  template writes right after an assistant message: the marker that ends a turn."""
+  probe = [{"role": "user", "content": "."}, {"role": "assistant", "content": _MARK}]
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("the tokenizer has no chat_template; set config.data.chat_template=False "
+                     "for plain observations, or use a tokenizer that ships a template")
+  rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+  for end in candidates:
+    if _MARK + end in rendered:
+      return end
+  raise ValueError(f"none of the stop strings {tuple(candidates)} ends an assistant turn in the "
+                   "tokenizer's chat template; add its end-of-turn marker to "
+                   "config.rollout.stop_strings")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +326,8 @@ def rollout(model, envs: Sequence[Environment], seeds: Sequence[int], renderer: 
   prompt plus the episode so far, prefilled anew each turn), decodes it on the host, steps the
   environment and appends the observation's ids. An episode ends when the environment says
   done, after `max_turns` responses, or when the episode's tokens reach `episode_tokens` (a
-  response is cut there; an observation that leaves no room for a response ends it unshown).
+  response cut there is kept but not played; an observation that leaves no room for a response
+  ends the episode unshown). A response that uses its whole turn budget is played as it is.
 
   Args:
     model: the student (`opd_jax.models.Decoder`).
@@ -379,7 +396,10 @@ def rollout(model, envs: Sequence[Environment], seeds: Sequence[int], renderer: 
       keep = min(length, left)
       ids = toks[j, :keep]
       extend(i, ids, True, plp[j, :keep], slp[j, :keep])
-      if length > left:           # cut by the episode budget: the action is incomplete
+      stopped = bool(keep) and int(ids[-1]) in stops
+      if not stopped and keep < settings.turn_tokens:
+        # Neither stopped nor out of its turn budget: cut by the episode budget (the sampler's
+        # budget this turn is at most the room left), so the action is incomplete: not played.
         ended[i] = BUDGET
         continue
       turns[i] += 1
@@ -391,7 +411,7 @@ def rollout(model, envs: Sequence[Environment], seeds: Sequence[int], renderer: 
       if turns[i] == settings.max_turns:
         ended[i] = TURNS
         continue
-      obs = renderer.observation(result.observation, bool(keep and int(ids[-1]) in stops))
+      obs = renderer.observation(result.observation, stopped)
       if len(tokens[i]) + len(obs) >= budget:   # no room left for another response
         ended[i] = BUDGET
         continue
