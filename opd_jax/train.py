@@ -3,8 +3,9 @@
 `run(config)` trains the student of an experiment config end to end: the mesh from
 `config.mesh`, the student and each task's teacher, the state restored from the workdir's latest
 checkpoint (else `checkpoint.init`, else the student's Hugging Face weights, else random
-weights), then `config.steps` iterations, each on the task `step % len(tasks)`. Every random
-number of step s comes from fold_in(key(seed), s) and the prompts of step s from
+weights), then `config.steps` iterations, each on the task `step % len(tasks)` (its dataset's
+prompts, or multi-turn episodes of its environment: opd_jax.environments). Every random number
+of step s comes from fold_in(key(seed), s) and the prompts of step s from
 `data.order.batch_indices(seed, s, process)`, so a resumed run repeats an uninterrupted one.
 """
 

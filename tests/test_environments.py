@@ -239,42 +239,51 @@ def test_text_the_tokenizer_cannot_encode_is_an_error(tokenizer):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_teacher_scores_at_observation_positions_do_not_change_the_update():
+@pytest.mark.parametrize("estimator, gamma", [("lsm", 0.0), ("sampled_token", 0.9)])
+def test_teacher_scores_at_observation_positions_do_not_change_the_update(estimator, gamma):
+  # sampled_token with γ > 0: a token's return sums the rewards of later student tokens across
+  # the observations in between, and must not pick up the observations' teacher log-probs.
   vocab, rows, p, n = 14, 4, 4, 10
   config = models.ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=16,
                               intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                               head_dim=8, qkv_bias=True, max_position_embeddings=64)
   rng = np.random.default_rng(0)
-  student = rng.random((rows, n)) < 0.6
+  student = rng.random((rows, n)) < 0.6      # the rest of every row are observation tokens
   student[:, 0] = True
   batch = {"prompt": rng.integers(2, vocab, (rows, p)).astype(np.int32),
            "prompt_mask": np.ones((rows, p), bool),
            "response": rng.integers(2, vocab, (rows, n)).astype(np.int32),
            "loss_mask": student}
-  s_def, s_params = nnx.split(models.init_model(config, seed=0, std=0.3))
-  t_def, t_params = nnx.split(models.init_model(config, seed=1, std=0.3))
+  _, s_params = nnx.split(models.init_model(config, seed=0, std=0.3))
   shapes = steps.Shapes(vocab=vocab, k=4, mesh=None)
-  scores, _ = steps.score(s_def, s_params, t_def, t_params, batch | {
-      "teacher_prompt": batch["prompt"], "teacher_prompt_mask": batch["prompt_mask"],
-      "response_mask": np.ones((rows, n), bool),
-      "policy_logprobs": np.zeros((rows, n), np.float32)}, shapes=shapes, estimator="lsm")
-  scores = {k: np.asarray(v) for k, v in scores.items()}
+  # Teacher scores in the layout steps.score returns (their values do not matter here).
+  t_logits = np.sort(rng.normal(size=(rows, n, 4)).astype(np.float32), axis=-1)[..., ::-1]
+  scores = {"t_indices": np.argsort(rng.random((rows, n, vocab)), axis=-1)[..., :4].astype(
+                np.int32),
+            "t_logits": t_logits.copy(), "t_lse": t_logits.max(-1) + 1.0,
+            "t_sampled": t_logits[..., 0] - 0.5,
+            "teacher_logprobs": -rng.random((rows, n)).astype(np.float32) * 3,
+            "behavior_logprobs": -rng.random((rows, n)).astype(np.float32)}
+  reads = {"lsm": ("t_indices", "t_logits", "t_lse", "t_sampled", "behavior_logprobs"),
+           "sampled_token": ("teacher_logprobs", "behavior_logprobs")}[estimator]
   opt = settings.OptSettings(minibatch_size=rows, lr=1e-2, warmup_steps=0, schedule="constant",
                              b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=None)
-  loss = settings.LossSettings("lsm", k=4, support="teacher", renormalize=True, tail="none",
-                               tail_weight_clip=None, gamma=0.0, ppo_clip=None,
+  loss = settings.LossSettings(estimator, k=4, support="teacher", renormalize=True,
+                               tail="none", tail_weight_clip=None, gamma=gamma, ppo_clip=0.2,
                                advantage_clip=None, chunk_tokens=1024, chunk_vocab=8192)
   update = steps.make_update(config, loss, opt, shapes, 1, 10)
 
   def run(where):
-    s = dict(scores)
-    noise = rng.normal(size=s["t_logits"].shape).astype(np.float32) * 3
-    s["t_logits"] = np.where(where[..., None], s["t_logits"] + noise, s["t_logits"])
-    s["t_indices"] = np.where(where[..., None], s["t_indices"][..., ::-1], s["t_indices"])
-    s["behavior_logprobs"] = np.where(where, -5.0, s["behavior_logprobs"])
-    ub = batch | train._update_inputs("lsm", s)  # pylint: disable=protected-access
+    s = {}
+    for k, v in scores.items():
+      shape = v.shape if v.ndim == 2 else v.shape[:2]
+      shift = 2.0 * np.abs(rng.normal(size=v.shape)).astype(np.float32)
+      change = {"t_indices": lambda: rng.permutation(vocab)[v],
+                "t_logits": lambda: -np.sort(-(v + shift), axis=-1),   # still descending
+                "t_lse": lambda: v + shift + 3.0}.get(k, lambda: v - shift)()
+      s[k] = np.where(where.reshape(shape + (1,) * (v.ndim - 2)), change, v)
     state = steps.init_state(jax.tree.map(jnp.array, s_params), opt, 10, None)
-    state, metrics = update(state, ub, jax.random.key(0))
+    state, metrics = update(state, batch | {k: s[k] for k in reads}, jax.random.key(0))
     return jax.device_get(state.params), float(metrics["loss"])
 
   base, base_loss = run(np.zeros_like(student))
@@ -285,7 +294,7 @@ def test_teacher_scores_at_observation_positions_do_not_change_the_update():
   one = np.zeros_like(student)
   one[0, 0] = True
   _, moved = run(one)
-  assert moved != base_loss
+  assert np.isfinite(moved) and moved != base_loss
 
 
 # ----------------------------------------------------------------------------------------------
