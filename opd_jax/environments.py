@@ -219,7 +219,7 @@ def check_name(name: str) -> None:
 
 
 def factory(name: str) -> Callable[[str], Environment]:
-  """The factory of a registered name, or the attribute `factory` of `module` for 'module:f'."""
+  """The factory of a registered name, or attribute `f` of the module `m` for a name 'm:f'."""
   check_name(name)
   if name in _REGISTRY:
     return _REGISTRY[name]
@@ -244,6 +244,8 @@ def make(name: str, config: str = "", count: int = 1) -> list[Environment]:
 
 def episode_seeds(seed: int, step: int, count: int, group: int) -> np.ndarray:
   """Episode seeds of one iteration: `count` rows, each `group` consecutive rows one game."""
+  if count % group:
+    raise ValueError(f"count={count} rows do not split into games of group={group} episodes")
   games = np.random.default_rng([seed, step]).integers(0, 2 ** 31 - 1, count // group)
   return np.repeat(games, group)
 

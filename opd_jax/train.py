@@ -227,7 +227,7 @@ def _prompt_batch(task: TaskRuntime, s: TrainSettings, step: int, rows: int):
 
 
 def _environment_rollout(task: TaskRuntime, s: TrainSettings, step: int, model, rng, mesh,
-                         banned: tuple[int, ...], stop_ids: tuple[int, ...]):
+                         banned: tuple[int, ...], stop_ids: tuple[int, ...], vocab: int):
   """One iteration's episodes of an environment task: (episodes, teacher prompt, its mask).
 
   prompts_per_step games, each played by rollout.num_samples episodes (like G rollouts of a
@@ -245,6 +245,13 @@ def _environment_rollout(task: TaskRuntime, s: TrainSettings, step: int, model, 
   episodes = environments.rollout(
       model, env.envs, seeds, env.renderer, rng, limits, mesh=mesh,
       row_multiple=sharding.batch_divisor(mesh), max_prompt_len=s.max_prompt_len)
+  # Observations are encoded, not sampled: their ids must lie in the vocabulary the student
+  # and the teacher share (the sampler's bans keep the student's own tokens there).
+  outside = episodes.response[episodes.response_mask] >= vocab
+  if outside.any():
+    raise ValueError(f"task {task.name!r}: an observation encodes to token id "
+                     f"{int(episodes.response[episodes.response_mask][outside][0])}, outside the "
+                     f"{vocab} ids the student and the teacher share")
   t_ids = [env.teacher_renderer.prompt(t) for t in episodes.prompt_texts]
   t_prompt, t_prompt_mask = prompts.left_pad(
       t_ids, 0, sampling.bucket_length(max(len(x) for x in t_ids)))
@@ -365,7 +372,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       if task.env is not None:
         episodes, t_prompt, t_prompt_mask = _environment_rollout(
             task, s, step, nnx.merge(graphdef, state.params), jax.random.fold_in(key, 0), mesh,
-            banned, stop_ids)
+            banned, stop_ids, vocab)
         prompt, prompt_mask, response, response_mask, student_mask, policy_lp = _global_rows(
             mesh, episodes.prompt, episodes.prompt_mask, episodes.response,
             episodes.response_mask, episodes.loss_mask, episodes.policy_logprobs)

@@ -1,8 +1,6 @@
 """Environment tasks: the built-in game, the multi-turn driver's layout and masks, the loss's
 independence of observation tokens, and training runs with an environment task."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,7 +237,8 @@ def test_text_the_tokenizer_cannot_encode_is_an_error(tokenizer):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("estimator, gamma", [("lsm", 0.0), ("sampled_token", 0.9)])
+@pytest.mark.parametrize("estimator, gamma", [
+    ("lsm", 0.0), pytest.param("sampled_token", 0.9, marks=pytest.mark.slow)])
 def test_teacher_scores_at_observation_positions_do_not_change_the_update(estimator, gamma):
   # sampled_token with γ > 0: a token's return sums the rewards of later student tokens across
   # the observations in between, and must not pick up the observations' teacher log-probs.
