@@ -313,15 +313,16 @@ class TrainSettings:
 def _task(t: Mapping, i: int) -> Task:
   """tasks[i]: an environment task when its environment is set, else a dataset task."""
   t = {**plain(configs.task_fields()), **t}
-  teacher = ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher")
   if t["environment"]:
-    return Task(t["name"] or t["environment"], None, teacher,
-                EnvironmentSource.from_config(t, f"tasks[{i}]"))
+    env = EnvironmentSource.from_config(t, f"tasks[{i}]")
+    return Task(t["name"] or t["environment"], None,
+                ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"), env)
   if not t["data"]["dataset"]:
     _fail(f"tasks[{i}].data.dataset", t["data"]["dataset"], "name a registered dataset (e.g. "
           f"tiny_arith), or set tasks[{i}].environment for an environment task")
-  return Task(t["name"] or t["data"]["dataset"],
-              DatasetSource.from_config(t["data"], f"tasks[{i}].data"), teacher)
+  data = DatasetSource.from_config(t["data"], f"tasks[{i}].data")
+  return Task(t["name"] or t["data"]["dataset"], data,
+              ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"))
 
 
 def _positive(d: Mapping, key: str, prefix: str = "") -> None:
