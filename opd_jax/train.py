@@ -129,9 +129,11 @@ def _open_environment_task(task: Task, index: int, s: TrainSettings, tokenizer,
                  else tokenizer)
   teacher = load_model(task.teacher, len(teacher_tok), seed=s.seed + 1000 + index, mesh=mesh)
   if s.chat_template:
+    # The teacher's renderer only renders the first observation (its prompt): the rest of an
+    # episode is the student's ids, with the student's end-of-turn marker.
     system = task.env.system_prompt or None
-    renderer, teacher_renderer = (environments.ChatRenderer(
-        tok, environments.chat_turn_end(tok, s.rollout.stop_strings), system)
+    turn_end = environments.chat_turn_end(tokenizer, s.rollout.stop_strings)
+    renderer, teacher_renderer = (environments.ChatRenderer(tok, turn_end, system)
                                   for tok in (tokenizer, teacher_tok))
   else:
     renderer, teacher_renderer = (environments.PlainRenderer(tok)
