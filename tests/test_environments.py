@@ -61,6 +61,15 @@ def test_registry_names_and_adapters():
   assert env.reset(0) == text_game.START
 
 
+def test_episode_seeds_are_games_of_groups_and_a_function_of_seed_and_step():
+  a = environments.episode_seeds(3, 5, 8, 2)
+  np.testing.assert_array_equal(a, environments.episode_seeds(3, 5, 8, 2))   # a resume replays
+  assert (a[0::2] == a[1::2]).all() and len(set(a[0::2].tolist())) == 4
+  assert not np.array_equal(a, environments.episode_seeds(3, 6, 8, 2))
+  with pytest.raises(ValueError, match="count=7 rows do not split into games of group=2"):
+    environments.episode_seeds(3, 5, 7, 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # the driver with a scripted sampler (exact layouts, nothing to compile)
 # ----------------------------------------------------------------------------------------------
