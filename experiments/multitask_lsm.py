@@ -5,20 +5,27 @@ Run:      python -m opd_jax.main --config=experiments/multitask_lsm.py
             --config.workdir=DIR --config.model.path=/models/Qwen2.5-7B-Instruct
             --config.tasks[0].teacher.path=/models/OpenThinker3-7B
             --config.tasks[0].data.source=/data/dapo-math-17k
-            --config.tasks[1].data.dataset=NAME --config.tasks[1].data.source=FILE
-            --config.tasks[1].data.split=SPLIT --config.tasks[1].teacher.path=/models/TEACHER2
+            --config.tasks[1].environment=my_alfworld:make_env
+            --config.tasks[1].environment_config=/data/alfworld/base_config.yaml
+            --config.tasks[1].teacher.path=/models/GiGPO-Qwen2.5-7B-Instruct-ALFWorld
             --config.eval.data_dir=/data/tfds
           Evaluate a saved run later:
             python -m opd_jax.evaluate --config=experiments/multitask_lsm.py
               --checkpoint=DIR
 Smoke:    python -m opd_jax.main --config=experiments/multitask_lsm.py:smoke
-            --config.workdir=DIR plus the paths above (2 steps: one per task; tiny lengths, CPU)
-Limits:   the paper's second task is ALFWorld (teacher GiGPO-Qwen2.5-7B-Instruct-ALFWorld,
-          512-token multi-turn responses). ALFWorld cannot be installed here and the trainer
-          samples one response per prompt (no environment turns), so the second task is a
-          placeholder: its dataset must be set to a registered single-turn dataset, with its own
-          teacher. Only the alternation (200 math + 200 second-task iterations, each task with
-          its own teacher) is the paper's; the second-task numbers are not comparable.
+            --config.workdir=DIR plus the math paths above and --config.tasks[1].teacher.path
+            (2 steps: one per task, the second on the built-in text game; tiny lengths, CPU)
+Agentic:  the second task is ALFWorld (teacher GiGPO-Qwen2.5-7B-Instruct-ALFWorld): multi-turn
+          episodes, each turn a student response of up to 512 tokens, the environment's
+          observations in the sequence as context and outside the loss (docs/environments.md).
+          ALFWorld is not a dependency of opd_jax: tasks[1].environment names an adapter,
+          'module:factory', that wraps ALFWorld's TextWorld environment (the docs show one).
+          The paper's agent loop (verl-agent) may render each step as its own prompt with a
+          short history; here an episode is one growing conversation of up to 50 turns and
+          rollout.max_new_tokens tokens, so ALFWorld success rates may differ from the paper's.
+          Environment tasks run on one process (one host, e.g. the 8 x H100 node below; a
+          multi-host run refuses them). A dataset task can stand in: leave the environment
+          empty and set tasks[1].data.dataset / source / split instead.
 Hardware: 8 x H100 80 GB (one node) or a TPU v5p-16 slice (8 chips): mesh.data=1, mesh.fsdp=8
           (parameters and optimizer state sharded over the 8 devices; 64-rollout mini-batches
           split 8 ways). Multi-host: add --config.mesh.distributed=True.
@@ -26,7 +33,7 @@ Runtime:  unknown (not measured: no accelerator was available when this file was
           dominated by sampling 128 responses of up to 16384 tokens per step, 400 steps.
 Expected: the paper's multi-task math average (pass@1 over the five benchmarks): LSM 41.7
           (sampled-token OPD 34.8; experiments/multitask_sampled_opd.py), with ALFWorld as the
-          second task (success 90.6 -> 95.3, not reproducible here).
+          second task (success 90.6 -> 95.3 with the paper's agent loop; not measured here).
 """
 
 from opd_jax import configs
@@ -40,12 +47,15 @@ def get_config(arg=None):
   math.data.dataset = "dapo_math_17k"
   math.teacher.path = ""             # set: local OpenThinker3-7B folder
   math.teacher.dtype = "bfloat16"
-  second = configs.task_fields("second")
-  second.data.dataset = ""           # set: the second task's registered dataset (placeholder
-  #                                    for the paper's ALFWorld, see the docstring)
-  second.teacher.path = ""           # set: the second task's teacher folder
-  second.teacher.dtype = "bfloat16"
-  c.tasks = (math, second)           # iteration s trains task s % 2: 200 + 200 of 400
+  agent = configs.task_fields("alfworld")
+  agent.environment = ""             # set: an ALFWorld adapter "module:factory" (see docstring)
+  agent.environment_config = ""      # set: what the adapter reads (e.g. its config file)
+  agent.teacher.path = ""            # set: local GiGPO-Qwen2.5-7B-Instruct-ALFWorld folder
+  agent.teacher.dtype = "bfloat16"
+  agent.max_turns = 50               # ALFWorld's usual step limit
+  agent.turn_tokens = 512            # Table A1: 512-token responses for the agentic task
+  agent.episode_tokens = 0           # all turns and observations: rollout.max_new_tokens
+  c.tasks = (math, agent)            # iteration s trains task s % 2: 200 + 200 of 400
   c.rollout.top_p = 0.9              # LSM samples from the nucleus
   c.loss.estimator = "lsm"
   c.loss.support = "teacher"         # the teacher's top-32, renormalised
@@ -54,6 +64,10 @@ def get_config(arg=None):
     configs.smoke_math(c)
     for task in c.tasks:
       task.teacher.dtype = "float32"
+    agent = c.tasks[1]
+    agent.name = "text_game"
+    agent.environment = "text_game"  # the built-in game stands in for ALFWorld
+    agent.max_turns, agent.turn_tokens, agent.episode_tokens = 2, 4, 40
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; accepted: 'smoke' or none")
   return c

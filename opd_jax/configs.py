@@ -42,11 +42,18 @@ def dataset_fields(dataset: str = "") -> ml_collections.ConfigDict:
 
 
 def task_fields(name: str = "") -> ml_collections.ConfigDict:
-  """One extra training task: its own prompts and its own teacher (multi-task runs)."""
+  """One training task of a multi-task run: its own prompts (or environment) and teacher."""
   t = ml_collections.ConfigDict()
   t.name = name            # label used in metric names ("task/<name>/...")
   t.data = dataset_fields()
   t.teacher = model_fields()
+  # An environment task (multi-turn episodes instead of dataset prompts; docs/environments.md).
+  t.environment = ""       # "" = a dataset task; else text_game or an adapter "pkg.module:factory"
+  t.environment_config = ""  # one string for the environment's factory (e.g. a config file)
+  t.max_turns = 8          # environment: student responses per episode at most
+  t.turn_tokens = 512      # environment: token budget of one response
+  t.episode_tokens = 0     # environment: responses + observations (0 = rollout.max_new_tokens)
+  t.system_prompt = ""     # environment with data.chat_template: system message ("" = none)
   return t
 
 

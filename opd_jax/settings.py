@@ -104,10 +104,43 @@ class DatasetSource:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnvironmentSource:
+  """An environment task's environment and episode limits (see opd_jax.environments)."""
+  environment: str
+  config: str
+  max_turns: int
+  turn_tokens: int
+  episode_tokens: int          # 0 = rollout.max_new_tokens
+  system_prompt: str
+
+  @classmethod
+  def from_config(cls, t: Mapping, name: str) -> "EnvironmentSource":
+    from opd_jax import environments  # pylint: disable=import-outside-toplevel
+    try:
+      environments.check_name(t["environment"])
+    except ValueError as e:
+      raise ConfigError(f"config.{name}.environment={t['environment']!r} is not accepted: "
+                        f"{e}") from None
+    if t["data"]["dataset"]:
+      _fail(f"{name}.data.dataset", t["data"]["dataset"], f"a task draws either dataset "
+            f"prompts or environment episodes; {name}.environment is set, so leave the dataset "
+            "empty")
+    for key in ("max_turns", "turn_tokens"):
+      _positive(t, key, f"{name}.")
+    if t["episode_tokens"] < 0:
+      _fail(f"{name}.episode_tokens", t["episode_tokens"], "accepted: >= 0 (0 = "
+            "rollout.max_new_tokens)")
+    return cls(t["environment"], t["environment_config"], t["max_turns"], t["turn_tokens"],
+               t["episode_tokens"], t["system_prompt"])
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
+  """One task: dataset prompts (`data`) or environment episodes (`env`), and its teacher."""
   name: str
-  data: DatasetSource
+  data: DatasetSource | None
   teacher: ModelSource
+  env: EnvironmentSource | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +230,7 @@ class TrainSettings:
     _positive(c, "steps")
     data, r, lo, o, lg, ck = (c["data"], c["rollout"], c["loss"], c["opt"], c["log"],
                               c["checkpoint"])
-    tasks = tuple(Task(t["name"] or t["data"]["dataset"],
-                       DatasetSource.from_config(t["data"], f"tasks[{i}].data"),
-                       ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"))
-                  for i, t in enumerate(c["tasks"]))
+    tasks = tuple(_task(t, i) for i, t in enumerate(c["tasks"]))
     if not tasks:
       tasks = (Task(data["dataset"], DatasetSource.from_config(data, "data"),
                     ModelSource.from_config(c["teacher"], "teacher")),)
@@ -278,6 +308,21 @@ class TrainSettings:
         checkpoint_async=ck["async_save"], checkpoint_init=ck["init"], log_every=lg["every"],
         samples_every=lg["samples_every"], samples_count=lg["samples_count"],
         tensorboard=lg["tensorboard"])
+
+
+def _task(t: Mapping, i: int) -> Task:
+  """tasks[i]: an environment task when its environment is set, else a dataset task."""
+  t = {**plain(configs.task_fields()), **t}
+  if t["environment"]:
+    env = EnvironmentSource.from_config(t, f"tasks[{i}]")
+    return Task(t["name"] or t["environment"], None,
+                ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"), env)
+  if not t["data"]["dataset"]:
+    _fail(f"tasks[{i}].data.dataset", t["data"]["dataset"], "name a registered dataset (e.g. "
+          f"tiny_arith), or set tasks[{i}].environment for an environment task")
+  data = DatasetSource.from_config(t["data"], f"tasks[{i}].data")
+  return Task(t["name"] or t["data"]["dataset"], data,
+              ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"))
 
 
 def _positive(d: Mapping, key: str, prefix: str = "") -> None:

@@ -108,7 +108,9 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
     teacher_def, teacher_params: the teacher (never donated).
     batch: prompt / prompt_mask [R, P], teacher_prompt / teacher_prompt_mask [R, Pt] (the same
       conversation rendered for the teacher), response / response_mask / loss_mask [R, N],
-      policy_logprobs [R, N] (the sampler's untruncated student log-probs).
+      policy_logprobs [R, N] (the sampler's untruncated student log-probs); optional
+      sampled_mask [R, N], the tokens the sampler drew (default response_mask; an environment
+      episode's observation tokens are real response tokens the sampler did not draw).
     shapes: static vocabulary, top-k and mesh.
     estimator: the loss that will consume the scores.
 
@@ -136,6 +138,7 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
     scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
   inside = jnp.any(t.indices == resp[..., None], axis=-1)
   overlap = jnp.mean(jnp.any(s.indices[..., :, None] == t.indices[..., None, :], axis=-1), -1)
+  sampled = batch.get("sampled_mask", rmask)
   mismatch = jnp.abs(batch["policy_logprobs"] - behavior)
   metrics = {
       "teacher/logp_gap": _token_mean(teacher_lp - behavior, lmask),
@@ -143,8 +146,8 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
                                        lmask),
       "teacher/sampled_outside_topk": _token_mean(~inside, lmask),
       "teacher/topk_overlap": _token_mean(overlap, lmask),
-      "rollout/logprob_mismatch_max": jnp.max(jnp.where(rmask, mismatch, 0.0)),
-      "rollout/logprob_mismatch_mean": _token_mean(mismatch, rmask),
+      "rollout/logprob_mismatch_max": jnp.max(jnp.where(sampled, mismatch, 0.0)),
+      "rollout/logprob_mismatch_mean": _token_mean(mismatch, sampled),
   }
   return scores, metrics
 

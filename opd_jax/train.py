@@ -3,8 +3,9 @@
 `run(config)` trains the student of an experiment config end to end: the mesh from
 `config.mesh`, the student and each task's teacher, the state restored from the workdir's latest
 checkpoint (else `checkpoint.init`, else the student's Hugging Face weights, else random
-weights), then `config.steps` iterations, each on the task `step % len(tasks)`. Every random
-number of step s comes from fold_in(key(seed), s) and the prompts of step s from
+weights), then `config.steps` iterations, each on the task `step % len(tasks)` (its dataset's
+prompts, or multi-turn episodes of its environment: opd_jax.environments). Every random number
+of step s comes from fold_in(key(seed), s) and the prompts of step s from
 `data.order.batch_indices(seed, s, process)`, so a resumed run repeats an uninterrupted one.
 """
 
@@ -24,7 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import checkpoint, masking, metrics, models, sampling, settings, sharding, steps
+from opd_jax import (checkpoint, environments, masking, metrics, models, sampling, settings,
+                     sharding, steps)
 from opd_jax.data import order, prompts, registry
 from opd_jax.settings import ConfigError, ModelSource, Task, TrainSettings
 
@@ -48,6 +50,16 @@ class TaskRuntime:
   teacher_vocab: int
   teacher_tokenizer: Any
   text: bool             # prompts are text: check that responses re-tokenise alike for the teacher
+  env: EnvironmentRuntime | None = None   # an environment task's episodes (else dataset prompts)
+
+
+@dataclasses.dataclass
+class EnvironmentRuntime:
+  """An environment task's host-side pieces: one environment per batch row, the renderers."""
+  source: settings.EnvironmentSource
+  envs: list
+  renderer: Any              # the student's texts <-> ids
+  teacher_renderer: Any      # the teacher's rendering of an episode's first observation
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +92,8 @@ def load_model(source: ModelSource, vocab: int, *, seed: int, mesh) -> models.De
 
 def _open_task(task: Task, index: int, s: TrainSettings, workdir: pathlib.Path, tokenizer,
                mesh) -> TaskRuntime:
+  if task.env is not None:
+    return _open_environment_task(task, index, s, tokenizer, mesh)
   teacher_tok = registry.tokenizer_for(task.teacher.tokenizer, task.data.dataset, workdir)
   teacher = load_model(task.teacher, len(teacher_tok), seed=s.seed + 1000 + index, mesh=mesh)
   examples = registry.open_split(task.data, workdir)
@@ -88,6 +102,49 @@ def _open_task(task: Task, index: int, s: TrainSettings, workdir: pathlib.Path, 
   teacher_def, teacher_params = nnx.split(teacher)
   return TaskRuntime(index, task.name, examples, encode, teacher_def, teacher_params,
                      teacher.config.vocab_size, teacher_tok, registry.is_text(task.data.dataset))
+
+
+def _student_tokenizer(s: TrainSettings, workdir: pathlib.Path):
+  """config.model.tokenizer, else the first dataset task's own tokenizer; runs of the built-in
+  game alone use the tiny_arith tokenizer (the game's alphabet)."""
+  datasets = [t.data.dataset for t in s.tasks if t.data is not None]
+  if s.model.tokenizer or datasets:
+    return registry.tokenizer_for(s.model.tokenizer, datasets[0] if datasets else "", workdir)
+  if all(t.env.environment == "text_game" for t in s.tasks):
+    return registry.tokenizer_for("", "tiny_arith", workdir)
+  raise ConfigError("config.model.tokenizer='' is not accepted for a run of environment tasks "
+                    "only: set it (or model.path) to the student's tokenizer folder")
+
+
+def _open_environment_task(task: Task, index: int, s: TrainSettings, tokenizer,
+                           mesh) -> TaskRuntime:
+  """An environment task: its teacher, one environment per rollout row, the renderers."""
+  if jax.process_count() > 1:
+    raise ConfigError(f"config.tasks[{index}].environment={task.env.environment!r}: environment "
+                      f"tasks run on one process; this run has {jax.process_count()}")
+  if s.loss.estimator == "sft":
+    raise ConfigError(f"config.loss.estimator='sft' needs reference responses; environment task "
+                      f"{task.name!r} has none")
+  teacher_tok = (models.load_tokenizer(task.teacher.tokenizer) if task.teacher.tokenizer
+                 else tokenizer)
+  teacher = load_model(task.teacher, len(teacher_tok), seed=s.seed + 1000 + index, mesh=mesh)
+  if s.chat_template:
+    # The teacher's renderer only renders the first observation (its prompt): the rest of an
+    # episode is the student's ids, with the student's end-of-turn marker.
+    system = task.env.system_prompt or None
+    turn_end = environments.chat_turn_end(tokenizer, s.rollout.stop_strings)
+    renderer, teacher_renderer = (environments.ChatRenderer(tok, turn_end, system)
+                                  for tok in (tokenizer, teacher_tok))
+  else:
+    renderer, teacher_renderer = (environments.PlainRenderer(tok)
+                                  for tok in (tokenizer, teacher_tok))
+  envs = environments.make(task.env.environment, task.env.config, s.rollouts_per_step)
+  teacher_def, teacher_params = nnx.split(teacher)
+  # Responses hold the student's ids; with a teacher tokenizer of its own, check that they read
+  # the same under it (as for text datasets).
+  return TaskRuntime(index, task.name, (), None, teacher_def, teacher_params,
+                     teacher.config.vocab_size, teacher_tok, bool(task.teacher.tokenizer),
+                     EnvironmentRuntime(task.env, envs, renderer, teacher_renderer))
 
 
 def _check_layout(s: TrainSettings, mesh, vocab: int) -> None:
@@ -171,6 +228,38 @@ def _prompt_batch(task: TaskRuntime, s: TrainSettings, step: int, rows: int):
   return [task.encode(task.examples[int(i)]) for i in idx]
 
 
+def _environment_rollout(task: TaskRuntime, s: TrainSettings, step: int, model, rng, mesh,
+                         banned: tuple[int, ...], stop_ids: tuple[int, ...], vocab: int):
+  """One iteration's episodes of an environment task: (episodes, teacher prompt, its mask).
+
+  prompts_per_step games, each played by rollout.num_samples episodes (like G rollouts of a
+  prompt); the games of an iteration come from (seed, task, the task's own step count).
+  """
+  env = task.env
+  g = s.rollout.num_samples
+  seeds = environments.episode_seeds(s.seed + task.index, step // len(s.tasks),
+                                     s.rollouts_per_step, g)
+  limits = environments.EpisodeSettings(
+      max_turns=env.source.max_turns, turn_tokens=env.source.turn_tokens,
+      episode_tokens=env.source.episode_tokens or s.rollout.max_new_tokens,
+      temperature=s.rollout.temperature, top_p=s.rollout.top_p, top_k=s.rollout.top_k,
+      banned_token_ids=banned, stop_token_ids=stop_ids)
+  episodes = environments.rollout(
+      model, env.envs, seeds, env.renderer, rng, limits, mesh=mesh,
+      row_multiple=sharding.batch_divisor(mesh), max_prompt_len=s.max_prompt_len)
+  # Observations are encoded, not sampled: their ids must lie in the vocabulary the student
+  # and the teacher share (the sampler's bans keep the student's own tokens there).
+  outside = episodes.response[episodes.response_mask] >= vocab
+  if outside.any():
+    raise ValueError(f"task {task.name!r}: an observation encodes to token id "
+                     f"{int(episodes.response[episodes.response_mask][outside][0])}, outside the "
+                     f"{vocab} ids the student and the teacher share")
+  t_ids = [env.teacher_renderer.prompt(t) for t in episodes.prompt_texts]
+  t_prompt, t_prompt_mask = prompts.left_pad(
+      t_ids, 0, sampling.bucket_length(max(len(x) for x in t_ids)))
+  return episodes, t_prompt, t_prompt_mask
+
+
 def _finite_or_raise(step: int, values: Mapping[str, float]) -> None:
   for name in ("loss", "opt/grad_norm"):
     v = values.get(name)
@@ -234,7 +323,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
   workdir = pathlib.Path(s.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 
-  tokenizer = registry.tokenizer_for(s.model.tokenizer, s.tasks[0].data.dataset, workdir)
+  tokenizer = _student_tokenizer(s, workdir)
   student_config = model_config_of(s.model, len(tokenizer))
   tasks = [_open_task(t, i, s, workdir, tokenizer, mesh) for i, t in enumerate(s.tasks)]
   vocab = min([len(tokenizer), student_config.vocab_size] + [t.teacher_vocab for t in tasks])
@@ -275,12 +364,21 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       t0 = time.perf_counter()
       task = tasks[step % len(tasks)]
       key = jax.random.fold_in(root, step)
-      enc = _prompt_batch(task, s, step, rows)
-      p_len = sampling.bucket_length(max(len(e.prompt) for e in enc))
-      pt_len = sampling.bucket_length(max(len(e.teacher_prompt) for e in enc))
-      prompt, prompt_mask = prompts.left_pad([e.prompt for e in enc], 0, p_len)
-      t_prompt, t_prompt_mask = prompts.left_pad([e.teacher_prompt for e in enc], 0, pt_len)
-      if sft:
+      episodes = None
+      if task.env is None:
+        enc = _prompt_batch(task, s, step, rows)
+        p_len = sampling.bucket_length(max(len(e.prompt) for e in enc))
+        pt_len = sampling.bucket_length(max(len(e.teacher_prompt) for e in enc))
+        prompt, prompt_mask = prompts.left_pad([e.prompt for e in enc], 0, p_len)
+        t_prompt, t_prompt_mask = prompts.left_pad([e.teacher_prompt for e in enc], 0, pt_len)
+      if task.env is not None:
+        episodes, t_prompt, t_prompt_mask = _environment_rollout(
+            task, s, step, nnx.merge(graphdef, state.params), jax.random.fold_in(key, 0), mesh,
+            banned, stop_ids, vocab)
+        prompt, prompt_mask, response, response_mask, student_mask, policy_lp = _global_rows(
+            mesh, episodes.prompt, episodes.prompt_mask, episodes.response,
+            episodes.response_mask, episodes.loss_mask, episodes.policy_logprobs)
+      elif sft:
         if any(e.target is None for e in enc):
           raise ConfigError(f"config.loss.estimator='sft' needs reference responses; dataset "
                             f"{task.name!r} has none")
@@ -305,16 +403,19 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       response = jax.block_until_ready(response)
       t1 = time.perf_counter()
 
-      loss_mask = masking.special_token_mask(response, special_ids, response_mask)
+      # An episode's observation tokens are in the response (context) but never in the loss.
+      loss_mask = masking.special_token_mask(
+          response, special_ids, response_mask if episodes is None else student_mask)
       batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": response,
                "response_mask": response_mask, "loss_mask": loss_mask}
+      sampled = {} if episodes is None else {"sampled_mask": student_mask}
       values: dict[str, float] = {}
       scores = {}
       if not sft:
         scores, score_metrics = steps.score(
             graphdef, state.params, task.teacher_def, task.teacher_params,
             batch | {"teacher_prompt": t_prompt, "teacher_prompt_mask": t_prompt_mask,
-                     "policy_logprobs": policy_lp},
+                     "policy_logprobs": policy_lp} | sampled,
             shapes=shapes, estimator=s.loss.estimator)
         values.update(jax.device_get(score_metrics))
       jax.block_until_ready(scores)
@@ -344,7 +445,10 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
         values.update(prompts.check_retokenization(
             ids, prompts.retokenize(ids, tokenizer, task.teacher_tokenizer),
             s.retokenize_max_fraction).metrics())
-      values.update(_rollout_metrics(host_mask, s.rollout.max_new_tokens, stopped))
+      if episodes is not None:
+        stopped = episodes.ended != environments.BUDGET
+        values.update(episodes.metrics())
+      values.update(_rollout_metrics(host_mask, host_mask.shape[1], stopped))
       values = {k: float(v) for k, v in values.items()}
       _finite_or_raise(step + 1, values)
       values.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
@@ -357,7 +461,8 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
                                                       or done == s.steps):
         values.update(evaluate(done))
       if samples_due and primary:
-        texts = [str(e.prompt_text) for e in enc for _ in range(s.rollout.num_samples)]
+        texts = (episodes.prompt_texts if episodes is not None else
+                 [str(e.prompt_text) for e in enc for _ in range(s.rollout.num_samples)])
         _samples_page(workdir / "samples" / f"step_{done}.html", tokenizer, page_batch,
                       page_scores, s.samples_count, texts)
       if done % s.log_every == 0 or done == s.steps:

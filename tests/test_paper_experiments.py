@@ -76,15 +76,31 @@ def test_table_a1_settings(name, arg):
   assert c.opt.minibatch_size % (c.mesh.data * c.mesh.fsdp) == 0
 
 
-def test_multitask_second_task_is_a_placeholder_the_user_must_set(assets, tmp_path):
+def fill_paths(c, assets, workdir):
+  """eval_helpers.fill_paths, keeping an environment task (the smoke's text game) free of a
+  dataset: a task draws either dataset prompts or environment episodes."""
+  eval_helpers.fill_paths(c, assets, workdir)
+  for task in c.tasks:
+    if task.environment:
+      task.data.dataset = ""
+
+
+def test_multitask_second_task_is_the_agentic_task_the_user_must_set(assets, tmp_path):
   for name in MULTITASK:
     c = load(name)
-    assert [t.name for t in c.tasks] == ["math", "second"]
-    assert c.tasks[1].data.dataset == ""
-    eval_helpers.fill_paths(c, assets, tmp_path)
+    assert [t.name for t in c.tasks] == ["math", "alfworld"]
+    agent = c.tasks[1]
+    assert (agent.environment, agent.data.dataset) == ("", "")
+    assert (agent.turn_tokens, agent.max_turns) == (512, 50)
+    fill_paths(c, assets, tmp_path)
     c.tasks[1].data.dataset = ""
-    with pytest.raises(ValueError, match=r"tasks\[1\]\.data\.dataset"):
+    with pytest.raises(ValueError, match=r"tasks\[1\]\.data\.dataset='' .*tasks\[1\]\.environment"):
       TrainSettings.from_config(c)
+    # The smoke plays the built-in game in its place.
+    smoke = load(name, "smoke")
+    assert (smoke.tasks[1].environment, smoke.tasks[1].name) == ("text_game", "text_game")
+    fill_paths(smoke, assets, tmp_path)
+    assert TrainSettings.from_config(smoke).tasks[1].env.environment == "text_game"
 
 
 @pytest.mark.parametrize("name", ("ablation_top_p", "ablation_k", "ablation_support"))
@@ -103,7 +119,7 @@ def test_student_support_variants_say_why_they_are_missing(arg):
 def test_every_variant_and_its_smoke_size_validate_with_paths_set(assets, tmp_path, name, arg):
   for variant in (arg, f"{arg},smoke" if arg else "smoke"):
     c = load(name, variant)
-    eval_helpers.fill_paths(c, assets, tmp_path)
+    fill_paths(c, assets, tmp_path)
     s = TrainSettings.from_config(c)
     evaluate.EvalSettings.from_config(c)
     ways = c.mesh.fsdp * (c.mesh.data if c.mesh.data > 0 else 8 // c.mesh.fsdp)
@@ -114,7 +130,7 @@ def test_every_variant_and_its_smoke_size_validate_with_paths_set(assets, tmp_pa
 
 def _run_smoke(name, assets, workdir, arg="smoke"):
   c = load(name, arg)
-  eval_helpers.fill_paths(c, assets, workdir)
+  fill_paths(c, assets, workdir)
   history = main.run_experiment(c)
   return c, history
 
@@ -151,3 +167,4 @@ def test_every_other_file_smoke_runs(assets, tmp_path, name):
   assert "eval/avg/pass@1" in history[-1]
   if name in MULTITASK:
     assert [h["task_index"] for h in history] == [0.0, 1.0]
+    assert 1 <= history[1]["task/text_game/env/turns_mean"] <= 2
