@@ -30,11 +30,11 @@ def seconds(fn: Callable[[], object]) -> float:
 
 
 def pin_cores(n: int) -> list[int]:
-  """Restricts this process (and the worker it starts later) to n of its schedulable cores.
+  """Restricts the calling thread, and the threads and processes it starts later, to n cores.
 
-  Call it before JAX creates its CPU client: XLA sizes its thread pool by the schedulable cores,
-  so both sides then compute with n threads on the same n cores (the worker also sets torch's
-  thread count to n). With n or fewer cores available nothing changes.
+  Call it from the main thread before JAX creates its CPU client: XLA sizes its thread pool by
+  the schedulable cores, so both sides then compute with n threads on the same n cores (the
+  worker also sets torch's thread count to n). With n or fewer cores available nothing changes.
 
   Args:
     n: number of cores, positive.
