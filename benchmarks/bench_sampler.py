@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
+import _turns
 import jax
 import numpy as np
 import torch
@@ -44,18 +41,11 @@ def hf_model(folder):
 
 
 SETTINGS = (("a_topk50_topp0.9", 50), ("b_topp0.9", 0))
-PAUSE_S = 0.2  # between calls, so that one side's idle worker threads have gone to sleep
 
 
 def prompts_and_mask():
   prompts = np.random.default_rng(0).integers(1, 32000, (BATCH, PROMPT)).astype(np.int32)
   return prompts, np.ones((BATCH, PROMPT), bool)
-
-
-def seconds(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def torch_server(folder):
@@ -72,18 +62,13 @@ def torch_server(folder):
           top_k=top_k, temperature=1.0, max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0,
           eos_token_id=None)
     assert tokens.shape == (BATCH, PROMPT + NEW)
-  top_ks = dict(SETTINGS)
-  for top_k in top_ks.values():
-    call(top_k)                            # warm-up
-  print("ready", flush=True)
-  for line in sys.stdin:
-    print(seconds(lambda: call(top_ks[line.strip()])), flush=True)
+  _turns.serve({name: lambda top_k=top_k: call(top_k) for name, top_k in SETTINGS})
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--torch-server", metavar="FOLDER", help=argparse.SUPPRESS)
+  parser.add_argument(_turns.SERVER_FLAG, metavar="FOLDER", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.torch_server:
     torch_server(args.torch_server)
@@ -93,45 +78,23 @@ def main():
   with tempfile.TemporaryDirectory() as folder:
     _, n_params = hf_model(folder)
     result["params_millions"] = round(n_params / 1e6, 2)
-    child = subprocess.Popen([sys.executable, __file__, "--torch-server", folder],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    model, _ = models.load_hf_checkpoint(folder)
-    prompts, mask = prompts_and_mask()
-    seeds = iter(range(1, 1_000_000))
+    worker = _turns.Worker([__file__, _turns.SERVER_FLAG, folder])
+    with worker:
+      model, _ = models.load_hf_checkpoint(folder)
+      prompts, mask = prompts_and_mask()
+      seeds = iter(range(1, 1_000_000))
 
-    def ours(top_k):
-      rollout = sampling.sample(model, prompts, mask, jax.random.key(next(seeds)),
-                                max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=top_k)
-      assert int(jax.block_until_ready(rollout).mask.sum()) == BATCH * NEW
+      def ours(top_k):
+        rollout = sampling.sample(model, prompts, mask, jax.random.key(next(seeds)),
+                                  max_new_tokens=NEW, temperature=1.0, top_p=0.9, top_k=top_k)
+        assert int(jax.block_until_ready(rollout).mask.sum()) == BATCH * NEW
 
-    def theirs(name):
-      child.stdin.write(name + "\n")
-      child.stdin.flush()
-      answer = child.stdout.readline()
-      if not answer:
-        raise RuntimeError(f"the transformers process ended (exit code {child.wait()})")
-      return float(answer)
-
-    assert child.stdout.readline().strip() == "ready"    # its warm-up done: nothing competes
-    first = {name: seconds(lambda: ours(top_k)) for name, top_k in SETTINGS}
-    times = {name: ([], []) for name, _ in SETTINGS}
-    for _ in range(args.repeats):
-      for name, top_k in SETTINGS:
-        time.sleep(PAUSE_S)
-        times[name][0].append(seconds(lambda: ours(top_k)))
-        time.sleep(PAUSE_S)
-        times[name][1].append(theirs(name))
-    child.stdin.close()
-    child.wait()
+      calls = {name: lambda top_k=top_k: ours(top_k) for name, top_k in SETTINGS}
+      worker.wait_ready()                  # its warm-up done: nothing competes
+      first = {name: _turns.seconds(call) for name, call in calls.items()}
+      times = _turns.take_turns(calls, worker, args.repeats)
   for name, _ in SETTINGS:
-    ours_s, theirs_s = (statistics.median(t) for t in times[name])
-    result[name] = {
-        "ours_s_per_call": round(ours_s, 4), "ours_compile_s": round(first[name] - ours_s, 2),
-        "ours_tokens_per_s": round(BATCH * NEW / ours_s, 1),
-        "transformers_s_per_call": round(theirs_s, 4),
-        "transformers_tokens_per_s": round(BATCH * NEW / theirs_s, 1),
-        "speedup": round(theirs_s / ours_s, 2),
-        "speedup_per_round": [round(t / o, 2) for o, t in zip(*times[name])]}
+    result[name] = _turns.summary(*times[name], BATCH * NEW, first_s=first[name])
   print(json.dumps(result))
 
 
