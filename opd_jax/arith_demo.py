@@ -60,11 +60,10 @@ def _shape_config(shape: ml_collections.ConfigDict, dtype: str = "float32") -> m
 # ----------------------------------------------------------------------------------------------
 
 
-# Decoding never emits padding (the OPD rollouts ban it too): nothing in the distillation
-# penalises mass that drifts to a token no rollout can sample.
+# Evaluation decodes like the rollouts: up to the answer's length, stopping at <eos>, nothing
+# banned (a response that emits <pad> is simply wrong).
 _DECODE = dict(max_new_tokens=tiny_arith.TARGET_LEN,
-               stop_token_ids=(tiny_arith.VOCAB.index(tiny_arith.EOS),),
-               banned_token_ids=(tiny_arith.VOCAB.index(tiny_arith.PAD),))
+               stop_token_ids=(tiny_arith.VOCAB.index(tiny_arith.EOS),))
 
 
 def greedy_accuracy(model, prompts: np.ndarray, answers: list[str]) -> float:
