@@ -282,8 +282,8 @@ class Decoder(nnx.Module):
       return (x, k_all, v_all), None
 
     layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-    (x, k_all, v_all), _ = jax.lax.scan(_remat(cached_body, self.config.remat),
-                                        (x, *kv_cache), (layer_params, layer_ids))
+    # No remat here: the cached passes (prefill, decoding) are never differentiated.
+    (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, *kv_cache), (layer_params, layer_ids))
     return self.norm(x), (k_all, v_all)
 
 
