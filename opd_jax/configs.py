@@ -18,6 +18,7 @@ def model_fields(path: str = "") -> ml_collections.ConfigDict:
   m.path = path            # local Hugging Face checkpoint folder (config.json + safetensors)
   m.tokenizer = ""         # tokenizer folder; "" = the checkpoint folder
   m.dtype = "float32"      # parameter and compute dtype: float32 | bfloat16 (logits stay float32)
+  m.remat = "none"         # per-layer recompute in the update: none | dots (keep matmuls) | full
   # With path == "": a randomly initialised Qwen2-style decoder of this shape (tests, smoke runs).
   m.random = ml_collections.ConfigDict(dict(
       vocab_size=0,        # 0: the tokenizer's vocabulary size

@@ -98,20 +98,21 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
   model = nnx.merge(graphdef, state)
   cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + segment_ends[0])
 
-  def constrain(x):  # rows over the mesh's batch axes
+  def constrain(x, axis=0):  # rows (axis `axis`) over the mesh's batch axes
     if mesh is None:
       return x
-    spec = PartitionSpec(sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    spec = [None] * x.ndim
+    spec[axis] = sharding.BATCH_AXES
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
-  def constrain_tree(tree):
-    return jax.tree.map(lambda x: constrain(x) if x.ndim else x, tree)
+  def constrain_tree(cache):
+    return models.cache.map_rows(constrain, cache)
 
   hidden, cache = models.prefill(model, prompts, prompt_mask, constrain_tree(cache),
                                  return_hidden=True)
   hidden = hidden[:, -1]
   if num_samples > 1:  # G rollouts per prompt share one prefill
-    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x, cache)
+    cache = models.cache.map_rows(lambda x, axis: jnp.repeat(x, num_samples, axis=axis), cache)
     hidden = jnp.repeat(hidden, num_samples, axis=0)
   cache = constrain_tree(cache)
   n_rows = hidden.shape[0]

@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 
 from opd_jax import configs
+from opd_jax.models.config import REMAT_POLICIES
 
 ESTIMATORS = ("lsm", "sampled_token", "full_rkl", "sft")
 LSM_SUPPORTS = ("teacher", "teacher+sampled")
@@ -73,17 +74,20 @@ class ModelSource:
   tokenizer: str
   dtype: str
   random: tuple[tuple[str, Any], ...]   # the random-init shape, as sorted (name, value) pairs
+  remat: str = "none"                   # rematerialisation policy of each layer (ModelConfig)
 
   @classmethod
   def from_config(cls, m: Mapping, name: str) -> "ModelSource":
     if m["dtype"] not in DTYPES:
       _fail(f"{name}.dtype", m["dtype"], f"accepted: {', '.join(DTYPES)}")
+    if m["remat"] not in REMAT_POLICIES:
+      _fail(f"{name}.remat", m["remat"], f"accepted: {', '.join(REMAT_POLICIES)}")
     for key in ("path", "tokenizer"):
       if m[key] and not os.path.isdir(m[key]):
         _fail(f"{name}.{key}", m[key], "expected an existing local folder (Hugging Face "
               "checkpoint / tokenizer files); nothing is downloaded")
     return cls(m["path"], m["tokenizer"] or m["path"], m["dtype"],
-               tuple(sorted(dict(m["random"]).items())))
+               tuple(sorted(dict(m["random"]).items())), m["remat"])
 
 
 @dataclasses.dataclass(frozen=True)

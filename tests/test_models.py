@@ -197,15 +197,16 @@ def test_cache_is_a_fixed_shape_pytree(loaded):
   config = loaded["qwen2"][1]
   cache = models.init_cache(config, 3, 7)
   leaves = jax.tree.leaves(cache)
-  assert len(leaves) == 2 * config.num_layers + 3
-  assert cache.k[0].shape == (3, config.num_kv_heads, 7, config.head_dim)
-  assert cache.v[0].shape == (3, config.num_kv_heads, config.head_dim, 7)
-  assert cache.k[0].dtype == jnp.float32 and cache.max_len == 7
-  assert models.init_cache(config, 3, 7, jnp.bfloat16).v[1].dtype == jnp.bfloat16
+  assert len(leaves) == 5       # keys and values stacked over layers, plus the bookkeeping
+  n = config.num_layers
+  assert cache.k.shape == (n, 3, config.num_kv_heads, 7, config.head_dim)
+  assert cache.v.shape == (n, 3, config.num_kv_heads, config.head_dim, 7)
+  assert cache.k.dtype == jnp.float32 and cache.max_len == 7
+  assert models.init_cache(config, 3, 7, jnp.bfloat16).v.dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="max_len"):
     models.init_cache(config, 3, 0)
   grown = models.grow_cache(cache, 10)
-  assert grown.k[0].shape[2] == grown.v[0].shape[3] == grown.max_len == 10
+  assert grown.k.shape[3] == grown.v.shape[4] == grown.max_len == 10
   with pytest.raises(ValueError, match="cannot shrink"):
     models.grow_cache(cache, 6)
   with pytest.raises(ValueError, match="tokens must have shape"):
@@ -220,11 +221,13 @@ def test_cache_is_a_fixed_shape_pytree(loaded):
 def test_sharded_load_equals_single_device(checkpoints, loaded, mesh):
   folder = checkpoints["llama"][0]
   model, _ = models.load_hf_checkpoint(folder, mesh=mesh)
-  q = model.layers[0].self_attn.q_proj.kernel[...]
-  assert q.sharding.spec == PartitionSpec("fsdp", "tensor")
-  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (16, 16)
+  # Layer parameters are stacked over a leading, replicated layer axis.
+  q = model.layers.self_attn.q_proj.kernel[...]
+  assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 16)
   assert model.embed_tokens.embedding[...].sharding.spec == PartitionSpec("tensor", "fsdp")
-  assert model.layers[1].mlp.down_proj.kernel[...].sharding.spec == PartitionSpec("tensor", "fsdp")
+  assert model.layers.mlp.down_proj.kernel[...].sharding.spec == PartitionSpec(
+      None, "tensor", "fsdp")
   assert model.norm.weight[...].sharding.spec == PartitionSpec(None)
   params = nnx.state(model, nnx.Param)
   for got, want in zip(jax.tree.leaves(params),
@@ -238,20 +241,21 @@ def test_sharded_load_equals_single_device(checkpoints, loaded, mesh):
                              checkpoints["llama"][2][mask], atol=1e-4, rtol=0)
   # Decoding with the sharded model and a cache placed on the mesh gives the same logits.
   state = _check_decode_matches_forward(model)
-  assert state["layers"][0]["mlp"]["up_proj"]["kernel"][...].sharding.spec == PartitionSpec(
-      "fsdp", "tensor")
+  assert state["layers"]["mlp"]["up_proj"]["kernel"][...].sharding.spec == PartitionSpec(
+      None, "fsdp", "tensor")
   cache = models.init_cache(model.config, 4, 8, mesh=mesh)
-  assert cache.k[0].sharding.spec == PartitionSpec(("data", "fsdp"), "tensor", None, None)
+  assert cache.k.sharding.spec == PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)
 
 
 def test_init_model_places_parameters_on_the_mesh(mesh):
   config = mh.tiny_model_config()
   model = models.init_model(config, seed=3, mesh=mesh)
   again = models.init_model(config, seed=3)
-  v = model.layers[0].self_attn.v_proj.kernel[...]
-  assert v.sharding.spec == PartitionSpec("fsdp", "tensor")
-  np.testing.assert_array_equal(v, again.layers[0].self_attn.v_proj.kernel[...])
-  assert model.layers[0].self_attn.q_proj.bias[...].sharding.spec == PartitionSpec("tensor")
+  v = model.layers.self_attn.v_proj.kernel[...]
+  assert v.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+  np.testing.assert_array_equal(v, again.layers.self_attn.v_proj.kernel[...])
+  assert model.layers.self_attn.q_proj.bias[...].sharding.spec == PartitionSpec(None, "tensor")
+  assert not np.array_equal(v[0], v[1])     # every layer has its own draw
   tokens, mask_j, _ = _batch()
   assert np.all(np.isfinite(np.asarray(_forward(model, tokens, mask_j))))
 

@@ -38,15 +38,16 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values, heads-major, plus per-row bookkeeping; S = max_len slots.
+  """Keys/values of every layer, stacked and heads-major, plus per-row bookkeeping; S = max_len.
 
   S is fixed for a given cache (a fixed-shape pytree); `grow_cache` makes a longer copy.
 
-  Keys are [B, K, S, H] and values [B, K, H, S] (K key/value heads, H head dim): the layouts the
-  decode step's two attention products read without transposing the cache.
+  Keys are [L, B, K, S, H] and values [L, B, K, H, S] (L layers, K key/value heads, H head dim):
+  one array each, carried through the decoder's scan over layers (layer i uses slice i); per
+  layer, the layouts the decode step's two attention products read without transposing.
   """
-  k: tuple[Array, ...]      # one [B, K, S, H] array per layer, rotary already applied
-  v: tuple[Array, ...]      # one [B, K, H, S] array per layer
+  k: Array                  # [L, B, K, S, H], rotary already applied
+  v: Array                  # [L, B, K, H, S]
   valid: Array              # [B, S] bool: slot holds a real token of that row
   next_position: Array      # [B] int32: rotary position of the row's next token
   index: Array              # [] int32: the next slot to write (same for every row)
@@ -75,15 +76,15 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
   dtype = jnp.dtype(dtype or config.dtype)
-  k_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-  v_shape = (batch, config.num_kv_heads, config.head_dim, max_len)
-  layers_k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
-  layers_v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
-  cache = KVCache(k=layers_k, v=layers_v, valid=jnp.zeros((batch, max_len), bool),
+  layers, heads = config.num_layers, config.num_kv_heads
+  k_shape = (layers, batch, heads, max_len, config.head_dim)
+  v_shape = (layers, batch, heads, config.head_dim, max_len)
+  cache = KVCache(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype),
+                  valid=jnp.zeros((batch, max_len), bool),
                   next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
   if mesh is not None:
     check_mesh(mesh)
-    kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor", None, None))
+    kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "tensor", None, None))
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     cache = KVCache(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
                     valid=jax.device_put(cache.valid, rows),
@@ -102,8 +103,16 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths)
-  return cache.replace(k=tuple(pad(k, 2) for k in cache.k), v=tuple(pad(v, 3) for v in cache.v),
-                       valid=pad(cache.valid, 1))
+  return cache.replace(k=pad(cache.k, 3), v=pad(cache.v, 4), valid=pad(cache.valid, 1))
+
+
+def map_rows(fn, cache: KVCache) -> KVCache:
+  """Applies `fn(x, axis)` to every per-row array of the cache; `axis` is x's row (batch) axis.
+
+  For operations on rows whatever the layout: repeating rows, constraining them to a sharding.
+  """
+  return cache.replace(k=fn(cache.k, 1), v=fn(cache.v, 1), valid=fn(cache.valid, 0),
+                       next_position=fn(cache.next_position, 0))
 
 
 def prefill(model: Decoder, tokens: Array, attention_mask: Array, cache: KVCache, *,
@@ -131,10 +140,10 @@ def prefill(model: Decoder, tokens: Array, attention_mask: Array, cache: KVCache
   if p > cache.max_len:
     raise ValueError(f"prompt length {p} exceeds the cache's max_len {cache.max_len}")
   mask = attention_mask.astype(bool)
-  hidden, kv = model.trunk(tokens, positions_from_mask(mask), causal_valid(mask),
-                           kv_caches=tuple(zip(cache.k, cache.v)), index=jnp.int32(0))
+  hidden, (k, v) = model.trunk(tokens, positions_from_mask(mask), causal_valid(mask),
+                                kv_cache=(cache.k, cache.v), index=jnp.int32(0))
   cache = KVCache(
-      k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
+      k=k, v=v,
       valid=jax.lax.dynamic_update_slice(cache.valid, mask, (0, 0)),
       next_position=jnp.sum(mask, axis=-1, dtype=jnp.int32),
       index=jnp.asarray(p, jnp.int32))
@@ -163,10 +172,10 @@ def decode_step(model: Decoder, tokens: Array, cache: KVCache, *,
   check_token_ids(tokens, model.config.vocab_size)
   valid = jax.lax.dynamic_update_slice(
       cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), (0, cache.index))
-  hidden, kv = model.trunk(tokens[:, None], cache.next_position[:, None], valid[:, None, :],
-                           kv_caches=tuple(zip(cache.k, cache.v)), index=cache.index,
-                           attend_to_cache=True)
-  cache = KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv), valid=valid,
+  hidden, (k, v) = model.trunk(tokens[:, None], cache.next_position[:, None],
+                                valid[:, None, :], kv_cache=(cache.k, cache.v),
+                                index=cache.index, attend_to_cache=True)
+  cache = KVCache(k=k, v=v, valid=valid,
                   next_position=cache.next_position + 1, index=cache.index + 1)
   hidden = hidden[:, 0]
   return (hidden if return_hidden else logits_from_hidden(model, hidden)), cache

@@ -9,6 +9,10 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+# Rematerialisation of each decoder layer under differentiation: "none" keeps every activation
+# for the backward pass, "dots" keeps only the outputs of the layer's weight matmuls (attention
+# scores and everything elementwise are recomputed), "full" keeps only the layer's input.
+REMAT_POLICIES = ("none", "dots", "full")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -58,11 +62,16 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   dtype: str = "float32"            # parameter and compute dtype; logits are always float32
   hf_extra_json: str = "{}"         # config.json keys carried through untouched (sorted JSON)
+  # Runtime choices, not architecture: never written to config.json.
+  remat: str = "none"               # one of REMAT_POLICIES, applied to every layer
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ValueError(f"model_type={self.model_type!r} is not supported; supported: "
                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is not a rematerialisation policy; accepted: "
+                       f"{', '.join(REMAT_POLICIES)}")
     if self.dtype not in SUPPORTED_DTYPES:
       raise ValueError(f"dtype={self.dtype!r} is not supported; supported: "
                        f"{', '.join(SUPPORTED_DTYPES)}")

@@ -194,35 +194,97 @@ class DecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
 
+def stacked_layers(config: ModelConfig) -> DecoderLayer:
+  """One DecoderLayer whose every parameter carries a leading layer axis: [L, ...] for L layers.
+
+  Layer i's parameters are slice i of each array (what `Decoder.trunk` scans over).
+  """
+  graphdef, state = nnx.split(DecoderLayer(config))
+  n = config.num_layers
+  return nnx.merge(graphdef, jax.tree.map(
+      lambda x: jnp.broadcast_to(x[None], (n,) + x.shape), state))
+
+
+def _remat(body, policy: str):
+  """`body` wrapped in jax.checkpoint as the ModelConfig.remat policy says (under grad only)."""
+  if policy == "none":
+    return body
+  # "dots" saves the weight matmuls' outputs (no batch dimension in their contraction); the
+  # attention products, which carry batch and head dimensions, are recomputed with the rest.
+  saveable = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots"
+              else None)
+  # prevent_cse=False: inside a scan, recomputation cannot be merged with the forward pass anyway.
+  return jax.checkpoint(body, policy=saveable, prevent_cse=False)
+
+
 class Decoder(nnx.Module):
   """The causal language model.
 
   Attribute names follow transformers' so that checkpoint names map one-to-one (see hf_io):
-  embed_tokens, layers[i].self_attn.q_proj, ..., norm, lm_head. The constructor only allocates
-  (kernels zero, norm scales one); get weights from `load_hf_checkpoint` or `init_model`, and
-  build the structure alone with `nnx.eval_shape(lambda: Decoder(config))`.
+  embed_tokens, layers.self_attn.q_proj, ..., norm, lm_head. `layers` is ONE DecoderLayer whose
+  parameters are stacked over a leading layer axis (`stacked_layers`; layer i is slice i, the
+  checkpoint's model.layers.{i}.*), run by a `jax.lax.scan`, so that compile time does not grow
+  with depth. The constructor only allocates (kernels zero, norm scales one); get weights from
+  `load_hf_checkpoint` or `init_model`, and build the structure alone with
+  `nnx.eval_shape(lambda: Decoder(config))`.
   """
 
   def __init__(self, config: ModelConfig):
     self.config = config
     dt = config.dtype
     self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dt)
-    self.layers = nnx.List([DecoderLayer(config) for _ in range(config.num_layers)])
+    self.layers = stacked_layers(config)
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dt)
     self.lm_head = (None if config.tie_word_embeddings else
                     Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dt))
 
   def trunk(self, tokens_BxT: Array, positions_BxT: Array, valid_BxTxS: Array,
-            kv_caches=None, index=None, attend_to_cache=False):
-    """Embeddings -> layers -> final norm. Returns hidden [B,T,D] and the updated caches."""
+            kv_cache: tuple[Array, Array] | None = None, index: Array | None = None,
+            attend_to_cache: bool = False):
+    """Embeddings -> layers (one scan) -> final norm.
+
+    Args:
+      tokens_BxT, positions_BxT: token ids and their rotary positions.
+      valid_BxTxS: which keys each query may attend to.
+      kv_cache: None, or the stacked cache (keys [L, B, K, S, H], values [L, B, K, H, S]),
+        carried through the scan: layer i reads and writes slice i.
+      index, attend_to_cache: as `Attention.__call__` takes them.
+
+    Returns:
+      (hidden [B, T, D] after the final norm, the updated (keys, values) or None).
+    """
     cos, sin = rope_cos_sin(positions_BxT, rope_inv_freq(self.config))
     x = self.embed_tokens(tokens_BxT)
-    new_caches = []
-    for i, layer in enumerate(self.layers):
-      x, kv = layer(x, cos, sin, valid_BxTxS, None if kv_caches is None else kv_caches[i], index,
-                    attend_to_cache)
-      new_caches.append(kv)
-    return self.norm(x), (None if kv_caches is None else tuple(new_caches))
+    layer_def, layer_params = nnx.split(self.layers)
+    # The scan body sees one layer's parameters as a plain pytree; merging rebuilds the module.
+    run = lambda params, x, kv: nnx.merge(layer_def, params)(x, cos, sin, valid_BxTxS, kv,
+                                                             index, attend_to_cache)
+    if kv_cache is None:
+      def body(x, params):
+        return run(params, x, None)[0], None
+      x, _ = jax.lax.scan(_remat(body, self.config.remat), x, layer_params)
+      return self.norm(x), None
+
+    def cached_body(carry, xs):
+      # The whole stacked cache is carried (updated in place by XLA), not passed as scan inputs
+      # and outputs, which would hold two copies of it.
+      x, k_all, v_all = carry
+      params, i = xs
+      kv = (jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False),
+            jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False))
+      x, (k, v) = run(params, x, kv)
+      # Only the T slots this call wrote go back into the carry, not the layer's whole cache.
+      t, zero = x.shape[1], jnp.zeros((), jnp.int32)
+      k_new = jax.lax.dynamic_slice_in_dim(k, index, t, axis=2)
+      v_new = jax.lax.dynamic_slice_in_dim(v, index, t, axis=3)
+      k_all = jax.lax.dynamic_update_slice(k_all, k_new[None], (i, zero, zero, index, zero))
+      v_all = jax.lax.dynamic_update_slice(v_all, v_new[None], (i, zero, zero, zero, index))
+      return (x, k_all, v_all), None
+
+    layer_ids = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+    # No remat here: the cached passes (prefill, decoding) are never differentiated.
+    (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, *kv_cache), (layer_params, layer_ids))
+    return self.norm(x), (k_all, v_all)
 
 
 def unembedding(model: Decoder) -> Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -18,7 +19,7 @@ from safetensors.numpy import save_file
 
 from opd_jax.models.config import SUPPORTED_DTYPES, ModelConfig, config_from_hf, config_to_hf
 from opd_jax.models.decoder import Decoder
-from opd_jax.models.partitioning import param_partition_spec
+from opd_jax.models.partitioning import is_stacked, param_partition_spec
 from opd_jax.sharding import check_mesh
 
 SINGLE_FILE = "model.safetensors"
@@ -35,21 +36,52 @@ class _Target:
   path: tuple            # flat NNX path of the parameter
   variable: Any          # its abstract nnx.Variable
   transpose: bool        # torch Linear weights are [out, in]; our kernels are [in, out]
+  names: tuple[str, ...]  # its checkpoint tensor: one name, or one per layer when stacked
+
+  @property
+  def stacked(self) -> bool:
+    return is_stacked(self.path)
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
-    shape = tuple(self.variable.shape)
+    """The shape of (each of) its checkpoint tensor(s)."""
+    shape = tuple(self.variable.shape)[1 if self.stacked else 0:]
     return shape[::-1] if self.transpose else shape
 
 
-def hf_tensor_name(path: tuple) -> tuple[str, bool]:
-  """transformers' tensor name of the parameter at NNX `path`, and whether it is transposed."""
+def hf_tensor_name(path: tuple, layer: int | None = None) -> tuple[str, bool]:
+  """transformers' tensor name of the parameter at NNX `path`, and whether it is transposed.
+
+  Args:
+    path: the parameter's flat NNX path, e.g. ("layers", "self_attn", "q_proj", "kernel").
+    layer: for a stacked layer parameter (path starting with "layers"), which layer's slice:
+      ("layers", "self_attn", "q_proj", "kernel") with layer=3 is
+      model.layers.3.self_attn.q_proj.weight. Must be None for any other parameter.
+
+  Returns:
+    (tensor name, whether the checkpoint stores the transpose of our array / slice).
+  """
   names = [str(p) for p in path]
+  if is_stacked(path) != (layer is not None):
+    raise ValueError(f"hf_tensor_name: layer={layer!r} for the parameter {'.'.join(names)}; "
+                     "accepted: a layer index exactly for the stacked layer parameters "
+                     "(path 'layers', ...), None otherwise")
+  if is_stacked(path):
+    names = ["layers", str(int(layer))] + names[1:]
   if names[0] == "lm_head":
     return "lm_head.weight", True
   leaf = names[-1]
   suffix = "bias" if leaf == "bias" else "weight"
   return "model." + ".".join(names[:-1] + [suffix]), leaf == "kernel"
+
+
+def _targets(abstract, num_layers: int) -> list[_Target]:
+  targets = []
+  for p, var in nnx.to_flat_state(abstract):
+    layers = range(num_layers) if is_stacked(p) else (None,)
+    names = [hf_tensor_name(p, layer) for layer in layers]
+    targets.append(_Target(p, var, names[0][1], tuple(n for n, _ in names)))
+  return targets
 
 
 def _listing(names) -> str:
@@ -138,7 +170,9 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, mesh: Mesh | None = None):
 
   Tensors are streamed one at a time from safetensors (single file or sharded with
   model.safetensors.index.json); each device reads only its own slice and the array is created
-  directly with its target sharding, so the host never holds two copies of the model.
+  directly with its target sharding, so the host never holds two copies of the model. Layer i's
+  tensors (model.layers.{i}.*) become slice i of the stacked layer parameters: for each device,
+  the slices of every layer's tensor it holds are read straight into one buffer.
 
   Args:
     path: folder with config.json and the safetensors file(s).
@@ -160,22 +194,20 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, mesh: Mesh | None = None):
   if mesh is not None:
     check_mesh(mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(config)))
-  targets = {}
-  for p, var in nnx.to_flat_state(abstract):
-    name, transpose = hf_tensor_name(p)
-    targets[name] = _Target(p, var, transpose)
+  targets = _targets(abstract, config.num_layers)
+  wanted = {name: target for target in targets for name in target.names}
 
   files = _tensor_files(folder)
   found = _headers(folder, files)
-  missing = set(targets) - set(found)
+  missing = set(wanted) - set(found)
   if missing:
     raise CheckpointError(f"{folder} lacks {len(missing)} tensors the {config.model_type} "
                           f"config needs: {_listing(missing)}")
-  unexpected = {n for n in found if n not in targets and not _ignorable(n, config)}
+  unexpected = {n for n in found if n not in wanted and not _ignorable(n, config)}
   if unexpected:
     raise CheckpointError(f"{folder} has {len(unexpected)} tensors the {config.model_type} "
                           f"config does not use: {_listing(unexpected)}")
-  for name, target in targets.items():
+  for name, target in wanted.items():
     if found[name][1] != target.hf_shape:
       raise CheckpointError(f"tensor {name} in {folder / found[name][0]} has shape "
                             f"{found[name][1]}, expected {target.hf_shape} from config.json")
@@ -183,24 +215,38 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, mesh: Mesh | None = None):
   np_dtype = jnp.dtype(config.dtype)
   default = SingleDeviceSharding(jax.devices()[0])
   loaded = []
-  for file in files:
-    with _open(folder / file) as f:
-      for name, target in targets.items():
-        if found[name][0] != file:
-          continue
-        tensor = f.get_slice(name)
+  with contextlib.ExitStack() as stack:
+    # A layer's tensors may sit in any file of a sharded checkpoint: every file stays open
+    # (safetensors maps them; nothing is read until a slice is asked for).
+    handles = {file: stack.enter_context(_open(folder / file)) for file in files}
 
-        def read(index, tensor=tensor, target=target, name=name, file=file):
-          try:
-            x = tensor[index[::-1] if target.transpose else index]
-          except SafetensorError as e:
-            raise CheckpointError(f"{folder / file}: cannot read tensor {name}: {e}") from e
-          x = x.T if target.transpose else x
-          return np.ascontiguousarray(x).astype(np_dtype)
-        sharding = default if mesh is None else NamedSharding(
-            mesh, param_partition_spec(target.path, target.variable.shape, mesh))
-        array = jax.make_array_from_callback(tuple(target.variable.shape), sharding, read)
-        loaded.append((target.path, target.variable.replace(array)))
+    def read_one(name, index, transpose):
+      """The slice `index` (of our layout) of checkpoint tensor `name`, in our layout."""
+      file = found[name][0]
+      try:
+        x = handles[file].get_slice(name)[index[::-1] if transpose else index]
+      except SafetensorError as e:
+        raise CheckpointError(f"{folder / file}: cannot read tensor {name}: {e}") from e
+      return x.T if transpose else x
+
+    for target in targets:
+      def read(index, target=target):
+        if not target.stacked:
+          return np.ascontiguousarray(read_one(target.names[0], index, target.transpose)
+                                      ).astype(np_dtype)
+        # This device's layers: each one's slice is read and cast straight into its row.
+        out = None
+        layers = range(len(target.names))[index[0]]
+        for row, layer in enumerate(layers):
+          x = read_one(target.names[layer], index[1:], target.transpose)
+          if out is None:
+            out = np.empty((len(layers),) + x.shape, np_dtype)
+          out[row] = x
+        return out
+      sharding = default if mesh is None else NamedSharding(
+          mesh, param_partition_spec(target.path, target.variable.shape, mesh))
+      array = jax.make_array_from_callback(tuple(target.variable.shape), sharding, read)
+      loaded.append((target.path, target.variable.replace(array)))
   model = nnx.merge(graphdef, nnx.from_flat_state(loaded))
   return model, config
 
@@ -239,7 +285,7 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
     max_shard_bytes: largest size of one safetensors file (a larger single tensor gets its own).
   """
   arch = dataclasses.replace(config, dtype=model.config.dtype,
-                             hf_extra_json=model.config.hf_extra_json)
+                             hf_extra_json=model.config.hf_extra_json, remat=model.config.remat)
   if arch != model.config:
     raise ValueError(f"config {config} does not describe the model's architecture "
                      f"{model.config}")
@@ -253,11 +299,23 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
       if old.is_file():
         old.unlink()
   dtype = jnp.dtype(config.dtype)
-  params = {}
+  # name -> (array, layer or None, transposed), in transformers' order: the embedding, layer 0's
+  # tensors, layer 1's, ..., the rest. A stacked parameter is gathered one layer at a time.
+  first, stacked, rest = {}, [], {}
   for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, transpose = hf_tensor_name(p)
-    params[name] = (var[...], transpose)
-  groups = _shard_groups([(n, x.size * dtype.itemsize) for n, (x, _) in params.items()],
+    if is_stacked(p):
+      stacked.append((p, var[...]))
+    else:
+      name, transpose = hf_tensor_name(p)
+      (first if str(p[0]) == "embed_tokens" else rest)[name] = (var[...], None, transpose)
+  params = dict(first)
+  for layer in range(model.config.num_layers):
+    for p, x in stacked:
+      name, transpose = hf_tensor_name(p, layer)
+      params[name] = (x, layer, transpose)
+  params.update(rest)
+  nbytes = lambda x, layer: (x.size // (x.shape[0] if layer is not None else 1)) * dtype.itemsize
+  groups = _shard_groups([(n, nbytes(x, layer)) for n, (x, layer, _) in params.items()],
                          max_shard_bytes)
   weight_map = {}
   for i, group in enumerate(groups):
@@ -265,8 +323,8 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
     file = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
     tensors = {}
     for name in group:
-      x, transpose = params[name]
-      x = _to_host(x)
+      x, layer, transpose = params[name]
+      x = _to_host(x if layer is None else x[layer])
       tensors[name] = np.ascontiguousarray(x.T if transpose else x).astype(dtype)
       weight_map[name] = file
     if writer:
@@ -274,7 +332,7 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path, *,
     del tensors
   if writer:
     if len(groups) > 1:
-      total = sum(x.size * dtype.itemsize for x, _ in params.values())
+      total = sum(nbytes(x, layer) for x, layer, _ in params.values())
       index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
       (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     (folder / "config.json").write_text(json.dumps(config_to_hf(config), indent=2,

@@ -21,9 +21,14 @@ _ROW_PARALLEL = ("o_proj", "down_proj")
 def param_partition_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
   """PartitionSpec of the Decoder parameter at `path` (as in nnx.to_flat_state) with `shape`.
 
-  A dimension whose size is not a multiple of its mesh axis size is replicated instead.
+  A dimension whose size is not a multiple of its mesh axis size is replicated instead. The
+  stacked layer parameters (path "layers", ...) have a leading layer axis, replicated: every
+  device holds its share of every layer, and the scan over layers slices it locally.
   """
   names = [str(p) for p in path]
+  if is_stacked(path):
+    inner = param_partition_spec(path[1:], shape[1:], mesh)
+    return PartitionSpec(None, *inner)
   leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
   if leaf == "embedding":                         # [V, D]
     axes = ("tensor", "fsdp")
@@ -38,6 +43,11 @@ def param_partition_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> Par
   return PartitionSpec(*axes)
 
 
+def is_stacked(path: tuple) -> bool:
+  """Whether the Decoder parameter at `path` is a stacked layer parameter ([L, ...])."""
+  return len(path) > 1 and str(path[0]) == "layers"
+
+
 def model_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   """A State of NamedShardings with the structure of the Decoder's (abstract) `state`."""
   check_mesh(mesh)
@@ -48,12 +58,18 @@ def model_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   return nnx.from_flat_state(flat)
 
 
-def _initial_value(path: tuple, shape: tuple[int, ...], rng: np.random.Generator,
-                   std: float) -> np.ndarray:
+def _initial_value(path: tuple, shape: tuple[int, ...], seed: tuple[int, ...], std: float,
+                   dtype) -> np.ndarray:
   leaf = str(path[-1])
-  if leaf in ("kernel", "embedding"):
-    return rng.normal(0.0, std, shape)
-  return np.ones(shape) if leaf == "weight" else np.zeros(shape)   # norm scales / biases
+  if leaf not in ("kernel", "embedding"):
+    return (np.ones(shape) if leaf == "weight" else np.zeros(shape)).astype(dtype)  # norms/biases
+  if not is_stacked(path):
+    return np.random.default_rng(seed).normal(0.0, std, shape).astype(dtype)
+  # One layer at a time (its own seed), so the host holds one float64 layer, not all of them.
+  out = np.empty(shape, dtype)
+  for layer in range(shape[0]):
+    out[layer] = np.random.default_rng(seed + (layer,)).normal(0.0, std, shape[1:])
+  return out
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
@@ -80,8 +96,7 @@ def init_model(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
   dtype = jnp.dtype(config.dtype)
   flat = []
   for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
-    rng = np.random.default_rng([seed, i])
-    host = _initial_value(path, var.shape, rng, std).astype(dtype)
+    host = _initial_value(path, var.shape, (seed, i), std, dtype)
     sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None else
                 NamedSharding(mesh, param_partition_spec(path, var.shape, mesh)))
     array = jax.make_array_from_callback(var.shape, sharding, lambda idx, host=host: host[idx])
