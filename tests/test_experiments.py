@@ -68,7 +68,10 @@ def test_demo_summary_averages_over_seeds_and_names_the_leader():
   assert summary["methods"]["b"]["mean_accuracy"] == pytest.approx({0: 0.35, 50: 0.75})
   assert summary["methods"]["a"]["mean_reverse_kl"][50] == pytest.approx(0.3)
   assert summary["methods"]["a"]["gain"] == pytest.approx({0: 0.2, 1: 0.5})
-  assert summary["leader"][50] == "b"
+  assert summary["leader"] == {0: "tie: a, b", 50: "b"}
+  # The fine-tuning control is reported but never the leader.
+  results["sft"] = {0: {0: ev(0.3, 1.0), 50: ev(1.0, 0.0)}}
+  assert arith_demo.summarize(results)["leader"][50] == "b"
 
 
 def test_a_config_path_works_from_any_directory(tmp_path):
