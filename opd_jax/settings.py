@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 
 from opd_jax import configs
+from opd_jax.models.config import ATTENTION_IMPLEMENTATIONS, ModelConfig
 
 ESTIMATORS = ("lsm", "sampled_token", "full_rkl", "sft")
 LSM_SUPPORTS = ("teacher", "teacher+sampled")
@@ -73,17 +74,29 @@ class ModelSource:
   tokenizer: str
   dtype: str
   random: tuple[tuple[str, Any], ...]   # the random-init shape, as sorted (name, value) pairs
+  attention: str = "auto"               # ModelConfig.attention_impl
+  attention_block: int = 512            # ModelConfig.attention_block_q and _kv
+
+  def apply_attention(self, config: ModelConfig) -> ModelConfig:
+    """`config` with this source's attention choice (a runtime setting, not in config.json)."""
+    return dataclasses.replace(config, attention_impl=self.attention,
+                               attention_block_q=self.attention_block,
+                               attention_block_kv=self.attention_block)
 
   @classmethod
   def from_config(cls, m: Mapping, name: str) -> "ModelSource":
     if m["dtype"] not in DTYPES:
       _fail(f"{name}.dtype", m["dtype"], f"accepted: {', '.join(DTYPES)}")
+    if m["attention"] not in ATTENTION_IMPLEMENTATIONS:
+      _fail(f"{name}.attention", m["attention"],
+            f"accepted: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    _positive(m, "attention_block", f"{name}.")
     for key in ("path", "tokenizer"):
       if m[key] and not os.path.isdir(m[key]):
         _fail(f"{name}.{key}", m[key], "expected an existing local folder (Hugging Face "
               "checkpoint / tokenizer files); nothing is downloaded")
     return cls(m["path"], m["tokenizer"] or m["path"], m["dtype"],
-               tuple(sorted(dict(m["random"]).items())))
+               tuple(sorted(dict(m["random"]).items())), m["attention"], m["attention_block"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -360,6 +361,23 @@ def causal_valid(attention_mask: Array) -> attention.CausalMask:
   CausalMask over the [B, T] mask; `.dense()` gives the [B, T, T] array), so that a blockwise
   or fused attention never builds the [T, T] mask."""
   return attention.CausalMask(attention_mask.astype(bool))
+
+
+def with_config(model: Decoder, config: ModelConfig) -> Decoder:
+  """The model's parameters (shared, not copied) under `config`, which may differ from the
+  model's config only in runtime choices (the attention fields): these are static, part of the
+  graph definition, so a model loaded from config.json takes them this way.
+
+  Raises:
+    ValueError: `config` describes another architecture or dtype.
+  """
+  runtime = dict(attention_impl=config.attention_impl, attention_block_q=config.attention_block_q,
+                 attention_block_kv=config.attention_block_kv)
+  if dataclasses.replace(model.config, **runtime) != config:
+    raise ValueError(f"with_config changes only the attention settings; {config} differs from "
+                     f"the model's {model.config} in its architecture or dtype")
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config)))
+  return nnx.merge(graphdef, nnx.state(model))
 
 
 def forward(model: Decoder, tokens: Array, attention_mask: Array, *,
