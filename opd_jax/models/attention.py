@@ -213,7 +213,8 @@ def _kv_blocks_for(lay: _Blocks, i):
 
 def _flash_forward(lay: _Blocks, q, k, v, mask):
   """Blockwise forward on padded, heads-major operands. Returns out [B,K,G,Tp,H] (v's dtype)
-  and the float32 log-sum-exp of each query row [B,K,G,Tp]."""
+  and each query row's float32 score max and softmax denominator [B,K,G,Tp]. (Not their
+  log-sum-exp: for a row without valid keys, max + log(sum) rounds back to MASKED_SCORE.)"""
   b, kh, g, _, h = q.shape
   scale = h ** -0.5
 
@@ -237,12 +238,11 @@ def _flash_forward(lay: _Blocks, q, k, v, mask):
             jnp.zeros((b, kh, g, lay.bq), jnp.float32),
             jnp.zeros((b, kh, g, lay.bq, h), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, _kv_blocks_for(lay, i), body, init)
-    return (acc / l[..., None]).astype(v.dtype), m + jnp.log(l)
+    return (acc / l[..., None]).astype(v.dtype), m, l
 
-  out, lse = jax.lax.map(one_query_block, jnp.arange(lay.nq))   # [nq, B, K, G, bq, (H)]
-  out = jnp.moveaxis(out, 0, 3).reshape(b, kh, g, lay.nq * lay.bq, h)
-  lse = jnp.moveaxis(lse, 0, 3).reshape(b, kh, g, lay.nq * lay.bq)
-  return out, lse
+  out, m, l = jax.lax.map(one_query_block, jnp.arange(lay.nq))   # [nq, B, K, G, bq, (H)]
+  rows = lambda x: jnp.moveaxis(x, 0, 3).reshape((b, kh, g, lay.nq * lay.bq) + x.shape[5:])
+  return rows(out), rows(m), rows(l)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -251,14 +251,14 @@ def _flash(lay: _Blocks, q, k, v, mask):
 
 
 def _flash_fwd(lay, q, k, v, mask):
-  out, lse = _flash_forward(lay, q, k, v, mask)
-  return out, (q, k, v, mask, out, lse)
+  out, m, l = _flash_forward(lay, q, k, v, mask)
+  return out, (q, k, v, mask, out, m, l)
 
 
 def _flash_bwd(lay, residuals, d_out):
-  """Recomputes each score block from q, k and the saved log-sum-exp (flash attention's
-  backward): memory O(T) besides one [bq, bk] block, never the [T, S] probabilities."""
-  q, k, v, mask, out, lse = residuals
+  """Recomputes each score block from q, k and the saved row max and denominator (flash
+  attention's backward): memory O(T) besides one [bq, bk] block, never the [T, S] probabilities."""
+  q, k, v, mask, out, row_max, row_sum = residuals
   b, kh, g, tp, h = q.shape
   scale = h ** -0.5
   # D_t = sum_h dO * O: the softmax backward's row term, sum_s P_ts dP_ts.
@@ -271,9 +271,9 @@ def _flash_bwd(lay, residuals, d_out):
     def body(i, carry):
       dq, dk, dv = carry
       rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * lay.bq, lay.bq, axis=3)
-      q_i, do_i, lse_i, delta_i = rows(q), rows(d_out), rows(lse), rows(delta)
+      q_i, do_i, delta_i = rows(q), rows(d_out), rows(delta)
       s, valid = _block_scores(lay, q_i, k_j, mask, i, j, scale)
-      p = jnp.exp(s - lse_i[..., None])
+      p = jnp.exp(s - rows(row_max)[..., None]) / rows(row_sum)[..., None]
       dv = dv + jnp.einsum("bkgqs,bkgqh->bksh", p.astype(do_i.dtype), do_i,
                            preferred_element_type=jnp.float32)
       dp = jnp.einsum("bkgqh,bksh->bkgqs", do_i, v_j, preferred_element_type=jnp.float32)
@@ -309,7 +309,7 @@ def blockwise_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, ma
 
   Forward: for each query block a loop over key blocks keeps a float32 running max, sum and
   weighted value sum. Backward (a custom VJP): recomputes each score block from the saved
-  per-row log-sum-exp, so memory grows as T + S, not T * S. With a `CausalMask`, key blocks past
+  per-row max and denominator, so memory grows as T + S, not T * S. With a `CausalMask`, key blocks past
   a query block's last row are skipped (half the work of the einsum) and the mask is built per
   block from the [B, T] key validity.
 
