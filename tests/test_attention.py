@@ -244,3 +244,32 @@ def test_splash_kernel_in_the_pallas_interpreter_equals_the_einsum():
   for name, a, b in zip("qkv", _grads(splash, q, k, v, mask, d_out),
                         _grads(einsum, q, k, v, mask, d_out)):
     np.testing.assert_allclose(a, b, atol=5e-6, err_msg=f"d/d{name}")
+
+
+def test_trainer_config_applies_the_attention_choice_to_every_model(tmp_path):
+  # pylint: disable=import-outside-toplevel
+  import train_helpers
+
+  from opd_jax import settings, train
+  bad = train_helpers.tiny_config(tmp_path / "w", tmp_path / "tfds",
+                                  **{"teacher.attention": "flash"})
+  with pytest.raises(settings.ConfigError, match=r"config.teacher.attention='flash' .*accepted: "
+                     r"auto, xla, blockwise, cudnn, splash"):
+    settings.TrainSettings.from_config(bad)
+  bad = train_helpers.tiny_config(tmp_path / "w", tmp_path / "tfds",
+                                  **{"model.attention_block": 0})
+  with pytest.raises(settings.ConfigError, match=r"config.model.attention_block=0"):
+    settings.TrainSettings.from_config(bad)
+  c = train_helpers.tiny_config(tmp_path / "w", tmp_path / "tfds",
+                                **{"model.attention": "blockwise", "model.attention_block": 64})
+  source = settings.TrainSettings.from_config(c).model
+  config = train.model_config_of(source, 128)                    # random weights of a shape
+  assert (config.attention_impl, config.attention_block_q, config.attention_block_kv) == \
+      ("blockwise", 64, 64)
+  folder = tmp_path / "hf"
+  models.save_hf_checkpoint(models.init_model(model_helpers.tiny_model_config()),
+                            model_helpers.tiny_model_config(), folder)
+  from_folder = dataclasses.replace(source, path=str(folder), tokenizer=str(folder))
+  assert train.model_config_of(from_folder, 128).attention_impl == "blockwise"
+  loaded = train.load_model(from_folder, 128, seed=0, mesh=None)   # config.json has no choice
+  assert loaded.config.attention_impl == "blockwise"
