@@ -273,3 +273,21 @@ def test_trainer_config_applies_the_attention_choice_to_every_model(tmp_path):
   assert train.model_config_of(from_folder, 128).attention_impl == "blockwise"
   loaded = train.load_model(from_folder, 128, seed=0, mesh=None)   # config.json has no choice
   assert loaded.config.attention_impl == "blockwise"
+
+
+@pytest.mark.slow
+def test_splash_kernel_runs_per_device_under_a_mesh():
+  from opd_jax import sharding  # pylint: disable=import-outside-toplevel
+  q, k, v = _qkv(9, 20)
+  valid = _left_padding(20)
+  mask = CausalMask(jnp.asarray(valid))
+  real = valid[:, :, None, None]
+  want = attention.xla_attention(q, k, v, mask.dense())
+  q = jnp.concatenate([q, q[:1]])                 # 4 rows: split over data x fsdp
+  k, v = jnp.concatenate([k, k[:1]]), jnp.concatenate([v, v[:1]])
+  mask = CausalMask(jnp.concatenate([mask.key_valid, mask.key_valid[:1]]))
+  with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
+    fn = jax.jit(lambda q, k, v, m: attention.splash_attention(q, k, v, m, interpret=True))
+    assert "manual_computation" in fn.lower(q, k, v, mask).as_text()    # the shard_map
+    got = fn(q, k, v, mask)[:B]
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)

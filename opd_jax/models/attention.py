@@ -5,11 +5,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from opd_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from opd_jax.sharding import BATCH_AXES, MESH_AXES
 
 Array = jax.Array
 
@@ -59,13 +63,24 @@ def _cudnn_applies(dtype, head_dim: int) -> bool:
       head_dim % 8 == 0 and head_dim <= 128
 
 
+def _context_mesh():
+  """The mesh set with `jax.set_mesh` while tracing, if it has the package's axes, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(a not in mesh.axis_names for a in MESH_AXES):
+    return None
+  return mesh
+
+
 def resolve_implementation(implementation: str, *, kv_len: int, dtype, head_dim: int,
                            factored: bool, backend: str | None = None) -> str:
   """The implementation "auto" stands for; any other name is returned unchanged.
 
   "auto": on GPU the cuDNN kernel for float16/bfloat16 with head_dim a multiple of 8 up to 128;
-  on TPU the splash kernel; both only for a full causal pass (a `CausalMask`). Otherwise the
-  whole-matrix einsum for fewer than AUTO_BLOCKWISE_MIN_KEYS keys, blockwise from there.
+  on TPU the splash kernel when it can be partitioned (one device, or traced under
+  `jax.set_mesh` of a (data, fsdp, tensor) mesh: a Pallas kernel is opaque to XLA's
+  partitioner, which would otherwise gather its operands whole); both only for a full causal
+  pass (a `CausalMask`). Otherwise the whole-matrix einsum for fewer than
+  AUTO_BLOCKWISE_MIN_KEYS keys, blockwise from there.
 
   Args:
     implementation: one of IMPLEMENTATIONS.
@@ -84,7 +99,7 @@ def resolve_implementation(implementation: str, *, kv_len: int, dtype, head_dim:
   backend = backend or jax.default_backend()
   if factored and backend == "gpu" and _cudnn_applies(dtype, head_dim):
     return "cudnn"
-  if factored and backend == "tpu":
+  if factored and backend == "tpu" and (jax.device_count() == 1 or _context_mesh() is not None):
     return "splash"
   return "blockwise" if kv_len >= AUTO_BLOCKWISE_MIN_KEYS else "xla"
 
@@ -395,7 +410,10 @@ def splash_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
   segment" is exactly the decoder's mask for every real query (any padding layout), and padding
   queries attend padding keys (at least themselves), so no row is empty. Lengths are padded to a
   multiple of 128 (the kernel's tile). Queries are scaled by 1/sqrt(H) here (the kernel does not
-  scale). Each [batch row, key/value head] pair is one multi-query kernel call (vmapped).
+  scale). Each [batch row, key/value head] pair is one multi-query kernel call (vmapped). Traced
+  under `jax.set_mesh` of a (data, fsdp, tensor) mesh, the call runs per device in a
+  `jax.shard_map`: rows split over data and fsdp, key/value heads over tensor (each where it
+  divides); without one, XLA cannot partition the kernel and gathers its operands.
 
   Args:
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH: as in `attention`.
@@ -424,6 +442,13 @@ def splash_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
   def one(q_GxTxH, k_TxH, v_TxH, seg_T):
     return kernel(q_GxTxH, k_TxH, v_TxH, segment_ids=splash.SegmentIds(seg_T, seg_T))
 
-  per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
-  out = jax.vmap(per_head)(q, k, v, segments)[:, :, :, :t]              # [B, K, G, T, H]
+  run = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))
+  mesh = _context_mesh()
+  if mesh is not None:
+    rows = BATCH_AXES if b % math.prod(mesh.shape[a] for a in BATCH_AXES) == 0 else None
+    heads = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
+    run = jax.shard_map(run, mesh=mesh, in_specs=(
+        PartitionSpec(rows, heads), PartitionSpec(rows, heads), PartitionSpec(rows, heads),
+        PartitionSpec(rows)), out_specs=PartitionSpec(rows, heads), check_vma=False)
+  out = run(q, k, v, segments)[:, :, :, :t]                                # [B, K, G, T, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(v_BxSxKxH.dtype)
