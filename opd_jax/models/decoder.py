@@ -50,7 +50,8 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding table [V, D]."""
+  """Token embedding table [V, D] (on a mesh its rows split over tensor and fsdp, its width
+  whole: see partitioning; the lookup is a plain gather that XLA partitions by row)."""
 
   def __init__(self, vocab_size: int, dim: int, *, dtype):
     self.embedding = nnx.Param(jnp.zeros((vocab_size, dim), dtype))
