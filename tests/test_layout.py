@@ -11,8 +11,9 @@ import textwrap
 # only re-shard an operand by materialising it whole on every device.
 WARNING = "Involuntary full rematerialization"
 
-# Runs the three phases of one OPD step on tiny random models (tied embedding for the teacher:
-# its unembedding is the embedding's transpose), printing a marker before each on stderr.
+# Runs the three phases of one OPD step on tiny random models, printing a marker before each on
+# stderr. The teacher ties its embedding (its unembedding is the embedding's transpose) and
+# scores with blockwise attention over several blocks; the student uses the einsum.
 _PHASES = textwrap.dedent("""
     import dataclasses
     import sys
@@ -30,7 +31,8 @@ _PHASES = textwrap.dedent("""
     config = models.ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=32,
                                 intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                                 head_dim=8, qkv_bias=True)
-    tied = dataclasses.replace(config, tie_word_embeddings=True)
+    tied = dataclasses.replace(config, tie_word_embeddings=True, attention_impl="blockwise",
+                               attention_block_q=8, attention_block_kv=8)
     student = models.init_model(config, mesh=mesh, seed=0)
     teacher = models.init_model(tied, mesh=mesh, seed=1)
     rng = np.random.default_rng(0)
