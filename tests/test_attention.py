@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from opd_jax import models
+from opd_jax import models, sharding
 from opd_jax.models import attention
 from opd_jax.models.attention import CausalMask
 
@@ -113,7 +113,11 @@ def test_auto_picks_the_fused_kernel_of_the_backend_else_by_length():
   assert pick("auto", kv_len=long, dtype=bf16, head_dim=128, factored=True,
               backend="cpu") == "blockwise"
   assert pick("auto", kv_len=64, dtype=bf16, head_dim=128, factored=True, backend="gpu") == "cudnn"
-  assert pick("auto", kv_len=64, dtype=bf16, head_dim=128, factored=True, backend="tpu") == "splash"
+  # Splash only where it can be partitioned: one device, or traced under a mesh (8 fake here).
+  assert pick("auto", kv_len=64, dtype=bf16, head_dim=128, factored=True, backend="tpu") == "xla"
+  with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
+    assert pick("auto", kv_len=64, dtype=bf16, head_dim=128, factored=True,
+                backend="tpu") == "splash"
   # cuDNN takes no float32 and no head_dim outside multiples of 8 up to 128.
   assert pick("auto", kv_len=long, dtype=jnp.float32, head_dim=128, factored=True,
               backend="gpu") == "blockwise"
@@ -277,7 +281,6 @@ def test_trainer_config_applies_the_attention_choice_to_every_model(tmp_path):
 
 @pytest.mark.slow
 def test_splash_kernel_runs_per_device_under_a_mesh():
-  from opd_jax import sharding  # pylint: disable=import-outside-toplevel
   q, k, v = _qkv(9, 20)
   valid = _left_padding(20)
   mask = CausalMask(jnp.asarray(valid))
