@@ -225,7 +225,7 @@ def test_sharded_load_equals_single_device(checkpoints, loaded, mesh):
   q = model.layers.self_attn.q_proj.kernel[...]
   assert q.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
   assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 16)
-  assert model.embed_tokens.embedding[...].sharding.spec == PartitionSpec("tensor", "fsdp")
+  assert model.embed_tokens.embedding[...].sharding.spec == PartitionSpec(("tensor", "fsdp"), None)
   assert model.layers.mlp.down_proj.kernel[...].sharding.spec == PartitionSpec(
       None, "tensor", "fsdp")
   assert model.norm.weight[...].sharding.spec == PartitionSpec(None)
