@@ -186,7 +186,8 @@ def test_model_forward_and_gradients_are_the_same_with_blockwise_attention():
   flat_x = jax.tree.leaves(grads["xla"])
   assert len(flat_b) == len(flat_x) > 0
   for a, b in zip(flat_b, flat_x):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # float32 sums in a different order: errors relative to the parameter's gradient scale.
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()) + 1e-7)
 
 
 def test_prefill_with_blockwise_attention_continues_like_the_einsum():
