@@ -40,11 +40,13 @@ def get_config(arg=None):
   math.data.dataset = "dapo_math_17k"
   math.teacher.path = ""             # set: local OpenThinker3-7B folder
   math.teacher.dtype = "bfloat16"
+  math.teacher.plan_arch = "openthinker3-7b"   # the memory plan's shape while path is ""
   second = configs.task_fields("second")
   second.data.dataset = ""           # set: the second task's registered dataset (placeholder
   #                                    for the paper's ALFWorld, see the docstring)
   second.teacher.path = ""           # set: the second task's teacher folder
   second.teacher.dtype = "bfloat16"
+  second.teacher.plan_arch = "qwen2.5-7b-instruct"  # the paper's ALFWorld teacher's shape
   c.tasks = (math, second)           # iteration s trains task s % 2: 200 + 200 of 400
   c.rollout.top_p = 1.0              # the baseline samples from the full distribution
   c.loss.estimator = "sampled_token"

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opd_jax import losses, models, sharding, topk
-from opd_jax.settings import LossSettings, OptSettings
+from opd_jax.settings import LossSettings, OptSettings, Precision
 
 Array = jax.Array
 PyTree = Any
@@ -80,6 +80,36 @@ def _stats(model, hidden: Array, response: Array, shapes: Shapes, k: int) -> top
   unembed = models.unembedding(model)[:, :shapes.vocab]
   return topk.teacher_topk_from_hidden(hidden, unembed, k=k, sampled_tokens=response,
                                        mesh=shapes.mesh)
+
+
+def compute_config(config: models.ModelConfig, precision: Precision | None
+                   ) -> models.ModelConfig:
+  """The architecture of the compute copy: `config` with the compute dtype (None: unchanged)."""
+  if precision is None or config.dtype == precision.compute_dtype:
+    return config
+  return dataclasses.replace(config, dtype=precision.compute_dtype)
+
+
+def cast_params(params: PyTree, dtype: str | None) -> PyTree:
+  """Floating-point leaves cast to `dtype` (traceable; the identity when dtype is None)."""
+  if dtype is None:
+    return params
+  target = jnp.dtype(dtype)
+  return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, params)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_jit(params: PyTree, dtype: str) -> PyTree:
+  return cast_params(params, dtype)
+
+
+def compute_params(params: PyTree, precision: Precision | None) -> PyTree:
+  """The parameters the sampler and the scoring run on: a compute-dtype copy when the policy is
+  mixed (same shardings; freed by the caller before the update), else `params` themselves."""
+  if precision is None or not precision.mixed:
+    return params
+  return _cast_jit(params, precision.compute_dtype)
 
 
 def _token_mean(x: Array, mask: Array) -> Array:
@@ -196,8 +226,14 @@ def _loss(model, mb: dict, loss: LossSettings, shapes: Shapes) -> tuple[Array, d
 
 @functools.lru_cache(maxsize=16)
 def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings,
-                shapes: Shapes, minibatches: int, total_updates: int):
+                shapes: Shapes, minibatches: int, total_updates: int,
+                precision: Precision | None = None):
   """The jitted `update(state, batch, key) -> (state, metrics)` of one configuration.
+
+  `config` is the architecture in the parameters' dtype. With a mixed `precision`, the loss casts
+  the parameters to the compute dtype inside the differentiated function, so the forward and
+  backward passes run in it while gradients, AdamW moments and updates stay in the parameters'
+  dtype (None: compute in the parameters' dtype).
 
   The batch's rows are split into `minibatches` strided mini-batches (row i goes to mini-batch
   i % minibatches, so each device keeps its rows), one AdamW step each, in a `lax.scan`. Metrics
@@ -206,7 +242,8 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   The state is donated; with a mesh, state and batch keep explicit shardings.
   """
   tx, schedule = make_optimizer(opt, total_updates)
-  graphdef, _ = split_abstract(config)
+  graphdef, _ = split_abstract(compute_config(config, precision))
+  cast_to = precision.compute_dtype if precision is not None and precision.mixed else None
 
   def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
     del key  # no randomness in today's update; the key is part of the update's signature
@@ -217,7 +254,7 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
     mbs = jax.tree.map(split, batch)
 
     def loss_fn(params, mb):
-      return _loss(nnx.merge(graphdef, params), mb, loss, shapes)
+      return _loss(nnx.merge(graphdef, cast_params(params, cast_to)), mb, loss, shapes)
 
     def step(carry, mb):
       params, opt_state, j = carry
@@ -234,7 +271,7 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
     metrics = jax.tree.map(jnp.mean, per_mb)
     metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
     if loss.estimator != "sft":
-      new = nnx.merge(graphdef, params)
+      new = nnx.merge(graphdef, cast_params(params, cast_to))
       hidden = _response_hidden(new, batch["prompt"], batch["prompt_mask"], batch["response"])
       stats = _stats(new, hidden, batch["response"], shapes, 1)
       new_lp = stats.sampled_logits - stats.logsumexp
