@@ -195,8 +195,8 @@ def abstract_model(config, mesh):
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
 
-def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int, mesh
-             ) -> dict[str, Phase]:
+def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int, mesh, *,
+             log: Callable[[str], None] | None = None) -> dict[str, Phase]:
   """Compiles the trainer's programs for abstract inputs and reads their memory and FLOPs.
 
   Args:
@@ -206,6 +206,7 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
       ShapeDtypeStructs with shardings (only shapes, dtypes and shardings are read).
     vocab: the vocabulary shared by student and teachers.
     mesh: the (data, fsdp, tensor) mesh the programs are compiled for.
+    log: where to say each phase's total as soon as it is compiled (None: nowhere).
 
   Returns:
     {phase: Phase} for "rollout", "scoring" and "update" ("update" alone for the sft estimator).
@@ -246,6 +247,11 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
   key = arr(key.shape, key.dtype, rep)
   phases: dict[str, Phase] = {}
 
+  def done(name: str, phase: Phase) -> Phase:
+    if log is not None:
+      log(f"{name}: {_size(phase.total).strip()} per device, compiled in {phase.compile_s:.1f} s")
+    return phase
+
   if s.loss.estimator != "sft":
     r = s.rollout
     banned = tuple(range(vocab, student_config.vocab_size))
@@ -257,9 +263,9 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
                              mesh=mesh)
 
     prompt_args = [arr((n_prompts, p_len), jnp.int32), arr((n_prompts, p_len), bool)]
-    phases["rollout"] = _compile(
+    phases["rollout"] = done("rollout", _compile(
         jax.jit(rollout), [compute] + prompt_args + [key], state_left + teacher_bytes,
-        _named_leaves(compute, "arg student/"))
+        _named_leaves(compute, "arg student/")))
 
     batch = {"prompt": arr((n_rows, p_len), jnp.int32), "prompt_mask": arr((n_rows, p_len), bool),
              "teacher_prompt": arr((n_rows, p_len), jnp.int32),
@@ -281,7 +287,7 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
         worst = phase
         scores = jax.eval_shape(lambda *a, tdef=tdef, score=score: score(
             cdef, a[0], tdef, a[1], a[2])[0], compute, tparams, batch)
-    phases["scoring"] = worst
+    phases["scoring"] = done("scoring", worst)
     ubatch = trainer._update_inputs(s.loss.estimator, scores)  # pylint: disable=protected-access
     ubatch = {k: arr(v.shape, v.dtype) for k, v in ubatch.items()}
   else:
@@ -291,9 +297,10 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
              "loss_mask": arr((n_rows, n_new), bool)}
   update = steps.make_update(student_config, s.loss, s.opt, shapes, s.minibatches, total_updates,
                              precision)
-  phases["update"] = _compile(update, [state, ubatch, key], teacher_bytes,
-                              _named_leaves(state.params, "arg params/") +
-                              _named_leaves(state.opt_state, "arg opt_state/"))
+  phases["update"] = done("update", _compile(
+      update, [state, ubatch, key], teacher_bytes,
+      _named_leaves(state.params, "arg params/") + _named_leaves(state.opt_state,
+                                                                 "arg opt_state/")))
   return phases
 
 
@@ -328,21 +335,27 @@ def table(phases: dict[str, Phase]) -> str:
 
 
 def verdict(phases: dict[str, Phase], budget: float, name: str = "",
-            headroom: float = HEADROOM) -> str:
-  """Whether the plan fits `budget` bytes per device; for each phase that does not, its largest
-  buffers (arguments by name, then the program's own arrays by HLO instruction)."""
+            headroom: float = HEADROOM, *, buffers: bool = True) -> str:
+  """Whether the plan fits `budget` bytes per device; with `buffers`, the largest buffers of each
+  phase that does not (arguments by name, the program's own arrays by HLO instruction, what
+  stays resident)."""
   usable = (1.0 - headroom) * budget
   label = f"{name} ({_size(budget).strip()} per device, {usable / budget:.0%} usable)"
-  lines = []
-  for n, p in phases.items():
-    if p.total > usable:
-      lines.append(f"{n}: {_size(p.total).strip()} per device does not fit {label}; largest "
-                   "buffers:")
-      lines += [f"  {_size(size)}  {what}" for what, size in p.largest]
-  if not lines:
+  over = [n for n, p in phases.items() if p.total > usable]
+  if not over:
     worst = max(phases, key=lambda n: phases[n].total)
-    lines.append(f"fits {label}: largest total {_size(phases[worst].total).strip()} ({worst})")
+    return f"fits {label}: largest total {_size(phases[worst].total).strip()} ({worst})"
+  lines = [f"does not fit {label}: " + ", ".join(
+      f"{n} {_size(phases[n].total).strip()}" for n in over)]
+  if buffers:
+    lines += [largest_buffers(n, phases[n]) for n in over]
   return "\n".join(lines)
+
+
+def largest_buffers(name: str, phase: Phase) -> str:
+  """A phase's largest per-device buffers, one a line."""
+  return "\n".join([f"largest buffers of {name}:"] +
+                   [f"  {_size(size)}  {what}" for what, size in phase.largest])
 
 
 def check_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int, mesh, *,
@@ -423,7 +436,7 @@ def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phas
       f"{s.rollouts_per_step} rollouts; prompt {s.max_prompt_len}, response "
       f"{s.rollout.max_new_tokens}; mini-batch {s.opt.minibatch_size}; estimator "
       f"{s.loss.estimator}, K {s.loss.k}")
-  return plan_run(s, student, [abstract_model(t, mesh) for t in teachers], vocab, mesh)
+  return plan_run(s, student, [abstract_model(t, mesh) for t in teachers], vocab, mesh, log=log)
 
 
 def _describe(config, precision) -> str:
@@ -450,7 +463,11 @@ def main(config, *, devices: int, accelerators: Sequence[str] = (),
   phases = plan_config(config, log=log)
   log(table(phases))
   for n, b in budgets.items():
-    log(verdict(phases, b, n, headroom))
+    log(verdict(phases, b, n, headroom, buffers=False))
+  tightest = min(budgets.values())
+  for n, p in phases.items():
+    if p.total > (1.0 - headroom) * tightest:
+      log(largest_buffers(n, p))
   log(f"planned in {time.perf_counter() - t0:.1f} s")
   out = {"phases": {n: p.summary() for n, p in phases.items()}, "devices": devices,
          "fits": {n: fits(phases, b, headroom) for n, b in budgets.items()}}

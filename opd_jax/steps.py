@@ -272,11 +272,19 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
     metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
     if loss.estimator != "sft":
       new = nnx.merge(graphdef, cast_params(params, cast_to))
-      hidden = _response_hidden(new, batch["prompt"], batch["prompt_mask"], batch["response"])
-      stats = _stats(new, hidden, batch["response"], shapes, 1)
-      new_lp = stats.sampled_logits - stats.logsumexp
-      metrics["policy/kl_before_after"] = _token_mean(batch["behavior_logprobs"] - new_lp,
-                                                      batch["loss_mask"])
+
+      def new_logprobs(mb):
+        mb = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), mb)
+        hidden = _response_hidden(new, mb["prompt"], mb["prompt_mask"], mb["response"])
+        stats = _stats(new, hidden, mb["response"], shapes, 1)
+        return stats.sampled_logits - stats.logsumexp
+
+      # One mini-batch at a time, like the steps: a pass over the whole batch would hold
+      # `minibatches` times the activations of a step.
+      new_lp = jax.lax.map(new_logprobs, {k: mbs[k] for k in ("prompt", "prompt_mask",
+                                                              "response")})
+      metrics["policy/kl_before_after"] = _token_mean(mbs["behavior_logprobs"] - new_lp,
+                                                      mbs["loss_mask"])
     return TrainState(params, opt_state, state.step + 1), metrics
 
   if shapes.mesh is None:

@@ -43,9 +43,9 @@ def test_last_line_is_one_json_object_with_every_phase(planned):
   assert 0 < update["alias"] <= update["args"]
   assert out["fits"] == {"1KB": False, "h100": True}
   text = "\n".join(lines)
-  assert "update: " in text and "does not fit 1KB" in text
+  assert "does not fit 1KB" in text and "largest buffers of update:" in text
   assert "arg params/layers/0/mlp/" in text and "arg student/" in text
-  assert "buffer %" in text and "fits h100" in text
+  assert "buffer %" in text and "fits h100" in text and "resident train state" in text
 
 
 def test_update_numbers_agree_with_memory_analysis_and_shard_sizes(planned):
@@ -86,15 +86,17 @@ def test_update_numbers_agree_with_memory_analysis_and_shard_sizes(planned):
 
 def test_trainer_refuses_a_run_that_cannot_fit_and_names_the_largest_buffers(tmp_path,
                                                                               tiny_arith_dir):
+  # sft: the update is the only program, so the check compiles one.
   c = train_helpers.tiny_config(tmp_path / "w", tiny_arith_dir, **{
       "data.prompts_per_step": 8, "opt.minibatch_size": 8, "data.max_prompt_len": 16,
-      "model.random.num_layers": 1, "teacher.random.num_layers": 1, "mesh.accelerator": "50KB"})
+      "model.random.num_layers": 1, "loss.estimator": "sft", "mesh.accelerator": "50KB"})
   with pytest.raises(plan.DoesNotFit) as info:
     train.run(c, log=lambda _: None)
   text = str(info.value)
   assert "config.mesh.accelerator='50KB': this run cannot fit" in text
-  assert "does not fit 50KB" in text and "largest buffers:" in text
-  assert "arg params/" in text and "arg student/" in text and "resident train state" in text
+  assert "does not fit 50KB" in text and "largest buffers of update:" in text
+  assert "arg params/layers/0/mlp/" in text and "arg opt_state/" in text
+  assert "resident teacher 0 parameters" in text
   assert not (tmp_path / "w" / "metrics.jsonl").exists()   # refused before anything ran
   with pytest.raises(settings.ConfigError, match=r"config.mesh.accelerator='h900' is not "
                      r"accepted; accepted: h100, h200, tpu_v5p, tpu_v5e, or a per-device size"):
