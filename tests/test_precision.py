@@ -136,7 +136,7 @@ def test_compute_copy_casts_and_keeps_shardings_teacher_loads_in_bfloat16(tmp_pa
   copy = steps.compute_params(params, mixed)
   assert _dtypes(copy) == {"bfloat16"}
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(copy)):
-    assert a.sharding == b.sharding
+    assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
     np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
   assert steps.compute_params(params, settings.Precision()) is params
   assert steps.compute_config(CONFIG, mixed).dtype == "bfloat16"
@@ -147,6 +147,7 @@ def test_compute_copy_casts_and_keeps_shardings_teacher_loads_in_bfloat16(tmp_pa
   assert _dtypes(nnx.state(model)) == {"bfloat16"}
 
 
+@pytest.mark.slow
 def test_trainer_keeps_float32_state_while_computing_in_bfloat16(tmp_path, tiny_arith_dir):
   c = train_helpers.tiny_config(tmp_path / "w", tiny_arith_dir, **{
       "model.dtype": "bfloat16", "model.param_dtype": "float32", "teacher.dtype": "bfloat16",
