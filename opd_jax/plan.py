@@ -277,7 +277,8 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
     for i, (tdef, tparams) in enumerate(teachers):
       if any(tdef == d for d, _ in teachers[:i]):
         continue     # the same architecture and dtype compiles to the same program
-      score = functools.partial(steps.score, shapes=shapes, estimator=s.loss.estimator)
+      score = functools.partial(steps.score, shapes=shapes, estimator=s.loss.estimator,
+                                minibatches=s.minibatches)
       score = jax.jit(score, static_argnums=(0, 2))
       others = teacher_bytes[:i] + teacher_bytes[i + 1:]
       phase = _compile(

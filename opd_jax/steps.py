@@ -127,10 +127,38 @@ def _constrain_rows(x: Array, mesh: Mesh | None) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def _split_rows(x: Array, parts: int) -> Array:
+  """[R, ...] -> [parts, R / parts, ...], row i to part i % parts (each device keeps its rows)."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // parts, parts) + x.shape[1:]), 0, 1)
+
+
+def _join_rows(x: Array) -> Array:
+  """The inverse of `_split_rows`."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _score_rows(student, teacher, batch: dict, shapes: Shapes, estimator: str) -> dict:
+  """Per-token scores of some rows: both models' top-k statistics, never [R, N, V]."""
+  batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
+  resp, rmask = batch["response"], batch["response_mask"]
+  s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
+  s = _stats(student, s_hidden, resp, shapes, shapes.k)
+  t_hidden = _response_hidden(teacher, batch["teacher_prompt"], batch["teacher_prompt_mask"],
+                              resp)
+  t = _stats(teacher, t_hidden, resp, shapes, shapes.k)
+  scores = {"behavior_logprobs": jnp.where(rmask, s.sampled_logits - s.logsumexp, 0.0),
+            "teacher_logprobs": jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0),
+            "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
+            "t_sampled": t.sampled_logits, "s_indices": s.indices}
+  if estimator == "full_rkl":
+    scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
+  return scores
+
+
 @functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "shapes",
-                                             "estimator"))
+                                             "estimator", "minibatches"))
 def score(student_def, student_params, teacher_def, teacher_params, batch: dict, *,
-          shapes: Shapes, estimator: str) -> tuple[dict, dict]:
+          shapes: Shapes, estimator: str, minibatches: int = 1) -> tuple[dict, dict]:
   """Teacher scoring of a rollout batch, plus the student's own log-probs before the update.
 
   Args:
@@ -141,6 +169,9 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
       policy_logprobs [R, N] (the sampler's untruncated student log-probs).
     shapes: static vocabulary, top-k and mesh.
     estimator: the loss that will consume the scores.
+    minibatches: score the rows in this many strided parts, one after the other (a divisor of
+      R; the update's mini-batches), so that activations of R / minibatches rows are live at a
+      time. The scores do not depend on it.
 
   Returns:
     (scores, metrics): per-token arrays for the update and the samples page, and scalar
@@ -151,26 +182,24 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
   teacher = nnx.merge(teacher_def, teacher_params)
   resp = batch["response"]
   rmask, lmask = batch["response_mask"], batch["loss_mask"]
-  k = shapes.k
-  s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
-  s = _stats(student, s_hidden, resp, shapes, k)
-  t_hidden = _response_hidden(teacher, batch["teacher_prompt"], batch["teacher_prompt_mask"],
-                              resp)
-  t = _stats(teacher, t_hidden, resp, shapes, k)
-  behavior = jnp.where(rmask, s.sampled_logits - s.logsumexp, 0.0)
-  teacher_lp = jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0)
-  scores = {"behavior_logprobs": behavior, "teacher_logprobs": teacher_lp,
-            "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
-            "t_sampled": t.sampled_logits}
-  if estimator == "full_rkl":
-    scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
-  inside = jnp.any(t.indices == resp[..., None], axis=-1)
-  overlap = jnp.mean(jnp.any(s.indices[..., :, None] == t.indices[..., None, :], axis=-1), -1)
+  rows = {k: batch[k] for k in ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask",
+                                "response", "response_mask")}
+  if minibatches == 1:
+    scores = _score_rows(student, teacher, rows, shapes, estimator)
+  else:
+    per_part = jax.lax.map(lambda mb: _score_rows(student, teacher, mb, shapes, estimator),
+                           jax.tree.map(lambda x: _split_rows(x, minibatches), rows))
+    scores = jax.tree.map(lambda x: _constrain_rows(_join_rows(x), shapes.mesh), per_part)
+  s_indices = scores.pop("s_indices")
+  behavior, teacher_lp = scores["behavior_logprobs"], scores["teacher_logprobs"]
+  t_indices = scores["t_indices"]
+  inside = jnp.any(t_indices == resp[..., None], axis=-1)
+  overlap = jnp.mean(jnp.any(s_indices[..., :, None] == t_indices[..., None, :], axis=-1), -1)
   mismatch = jnp.abs(batch["policy_logprobs"] - behavior)
   metrics = {
       "teacher/logp_gap": _token_mean(teacher_lp - behavior, lmask),
-      "teacher/topk_mass": _token_mean(jnp.sum(jnp.exp(t.logits - t.logsumexp[..., None]), -1),
-                                       lmask),
+      "teacher/topk_mass": _token_mean(
+          jnp.sum(jnp.exp(scores["t_logits"] - scores["t_lse"][..., None]), -1), lmask),
       "teacher/sampled_outside_topk": _token_mean(~inside, lmask),
       "teacher/topk_overlap": _token_mean(overlap, lmask),
       "rollout/logprob_mismatch_max": jnp.max(jnp.where(rmask, mismatch, 0.0)),
@@ -248,10 +277,7 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
     del key  # no randomness in today's update; the key is part of the update's signature
     batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
-    n_rows = batch["response"].shape[0]
-    m = n_rows // minibatches
-    split = lambda x: jnp.swapaxes(x.reshape((m, minibatches) + x.shape[1:]), 0, 1)
-    mbs = jax.tree.map(split, batch)
+    mbs = jax.tree.map(lambda x: _split_rows(x, minibatches), batch)
 
     def loss_fn(params, mb):
       return _loss(nnx.merge(graphdef, cast_params(params, cast_to)), mb, loss, shapes)

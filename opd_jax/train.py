@@ -326,7 +326,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
             graphdef, student, task.teacher_def, task.teacher_params,
             batch | {"teacher_prompt": t_prompt, "teacher_prompt_mask": t_prompt_mask,
                      "policy_logprobs": policy_lp},
-            shapes=shapes, estimator=s.loss.estimator)
+            shapes=shapes, estimator=s.loss.estimator, minibatches=s.minibatches)
         values.update(jax.device_get(score_metrics))
       jax.block_until_ready(scores)
       t2 = time.perf_counter()
