@@ -133,10 +133,11 @@ def hlo_buffers(hlo_text: str, count: int = LARGEST) -> list[tuple[str, int]]:
   """The largest arrays the per-device program materialises, from its optimised HLO text.
 
   Instructions inside fused computations never reach memory and are skipped; so are parameters
-  (the arguments) and instructions that only rename a buffer. Each is named by its instruction
-  and the JAX operation it came from.
+  (the arguments) and instructions that only rename a buffer. Arrays of the same shape made by
+  the same JAX operation (one per layer, say) are grouped: (description, bytes of all of them).
   """
-  found, fused = [], False
+  groups: dict[tuple[str, str], list] = {}
+  fused = False
   for line in hlo_text.splitlines():
     if line and not line[0].isspace():          # a computation's header (or its closing brace)
       fused = line.startswith(("%fused", "%wrapped", "fused", "wrapped"))
@@ -150,7 +151,12 @@ def hlo_buffers(hlo_text: str, count: int = LARGEST) -> list[tuple[str, int]]:
     size = math.prod(dims) * _DTYPE_BYTES[m.group(2)]
     op = _OP_NAME.search(line)
     where = "/".join(op.group(1).split("/")[-3:]) if op else m.group(4)
-    found.append((f"buffer %{m.group(1)} {m.group(2)}[{m.group(3)}] ({where})", size))
+    group = groups.setdefault((f"{m.group(2)}[{m.group(3)}]", where), [0, 0, m.group(1)])
+    group[0] += 1
+    group[1] += size
+  found = [(f"{n} x buffer {shape} ({where}; e.g. %{first})" if n > 1 else
+            f"buffer %{first} {shape} ({where})", total)
+           for (shape, where), (n, total, first) in groups.items()]
   found.sort(key=lambda x: -x[1])
   return found[:count]
 
@@ -170,14 +176,15 @@ def _compile(fn: Callable, args: Sequence, resident: list[tuple[str, int]],
   compiled = fn.lower(*args).compile()
   seconds = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  largest = (sorted(arg_names, key=lambda x: -x[1])[:LARGEST] + hlo_buffers(compiled.as_text())
+  # The largest arguments and the program's own largest arrays, each kind shown.
+  largest = (sorted(arg_names, key=lambda x: -x[1])[:LARGEST // 2]
+             + hlo_buffers(compiled.as_text(), LARGEST - LARGEST // 2)
              + [(f"resident {what}", size) for what, size in resident if size])
   largest.sort(key=lambda x: -x[1])
   return Phase(args=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
                alias=int(mem.alias_size_in_bytes), temp=int(mem.temp_size_in_bytes),
                resident=sum(size for _, size in resident), flops=_cost_flops(compiled),
-               compile_s=seconds,
-               largest=tuple(largest[:LARGEST]))
+               compile_s=seconds, largest=tuple(largest))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,8 +320,8 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
 def _size(x: float) -> str:
   for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
     if abs(x) >= scale:
-      return f"{x / scale:7.2f} {unit}"
-  return f"{x:7.0f} B "
+      return f"{x / scale:8.2f} {unit}"
+  return f"{x:8.0f} B "
 
 
 def fits(phases: dict[str, Phase], budget: float, headroom: float = HEADROOM) -> bool:
@@ -324,11 +331,11 @@ def fits(phases: dict[str, Phase], budget: float, headroom: float = HEADROOM) ->
 
 def table(phases: dict[str, Phase]) -> str:
   """The plan as a table: one row per phase, bytes per device."""
-  lines = [f"{'phase':<9}{'args':>11}{'outputs':>11}{'temp':>11}{'resident':>11}{'total':>11}"
+  lines = [f"{'phase':<9}{'args':>12}{'outputs':>12}{'temp':>12}{'resident':>12}{'total':>12}"
            f"{'TFLOP/dev':>11}{'compile':>9}"]
   for n, p in phases.items():
-    lines.append(f"{n:<9}{_size(p.args):>11}{_size(p.outputs - p.alias):>11}"
-                 f"{_size(p.temp):>11}{_size(p.resident):>11}{_size(p.total):>11}"
+    lines.append(f"{n:<9}{_size(p.args):>12}{_size(p.outputs - p.alias):>12}"
+                 f"{_size(p.temp):>12}{_size(p.resident):>12}{_size(p.total):>12}"
                  f"{p.flops / 1e12:11.2f}{p.compile_s:8.1f}s")
   lines.append("(per device; outputs exclude those written into donated arguments; resident = "
                "what other phases keep on the device meanwhile; FLOPs count each loop body once)")

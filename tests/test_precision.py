@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER = ("math_lsm", "math_lsm_mask", "math_sampled_opd", "math_sampled_opd_mask", "ablation_k",
          "ablation_support", "ablation_top_p", "multitask_lsm", "multitask_sampled_opd")
 CONFIG = models.ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=32,
-                            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                             head_dim=8, qkv_bias=True, max_position_embeddings=64)
 
 
