@@ -134,7 +134,8 @@ def hlo_buffers(hlo_text: str, count: int = LARGEST) -> list[tuple[str, int]]:
 
   Instructions inside fused computations never reach memory and are skipped; so are parameters
   (the arguments) and instructions that only rename a buffer. Arrays of the same shape made by
-  the same JAX operation (one per layer, say) are grouped: (description, bytes of all of them).
+  the same JAX operation (one per layer, say) are listed once with their count: (description,
+  bytes of one; XLA may place several in the same memory, so counts are not added up).
   """
   groups: dict[tuple[str, str], list] = {}
   fused = False
@@ -151,12 +152,11 @@ def hlo_buffers(hlo_text: str, count: int = LARGEST) -> list[tuple[str, int]]:
     size = math.prod(dims) * _DTYPE_BYTES[m.group(2)]
     op = _OP_NAME.search(line)
     where = "/".join(op.group(1).split("/")[-3:]) if op else m.group(4)
-    group = groups.setdefault((f"{m.group(2)}[{m.group(3)}]", where), [0, 0, m.group(1)])
+    group = groups.setdefault((f"{m.group(2)}[{m.group(3)}]", where), [0, size, m.group(1)])
     group[0] += 1
-    group[1] += size
-  found = [(f"{n} x buffer {shape} ({where}; e.g. %{first})" if n > 1 else
-            f"buffer %{first} {shape} ({where})", total)
-           for (shape, where), (n, total, first) in groups.items()]
+  found = [(f"buffer {shape} ({where}; {n} such, e.g. %{first})" if n > 1 else
+            f"buffer %{first} {shape} ({where})", size)
+           for (shape, where), (n, size, first) in groups.items()]
   found.sort(key=lambda x: -x[1])
   return found[:count]
 
