@@ -17,7 +17,13 @@ def model_fields(path: str = "") -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.path = path            # local Hugging Face checkpoint folder (config.json + safetensors)
   m.tokenizer = ""         # tokenizer folder; "" = the checkpoint folder
-  m.dtype = "float32"      # parameter and compute dtype: float32 | bfloat16 (logits stay float32)
+  m.dtype = "float32"      # compute dtype: float32 | bfloat16 (logits and losses stay float32)
+  # Mixed precision (docs/design.md, "Precision"): the dtype parameters and optimizer state are
+  # kept in; "" = dtype. A student computing in bfloat16 keeps float32 parameters.
+  m.param_dtype = ""
+  # Memory plan only (opd_jax.plan), while path is "": the architecture to plan for, a built-in
+  # name (opd_jax.plan.ARCHITECTURES) or a config.json file; "" = the random shape below.
+  m.plan_arch = ""
   m.remat = "none"         # per-layer recompute in the update: none | dots (keep matmuls) | full
   m.attention = "auto"     # attention kernel: auto | xla | blockwise | cudnn | splash (see
   #                          opd_jax.models.attention; auto: cuDNN on GPU, splash on TPU, else
@@ -120,6 +126,9 @@ def opd() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1                  # fully-sharded axis size (parameters and batch)
   c.mesh.tensor = 1                # tensor-parallel axis size (heads, MLP, vocabulary)
   c.mesh.distributed = False       # call jax.distributed.initialize() (multi-host runs)
+  # Memory plan at start-up (opd_jax.plan): refuse a run whose per-device memory exceeds this
+  # accelerator: "" = no check | h100 | h200 | tpu_v5p | tpu_v5e | a size such as "40GB".
+  c.mesh.accelerator = ""
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50          # save every this many iterations (and at the end)
@@ -164,7 +173,12 @@ def table_a1_math(c: ml_collections.ConfigDict) -> None:
   c.experiment = "opd_eval"          # the trainer with the math evaluator (opd_jax.evaluate)
   c.model.path = ""                  # set: local Qwen2.5-7B-Instruct folder (the student)
   c.teacher.path = ""                # set: local OpenThinker3-7B folder (same vocabulary)
-  c.model.dtype = c.teacher.dtype = "bfloat16"
+  c.model.plan_arch, c.teacher.plan_arch = "qwen2.5-7b-instruct", "openthinker3-7b"
+  # Precision: the student keeps float32 parameters and AdamW moments and computes in bfloat16;
+  # the teacher (no optimizer state) is stored and run in bfloat16.
+  c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
+  c.teacher.dtype = "bfloat16"
+  c.mesh.accelerator = "h100"        # refuse to start if a phase cannot fit 80 GB per device
   c.data.dataset = "dapo_math_17k"   # English part, deduplicated; data.source = its parquet
   c.data.max_prompt_len = 2048
   c.data.prompts_per_step = 16       # 16 prompts x 8 rollouts = 128 rollouts per step
@@ -186,6 +200,8 @@ def smoke_math(c: ml_collections.ConfigDict) -> None:
   """2 steps of tiny prompts and responses (CPU); model paths are still needed."""
   c.steps = 2
   c.model.dtype = c.teacher.dtype = "float32"
+  c.model.param_dtype = ""
+  c.mesh.accelerator = ""
   # Random smoke models emit arbitrary id sequences, which a BPE tokenizer re-encodes
   # differently (non-canonical splits): log the re-tokenisation mismatch, do not stop on it.
   c.data.retokenize_max_fraction = 1.0

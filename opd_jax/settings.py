@@ -68,15 +68,43 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class Precision:
+  """The mixed-precision policy of one model (docs/design.md, "Precision").
+
+  Parameters (and, for the student, the AdamW moments) are stored in `param_dtype`; matrix
+  products and activations run in `compute_dtype` on a copy cast from them; logits, log-probs and
+  losses are float32 whatever both are. Gradients flow through the cast back to the parameters.
+  """
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+
+  def __post_init__(self):
+    for field in ("param_dtype", "compute_dtype"):
+      if getattr(self, field) not in DTYPES:
+        raise ConfigError(f"Precision.{field}={getattr(self, field)!r} is not accepted; "
+                          f"accepted: {', '.join(DTYPES)}")
+
+  @property
+  def mixed(self) -> bool:
+    """Whether computing needs a cast copy of the parameters."""
+    return self.param_dtype != self.compute_dtype
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSource:
   """Where a model's weights come from (a local HF folder, or random weights of a shape)."""
   path: str
   tokenizer: str
-  dtype: str
+  dtype: str                            # compute dtype
   random: tuple[tuple[str, Any], ...]   # the random-init shape, as sorted (name, value) pairs
+  param_dtype: str = ""                 # storage dtype of parameters ("" = dtype)
   remat: str = "none"                   # rematerialisation policy of each layer (ModelConfig)
   attention: str = "auto"               # ModelConfig.attention_impl
   attention_block: int = 512            # ModelConfig.attention_block_q and _kv
+
+  @property
+  def precision(self) -> Precision:
+    return Precision(self.param_dtype or self.dtype, self.dtype)
 
   def apply_runtime(self, config: ModelConfig) -> ModelConfig:
     """`config` with this source's runtime choices (remat, attention; never in config.json)."""
@@ -85,9 +113,17 @@ class ModelSource:
                                attention_block_kv=self.attention_block)
 
   @classmethod
-  def from_config(cls, m: Mapping, name: str) -> "ModelSource":
+  def from_config(cls, m: Mapping, name: str, *, trained: bool = True) -> "ModelSource":
+    """Checks one model's settings; `trained` is False for a teacher (no optimizer state)."""
     if m["dtype"] not in DTYPES:
       _fail(f"{name}.dtype", m["dtype"], f"accepted: {', '.join(DTYPES)}")
+    param_dtype = m.get("param_dtype", "")
+    if param_dtype not in ("",) + DTYPES:
+      _fail(f"{name}.param_dtype", param_dtype, f"accepted: '' (= {name}.dtype), "
+            f"{', '.join(DTYPES)}")
+    if not trained and param_dtype not in ("", m["dtype"]):
+      _fail(f"{name}.param_dtype", param_dtype, f"a teacher is never updated, so it is stored in "
+            f"the dtype it computes in: leave it '' and set {name}.dtype")
     if m["remat"] not in REMAT_POLICIES:
       _fail(f"{name}.remat", m["remat"], f"accepted: {', '.join(REMAT_POLICIES)}")
     if m["attention"] not in ATTENTION_IMPLEMENTATIONS:
@@ -99,8 +135,8 @@ class ModelSource:
         _fail(f"{name}.{key}", m[key], "expected an existing local folder (Hugging Face "
               "checkpoint / tokenizer files); nothing is downloaded")
     return cls(m["path"], m["tokenizer"] or m["path"], m["dtype"],
-               tuple(sorted(dict(m["random"]).items())), m["remat"], m["attention"],
-               m["attention_block"])
+               tuple(sorted(dict(m["random"]).items())), param_dtype or m["dtype"], m["remat"],
+               m["attention"], m["attention_block"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +253,7 @@ class TrainSettings:
   opt: OptSettings
   mesh: tuple[int, int, int]
   distributed: bool
+  accelerator: str          # memory plan checked at start-up against this ("" = no check)
   mask_strings: tuple[str, ...]
   eval_every: int
   checkpoint_every: int
@@ -250,7 +287,7 @@ class TrainSettings:
     tasks = tuple(_task(t, i) for i, t in enumerate(c["tasks"]))
     if not tasks:
       tasks = (Task(data["dataset"], DatasetSource.from_config(data, "data"),
-                    ModelSource.from_config(c["teacher"], "teacher")),)
+                    ModelSource.from_config(c["teacher"], "teacher", trained=False)),)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
       _fail("tasks", names, "task names (or datasets) must be distinct")
@@ -293,6 +330,8 @@ class TrainSettings:
             f"the {rollouts} rollouts per step (data.prompts_per_step={data['prompts_per_step']} "
             f"x rollout.num_samples={r['num_samples']}) must split into whole mini-batches")
     m = c["mesh"]
+    if m["accelerator"]:
+      memory_budget(m["accelerator"], "mesh.accelerator")
     for key in ("every", "keep"):
       _positive(ck, key, "checkpoint.")
     if ck["init"] and not os.path.isdir(ck["init"]):
@@ -320,6 +359,7 @@ class TrainSettings:
                         float(o["b1"]), float(o["b2"]), float(o["eps"]),
                         float(o["weight_decay"]), none_if_zero(o["grad_clip"])),
         mesh=(m["data"], m["fsdp"], m["tensor"]), distributed=m["distributed"],
+        accelerator=m["accelerator"],
         mask_strings=tuple(lo["mask_strings"]), eval_every=c["eval"]["every"],
         checkpoint_every=ck["every"], checkpoint_keep=ck["keep"],
         checkpoint_async=ck["async_save"], checkpoint_init=ck["init"], log_every=lg["every"],
@@ -333,13 +373,36 @@ def _task(t: Mapping, i: int) -> Task:
   if t["environment"]:
     env = EnvironmentSource.from_config(t, f"tasks[{i}]")
     return Task(t["name"] or t["environment"], None,
-                ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"), env)
+                ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher", trained=False), env)
   if not t["data"]["dataset"]:
     _fail(f"tasks[{i}].data.dataset", t["data"]["dataset"], "name a registered dataset (e.g. "
           f"tiny_arith), or set tasks[{i}].environment for an environment task")
   data = DatasetSource.from_config(t["data"], f"tasks[{i}].data")
   return Task(t["name"] or t["data"]["dataset"], data,
-              ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher"))
+              ModelSource.from_config(t["teacher"], f"tasks[{i}].teacher", trained=False))
+
+
+# Per-device memory of the accelerators the memory plan knows by name (decimal GB, as sold).
+ACCELERATORS = {"h100": 80e9, "h200": 141e9, "tpu_v5p": 95e9, "tpu_v5e": 16e9}
+_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def memory_budget(accelerator: str, name: str = "accelerator") -> float:
+  """Bytes per device of an accelerator name (ACCELERATORS) or a size such as "40GB"."""
+  key = accelerator.strip()
+  if key.lower() in ACCELERATORS:
+    return ACCELERATORS[key.lower()]
+  unit = key[-2:].upper()
+  if unit in _UNITS:
+    try:
+      value = float(key[:-2])
+    except ValueError:
+      value = -1.0
+    if value > 0:
+      return value * _UNITS[unit]
+  _fail(name, accelerator, f"accepted: {', '.join(ACCELERATORS)}, or a per-device size such as "
+        "'40GB' (units KB, MB, GB, TB)")
+  raise AssertionError  # unreachable: _fail raises
 
 
 def _positive(d: Mapping, key: str, prefix: str = "") -> None:

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from opd_jax import losses, models, sharding, topk
-from opd_jax.settings import LossSettings, OptSettings
+from opd_jax.settings import LossSettings, OptSettings, Precision
 
 Array = jax.Array
 PyTree = Any
@@ -82,6 +82,36 @@ def _stats(model, hidden: Array, response: Array, shapes: Shapes, k: int) -> top
                                        mesh=shapes.mesh)
 
 
+def compute_config(config: models.ModelConfig, precision: Precision | None
+                   ) -> models.ModelConfig:
+  """The architecture of the compute copy: `config` with the compute dtype (None: unchanged)."""
+  if precision is None or config.dtype == precision.compute_dtype:
+    return config
+  return dataclasses.replace(config, dtype=precision.compute_dtype)
+
+
+def cast_params(params: PyTree, dtype: str | None) -> PyTree:
+  """Floating-point leaves cast to `dtype` (traceable; the identity when dtype is None)."""
+  if dtype is None:
+    return params
+  target = jnp.dtype(dtype)
+  return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, params)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_jit(params: PyTree, dtype: str) -> PyTree:
+  return cast_params(params, dtype)
+
+
+def compute_params(params: PyTree, precision: Precision | None) -> PyTree:
+  """The parameters the sampler and the scoring run on: a compute-dtype copy when the policy is
+  mixed (same shardings; freed by the caller before the update), else `params` themselves."""
+  if precision is None or not precision.mixed:
+    return params
+  return _cast_jit(params, precision.compute_dtype)
+
+
 def _token_mean(x: Array, mask: Array) -> Array:
   return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
@@ -97,10 +127,38 @@ def _constrain_rows(x: Array, mesh: Mesh | None) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def _split_rows(x: Array, parts: int) -> Array:
+  """[R, ...] -> [parts, R / parts, ...], row i to part i % parts (each device keeps its rows)."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // parts, parts) + x.shape[1:]), 0, 1)
+
+
+def _join_rows(x: Array) -> Array:
+  """The inverse of `_split_rows`."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _score_rows(student, teacher, batch: dict, shapes: Shapes, estimator: str) -> dict:
+  """Per-token scores of some rows: both models' top-k statistics, never [R, N, V]."""
+  batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
+  resp, rmask = batch["response"], batch["response_mask"]
+  s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
+  s = _stats(student, s_hidden, resp, shapes, shapes.k)
+  t_hidden = _response_hidden(teacher, batch["teacher_prompt"], batch["teacher_prompt_mask"],
+                              resp)
+  t = _stats(teacher, t_hidden, resp, shapes, shapes.k)
+  scores = {"behavior_logprobs": jnp.where(rmask, s.sampled_logits - s.logsumexp, 0.0),
+            "teacher_logprobs": jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0),
+            "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
+            "t_sampled": t.sampled_logits, "s_indices": s.indices}
+  if estimator == "full_rkl":
+    scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
+  return scores
+
+
 @functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "shapes",
-                                             "estimator"))
+                                             "estimator", "minibatches"))
 def score(student_def, student_params, teacher_def, teacher_params, batch: dict, *,
-          shapes: Shapes, estimator: str) -> tuple[dict, dict]:
+          shapes: Shapes, estimator: str, minibatches: int = 1) -> tuple[dict, dict]:
   """Teacher scoring of a rollout batch, plus the student's own log-probs before the update.
 
   Args:
@@ -113,6 +171,9 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
       episode's observation tokens are real response tokens the sampler did not draw).
     shapes: static vocabulary, top-k and mesh.
     estimator: the loss that will consume the scores.
+    minibatches: score the rows in this many strided parts, one after the other (a divisor of
+      R; the update's mini-batches), so that activations of R / minibatches rows are live at a
+      time. The scores do not depend on it.
 
   Returns:
     (scores, metrics): per-token arrays for the update and the samples page, and scalar
@@ -123,27 +184,25 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
   teacher = nnx.merge(teacher_def, teacher_params)
   resp = batch["response"]
   rmask, lmask = batch["response_mask"], batch["loss_mask"]
-  k = shapes.k
-  s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
-  s = _stats(student, s_hidden, resp, shapes, k)
-  t_hidden = _response_hidden(teacher, batch["teacher_prompt"], batch["teacher_prompt_mask"],
-                              resp)
-  t = _stats(teacher, t_hidden, resp, shapes, k)
-  behavior = jnp.where(rmask, s.sampled_logits - s.logsumexp, 0.0)
-  teacher_lp = jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0)
-  scores = {"behavior_logprobs": behavior, "teacher_logprobs": teacher_lp,
-            "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
-            "t_sampled": t.sampled_logits}
-  if estimator == "full_rkl":
-    scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
-  inside = jnp.any(t.indices == resp[..., None], axis=-1)
-  overlap = jnp.mean(jnp.any(s.indices[..., :, None] == t.indices[..., None, :], axis=-1), -1)
+  rows = {k: batch[k] for k in ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask",
+                                "response", "response_mask")}
+  if minibatches == 1:
+    scores = _score_rows(student, teacher, rows, shapes, estimator)
+  else:
+    per_part = jax.lax.map(lambda mb: _score_rows(student, teacher, mb, shapes, estimator),
+                           jax.tree.map(lambda x: _split_rows(x, minibatches), rows))
+    scores = jax.tree.map(lambda x: _constrain_rows(_join_rows(x), shapes.mesh), per_part)
+  s_indices = scores.pop("s_indices")
+  behavior, teacher_lp = scores["behavior_logprobs"], scores["teacher_logprobs"]
+  t_indices = scores["t_indices"]
+  inside = jnp.any(t_indices == resp[..., None], axis=-1)
+  overlap = jnp.mean(jnp.any(s_indices[..., :, None] == t_indices[..., None, :], axis=-1), -1)
   sampled = batch.get("sampled_mask", rmask)
   mismatch = jnp.abs(batch["policy_logprobs"] - behavior)
   metrics = {
       "teacher/logp_gap": _token_mean(teacher_lp - behavior, lmask),
-      "teacher/topk_mass": _token_mean(jnp.sum(jnp.exp(t.logits - t.logsumexp[..., None]), -1),
-                                       lmask),
+      "teacher/topk_mass": _token_mean(
+          jnp.sum(jnp.exp(scores["t_logits"] - scores["t_lse"][..., None]), -1), lmask),
       "teacher/sampled_outside_topk": _token_mean(~inside, lmask),
       "teacher/topk_overlap": _token_mean(overlap, lmask),
       "rollout/logprob_mismatch_max": jnp.max(jnp.where(sampled, mismatch, 0.0)),
@@ -199,8 +258,14 @@ def _loss(model, mb: dict, loss: LossSettings, shapes: Shapes) -> tuple[Array, d
 
 @functools.lru_cache(maxsize=16)
 def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings,
-                shapes: Shapes, minibatches: int, total_updates: int):
+                shapes: Shapes, minibatches: int, total_updates: int,
+                precision: Precision | None = None):
   """The jitted `update(state, batch, key) -> (state, metrics)` of one configuration.
+
+  `config` is the architecture in the parameters' dtype. With a mixed `precision`, the loss casts
+  the parameters to the compute dtype inside the differentiated function, so the forward and
+  backward passes run in it while gradients, AdamW moments and updates stay in the parameters'
+  dtype (None: compute in the parameters' dtype).
 
   The batch's rows are split into `minibatches` strided mini-batches (row i goes to mini-batch
   i % minibatches, so each device keeps its rows), one AdamW step each, in a `lax.scan`. Metrics
@@ -209,18 +274,16 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   The state is donated; with a mesh, state and batch keep explicit shardings.
   """
   tx, schedule = make_optimizer(opt, total_updates)
-  graphdef, _ = split_abstract(config)
+  graphdef, _ = split_abstract(compute_config(config, precision))
+  cast_to = precision.compute_dtype if precision is not None and precision.mixed else None
 
   def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
     del key  # no randomness in today's update; the key is part of the update's signature
     batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
-    n_rows = batch["response"].shape[0]
-    m = n_rows // minibatches
-    split = lambda x: jnp.swapaxes(x.reshape((m, minibatches) + x.shape[1:]), 0, 1)
-    mbs = jax.tree.map(split, batch)
+    mbs = jax.tree.map(lambda x: _split_rows(x, minibatches), batch)
 
     def loss_fn(params, mb):
-      return _loss(nnx.merge(graphdef, params), mb, loss, shapes)
+      return _loss(nnx.merge(graphdef, cast_params(params, cast_to)), mb, loss, shapes)
 
     def step(carry, mb):
       params, opt_state, j = carry
@@ -237,12 +300,20 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
     metrics = jax.tree.map(jnp.mean, per_mb)
     metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
     if loss.estimator != "sft":
-      new = nnx.merge(graphdef, params)
-      hidden = _response_hidden(new, batch["prompt"], batch["prompt_mask"], batch["response"])
-      stats = _stats(new, hidden, batch["response"], shapes, 1)
-      new_lp = stats.sampled_logits - stats.logsumexp
-      metrics["policy/kl_before_after"] = _token_mean(batch["behavior_logprobs"] - new_lp,
-                                                      batch["loss_mask"])
+      new = nnx.merge(graphdef, cast_params(params, cast_to))
+
+      def new_logprobs(mb):
+        mb = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), mb)
+        hidden = _response_hidden(new, mb["prompt"], mb["prompt_mask"], mb["response"])
+        stats = _stats(new, hidden, mb["response"], shapes, 1)
+        return stats.sampled_logits - stats.logsumexp
+
+      # One mini-batch at a time, like the steps: a pass over the whole batch would hold
+      # `minibatches` times the activations of a step.
+      new_lp = jax.lax.map(new_logprobs, {k: mbs[k] for k in ("prompt", "prompt_mask",
+                                                              "response")})
+      metrics["policy/kl_before_after"] = _token_mean(mbs["behavior_logprobs"] - new_lp,
+                                                      mbs["loss_mask"])
     return TrainState(params, opt_state, state.step + 1), metrics
 
   if shapes.mesh is None:

@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, environments, masking, metrics, models, sampling, settings,
-                     sharding, steps)
+from opd_jax import (checkpoint, environments, masking, metrics, models, plan, sampling,
+                     settings, sharding, steps)
 from opd_jax.data import order, prompts, registry
 from opd_jax.settings import ConfigError, ModelSource, Task, TrainSettings
 
@@ -68,23 +68,25 @@ class EnvironmentRuntime:
 
 
 def model_config_of(source: ModelSource, vocab: int) -> models.ModelConfig:
-  """The architecture of a model source: its config.json, or the configured random shape."""
+  """The architecture of a model source (in its parameters' dtype): its config.json, or the
+  configured random shape."""
   if source.path:
     hf = json.loads((pathlib.Path(source.path) / "config.json").read_text())
-    return source.apply_runtime(models.config_from_hf(hf, dtype=source.dtype))
+    return source.apply_runtime(models.config_from_hf(hf, dtype=source.precision.param_dtype))
   r = dict(source.random)
   heads = r["num_heads"]
   return source.apply_runtime(models.ModelConfig(
       model_type="qwen2", vocab_size=r["vocab_size"] or vocab, hidden_size=r["hidden_size"],
       intermediate_size=r["intermediate_size"], num_layers=r["num_layers"], num_heads=heads,
       num_kv_heads=r["num_kv_heads"], head_dim=r["hidden_size"] // heads, qkv_bias=True,
-      max_position_embeddings=1 << 16, dtype=source.dtype))
+      max_position_embeddings=1 << 16, dtype=source.precision.param_dtype))
 
 
 def load_model(source: ModelSource, vocab: int, *, seed: int, mesh) -> models.Decoder:
   """The model's weights: its Hugging Face folder, or random (seeded) weights of its shape."""
   if source.path:
-    model, _ = models.load_hf_checkpoint(source.path, dtype=jnp.dtype(source.dtype), mesh=mesh)
+    dtype = jnp.dtype(source.precision.param_dtype)
+    model, _ = models.load_hf_checkpoint(source.path, dtype=dtype, mesh=mesh)
     return models.decoder.with_config(model, source.apply_runtime(model.config))
   return models.init_model(model_config_of(source, vocab), seed=seed, mesh=mesh,
                            std=dict(source.random)["init_std"])
@@ -328,6 +330,9 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
   tasks = [_open_task(t, i, s, workdir, tokenizer, mesh) for i, t in enumerate(s.tasks)]
   vocab = min([len(tokenizer), student_config.vocab_size] + [t.teacher_vocab for t in tasks])
   _check_layout(s, mesh, vocab)
+  if s.accelerator:  # the three programs' memory per device, before any weights of the student
+    plan.check_run(s, student_config, [(t.teacher_def, t.teacher_params) for t in tasks], vocab,
+                   mesh, log=say)
   # Rows past the shared vocabulary are padding of some embedding: never sample them.
   banned = tuple(masking.ids_for_strings(tokenizer, s.rollout.banned_strings)) + tuple(
       range(vocab, student_config.vocab_size))
@@ -341,9 +346,13 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
                                  keep=s.checkpoint_keep, async_save=s.checkpoint_async)
   state, start = _initial_state(s, student_config, vocab, ckpt, mesh, total_updates, say)
   writer.truncate_after(start)
-  graphdef, _ = steps.split_abstract(student_config)
+  # Sampling, scoring and evaluation run on a compute-dtype copy of the parameters (the same
+  # arrays when the precision is not mixed); the update casts inside its loss.
+  precision = s.model.precision
+  graphdef, _ = steps.split_abstract(steps.compute_config(student_config, precision))
   shapes = steps.Shapes(vocab=vocab, k=max(s.loss.k, steps.MIN_TEACHER_TOPK), mesh=mesh)
-  update = steps.make_update(student_config, s.loss, s.opt, shapes, s.minibatches, total_updates)
+  update = steps.make_update(student_config, s.loss, s.opt, shapes, s.minibatches, total_updates,
+                             precision)
   root = jax.random.key(s.seed)
   sft = s.loss.estimator == "sft"
   rows = s.rollouts_per_step if sft else s.prompts_per_step
@@ -353,7 +362,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
   def evaluate(step: int) -> dict[str, float]:
     if evaluator is None:
       return {}
-    out = evaluator(step, nnx.merge(graphdef, state.params))
+    out = evaluator(step, nnx.merge(graphdef, steps.compute_params(state.params, precision)))
     return {f"eval/{k}": float(v) for k, v in out.items()}
 
   pending_eval = evaluate(0) if start == 0 and s.eval_every else {}
@@ -363,6 +372,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
     for step in range(start, s.steps):
       t0 = time.perf_counter()
       task = tasks[step % len(tasks)]
+      student = None if sft else steps.compute_params(state.params, precision)
       key = jax.random.fold_in(root, step)
       episodes = None
       if task.env is None:
@@ -373,7 +383,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
         t_prompt, t_prompt_mask = prompts.left_pad([e.teacher_prompt for e in enc], 0, pt_len)
       if task.env is not None:
         episodes, t_prompt, t_prompt_mask = _environment_rollout(
-            task, s, step, nnx.merge(graphdef, state.params), jax.random.fold_in(key, 0), mesh,
+            task, s, step, nnx.merge(graphdef, student), jax.random.fold_in(key, 0), mesh,
             banned, stop_ids, vocab)
         prompt, prompt_mask, response, response_mask, student_mask, policy_lp = _global_rows(
             mesh, episodes.prompt, episodes.prompt_mask, episodes.response,
@@ -390,7 +400,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
         prompt, prompt_mask = _global_rows(mesh, prompt, prompt_mask)
         g = s.rollout.num_samples
         rollout = sampling.sample(
-            nnx.merge(graphdef, state.params), prompt, prompt_mask, jax.random.fold_in(key, 0),
+            nnx.merge(graphdef, student), prompt, prompt_mask, jax.random.fold_in(key, 0),
             max_new_tokens=s.rollout.max_new_tokens, temperature=s.rollout.temperature,
             top_p=s.rollout.top_p, top_k=s.rollout.top_k, banned_token_ids=banned,
             stop_token_ids=stop_ids, num_samples=g, mesh=mesh)
@@ -413,10 +423,10 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       scores = {}
       if not sft:
         scores, score_metrics = steps.score(
-            graphdef, state.params, task.teacher_def, task.teacher_params,
+            graphdef, student, task.teacher_def, task.teacher_params,
             batch | {"teacher_prompt": t_prompt, "teacher_prompt_mask": t_prompt_mask,
                      "policy_logprobs": policy_lp} | sampled,
-            shapes=shapes, estimator=s.loss.estimator)
+            shapes=shapes, estimator=s.loss.estimator, minibatches=s.minibatches)
         values.update(jax.device_get(score_metrics))
       jax.block_until_ready(scores)
       t2 = time.perf_counter()
@@ -431,6 +441,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
                       for k in ("response", "response_mask", "loss_mask")}
         page_scores = {k: sharding.to_host(scores[k]) for k in (
             "teacher_logprobs", "behavior_logprobs", "t_indices", "t_logits", "t_lse")}
+      del student  # the compute copy is not needed (nor kept in memory) during the update
       state, update_metrics = update(state, ubatch, key)
       # On-policy: the next rollout needs these parameters, so reading the metrics now costs no
       # overlap; it lets a non-finite step stop the run before anything of it is saved.

@@ -212,6 +212,22 @@ def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
     np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+def test_scoring_in_minibatches_gives_the_same_scores():
+  config = models.ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=32,
+                              intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                              head_dim=8, qkv_bias=True, max_position_embeddings=64)
+  mesh = sharding.make_mesh(2, 2, 2)
+  batch = _synthetic_batch(np.random.default_rng(1), 16, 8, 6, 16, 4)
+  placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  s_def, s_params = nnx.split(models.init_model(config, seed=0, mesh=mesh, std=0.3))
+  t_def, t_params = nnx.split(models.init_model(config, seed=1, mesh=mesh, std=0.3))
+  shapes = steps.Shapes(vocab=16, k=4, mesh=mesh)
+  whole, split = (jax.device_get(steps.score(s_def, s_params, t_def, t_params, placed,
+                                             shapes=shapes, estimator="lsm", minibatches=n))
+                  for n in (1, 2))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), whole, split)
+
+
 # ----------------------------------------------------------------------------------------------
 # kill and resume
 # ----------------------------------------------------------------------------------------------
