@@ -19,6 +19,10 @@ def model_fields(path: str = "") -> ml_collections.ConfigDict:
   m.tokenizer = ""         # tokenizer folder; "" = the checkpoint folder
   m.dtype = "float32"      # parameter and compute dtype: float32 | bfloat16 (logits stay float32)
   m.remat = "none"         # per-layer recompute in the update: none | dots (keep matmuls) | full
+  m.attention = "auto"     # attention kernel: auto | xla | blockwise | cudnn | splash (see
+  #                          opd_jax.models.attention; auto: cuDNN on GPU, splash on TPU, else
+  #                          blockwise from 1024 keys and one einsum below)
+  m.attention_block = 512  # blockwise attention: query rows and keys per block
   # With path == "": a randomly initialised Qwen2-style decoder of this shape (tests, smoke runs).
   m.random = ml_collections.ConfigDict(dict(
       vocab_size=0,        # 0: the tokenizer's vocabulary size

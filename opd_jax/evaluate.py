@@ -475,8 +475,9 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
                      "config.model.path")
   tok = models.load_tokenizer(tok_dir)
   if _is_hf_folder(folder):
-    dtype = ModelSource.from_config(config.model, "model").dtype
-    model, _ = models.load_hf_checkpoint(folder, dtype=jnp.dtype(dtype), mesh=mesh)
+    source = ModelSource.from_config(config.model, "model")
+    model, _ = models.load_hf_checkpoint(folder, dtype=jnp.dtype(source.dtype), mesh=mesh)
+    model = models.decoder.with_config(model, source.apply_runtime(model.config))
     return model, tok, 0, folder.name
   ckdir = _checkpoint_dir(folder)
   run = config.copy_and_resolve_references()

@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 
 from opd_jax import configs
-from opd_jax.models.config import REMAT_POLICIES
+from opd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelConfig
 
 ESTIMATORS = ("lsm", "sampled_token", "full_rkl", "sft")
 LSM_SUPPORTS = ("teacher", "teacher+sampled")
@@ -75,6 +75,14 @@ class ModelSource:
   dtype: str
   random: tuple[tuple[str, Any], ...]   # the random-init shape, as sorted (name, value) pairs
   remat: str = "none"                   # rematerialisation policy of each layer (ModelConfig)
+  attention: str = "auto"               # ModelConfig.attention_impl
+  attention_block: int = 512            # ModelConfig.attention_block_q and _kv
+
+  def apply_runtime(self, config: ModelConfig) -> ModelConfig:
+    """`config` with this source's runtime choices (remat, attention; never in config.json)."""
+    return dataclasses.replace(config, remat=self.remat, attention_impl=self.attention,
+                               attention_block_q=self.attention_block,
+                               attention_block_kv=self.attention_block)
 
   @classmethod
   def from_config(cls, m: Mapping, name: str) -> "ModelSource":
@@ -82,12 +90,17 @@ class ModelSource:
       _fail(f"{name}.dtype", m["dtype"], f"accepted: {', '.join(DTYPES)}")
     if m["remat"] not in REMAT_POLICIES:
       _fail(f"{name}.remat", m["remat"], f"accepted: {', '.join(REMAT_POLICIES)}")
+    if m["attention"] not in ATTENTION_IMPLEMENTATIONS:
+      _fail(f"{name}.attention", m["attention"],
+            f"accepted: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    _positive(m, "attention_block", f"{name}.")
     for key in ("path", "tokenizer"):
       if m[key] and not os.path.isdir(m[key]):
         _fail(f"{name}.{key}", m[key], "expected an existing local folder (Hugging Face "
               "checkpoint / tokenizer files); nothing is downloaded")
     return cls(m["path"], m["tokenizer"] or m["path"], m["dtype"],
-               tuple(sorted(dict(m["random"]).items())), m["remat"])
+               tuple(sorted(dict(m["random"]).items())), m["remat"], m["attention"],
+               m["attention_block"])
 
 
 @dataclasses.dataclass(frozen=True)

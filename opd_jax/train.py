@@ -71,21 +71,21 @@ def model_config_of(source: ModelSource, vocab: int) -> models.ModelConfig:
   """The architecture of a model source: its config.json, or the configured random shape."""
   if source.path:
     hf = json.loads((pathlib.Path(source.path) / "config.json").read_text())
-    return dataclasses.replace(models.config_from_hf(hf, dtype=source.dtype), remat=source.remat)
+    return source.apply_runtime(models.config_from_hf(hf, dtype=source.dtype))
   r = dict(source.random)
   heads = r["num_heads"]
-  return models.ModelConfig(
+  return source.apply_runtime(models.ModelConfig(
       model_type="qwen2", vocab_size=r["vocab_size"] or vocab, hidden_size=r["hidden_size"],
       intermediate_size=r["intermediate_size"], num_layers=r["num_layers"], num_heads=heads,
       num_kv_heads=r["num_kv_heads"], head_dim=r["hidden_size"] // heads, qkv_bias=True,
-      max_position_embeddings=1 << 16, dtype=source.dtype, remat=source.remat)
+      max_position_embeddings=1 << 16, dtype=source.dtype))
 
 
 def load_model(source: ModelSource, vocab: int, *, seed: int, mesh) -> models.Decoder:
   """The model's weights: its Hugging Face folder, or random (seeded) weights of its shape."""
   if source.path:
     model, _ = models.load_hf_checkpoint(source.path, dtype=jnp.dtype(source.dtype), mesh=mesh)
-    return model
+    return models.decoder.with_config(model, source.apply_runtime(model.config))
   return models.init_model(model_config_of(source, vocab), seed=seed, mesh=mesh,
                            std=dict(source.random)["init_std"])
 

@@ -13,6 +13,8 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 # for the backward pass, "dots" keeps only the outputs of the layer's weight matmuls (attention
 # scores and everything elementwise are recomputed), "full" keeps only the layer's input.
 REMAT_POLICIES = ("none", "dots", "full")
+# ModelConfig.attention_impl values (what each means: opd_jax.models.attention).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -64,6 +66,10 @@ class ModelConfig:
   hf_extra_json: str = "{}"         # config.json keys carried through untouched (sorted JSON)
   # Runtime choices, not architecture: never written to config.json.
   remat: str = "none"               # one of REMAT_POLICIES, applied to every layer
+  # Runtime choices, never written to config.json (see opd_jax.models.attention):
+  attention_impl: str = "auto"      # auto | xla | blockwise | cudnn | splash
+  attention_block_q: int = 512      # blockwise attention: query rows per block
+  attention_block_kv: int = 512     # blockwise attention: keys per block
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -85,6 +91,13 @@ class ModelConfig:
                        f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is not supported; supported: "
+                       f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    for name in ("attention_block_q", "attention_block_kv"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
   @property
   def num_params(self) -> int:

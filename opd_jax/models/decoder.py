@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -9,13 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax.models import attention
 from opd_jax.models.config import ModelConfig
 
 Array = jax.Array
-
-# Attention scores of masked keys. Finite, so that a query row with no valid key (a left-padding
-# position) gives a uniform, finite softmax instead of NaN; such rows are never used.
-_MASKED_SCORE = -1e30
 
 
 def _per_feature(w: Array, ndim: int) -> Array:
@@ -52,7 +50,8 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding table [V, D]."""
+  """Token embedding table [V, D] (on a mesh its rows split over tensor and fsdp, its width
+  whole: see partitioning; the lookup is a plain gather that XLA partitions by row)."""
 
   def __init__(self, vocab_size: int, dim: int, *, dtype):
     self.embedding = nnx.Param(jnp.zeros((vocab_size, dim), dtype))
@@ -98,24 +97,35 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH: Array, sin_BxTxH: Array) -> Array:
   return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH: Array, k: Array, v: Array, valid_BxTxS: Array, *,
-           heads_major: bool = False) -> Array:
+def attend(q_BxTxNxH: Array, k: Array, v: Array, valid_BxTxS, *, heads_major: bool = False,
+           implementation: str = "xla", block_q: int = 512, block_kv: int = 512) -> Array:
   """Grouped-query attention with an explicit validity mask; scores and softmax in float32.
 
   Keys and values are [B, S, K, H] as the projections give them, or with `heads_major` laid out
   as the KV cache stores them: keys [B, K, S, H], values [B, K, H, S]. Both products then
   contract the operand's minor axis, which XLA's matrix products take as it is: decoding does
   not transpose the cache every step.
+
+  Args:
+    q_BxTxNxH: queries [B, T, N, H].
+    k, v: keys and values (layout above).
+    valid_BxTxS: a bool [B, T, S] mask, or (full pass, prefill) an `attention.CausalMask`.
+    heads_major: keys/values in the cache's layout (decoding).
+    implementation, block_q, block_kv: see `attention.attention` (ignored with heads_major).
+
+  Returns:
+    [B, T, N * H].
   """
   b, t, n, h = q_BxTxNxH.shape
-  k_spec, v_spec = ("bksh", "bkhs") if heads_major else ("bskh", "bskh")
-  kv_heads = k.shape[1 if heads_major else 2]
-  q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-  scores = jnp.einsum(f"btkgh,{k_spec}->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (h ** -0.5)
-  scores = jnp.where(valid_BxTxS[:, None, None, :, :], scores, _MASKED_SCORE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"bkgts,{v_spec}->btkgh", probs, v)
+  if heads_major:
+    # Decoding: one query row against the cache. Its scores are [B, N, 1, S], already linear in
+    # S, and the cache layout feeds the einsum without a transpose: blocks would only add work.
+    if isinstance(valid_BxTxS, attention.CausalMask):
+      valid_BxTxS = valid_BxTxS.dense()
+    out = attention.xla_attention(q_BxTxNxH, k, v, valid_BxTxS, heads_major=True)
+  else:
+    out = attention.attention(q_BxTxNxH, k, v, valid_BxTxS, implementation=implementation,
+                              block_q=block_q, block_kv=block_kv)
   return out.reshape(b, t, n * h)
 
 
@@ -125,6 +135,8 @@ class Attention(nnx.Module):
   def __init__(self, config: ModelConfig):
     d, h, dt = config.hidden_size, config.head_dim, config.dtype
     self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, h
+    self.attention_impl = config.attention_impl
+    self.block_q, self.block_kv = config.attention_block_q, config.attention_block_kv
     self.q_proj = Linear(d, config.num_heads * h, use_bias=config.qkv_bias, dtype=dt)
     self.k_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt)
     self.v_proj = Linear(d, config.num_kv_heads * h, use_bias=config.qkv_bias, dtype=dt)
@@ -148,8 +160,10 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    choice = dict(implementation=self.attention_impl, block_q=self.block_q,
+                  block_kv=self.block_kv)
     if kv_cache is None:
-      return self.o_proj(attend(q, k, v, valid_BxTxS)), None
+      return self.o_proj(attend(q, k, v, valid_BxTxS, **choice)), None
     k_cache, v_cache = kv_cache         # [B, K, S, H] and [B, K, H, S]
     zero = jnp.zeros((), jnp.int32)
     k_cache = jax.lax.dynamic_update_slice(
@@ -160,7 +174,7 @@ class Attention(nnx.Module):
       out = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid_BxTxS,
                    heads_major=True)
     else:
-      out = attend(q, k, v, valid_BxTxS)
+      out = attend(q, k, v, valid_BxTxS, **choice)
     return self.o_proj(out), (k_cache, v_cache)
 
 
@@ -405,11 +419,28 @@ def positions_from_mask(attention_mask: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
-def causal_valid(attention_mask: Array) -> Array:
-  """[B, T, T]: query t may attend key s when s <= t and key s is not padding."""
-  t = attention_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  return causal[None, :, :] & attention_mask.astype(bool)[:, None, :]
+def causal_valid(attention_mask: Array) -> attention.CausalMask:
+  """Query t may attend key s when s <= t and key s is not padding; in factored form (a
+  CausalMask over the [B, T] mask; `.dense()` gives the [B, T, T] array), so that a blockwise
+  or fused attention never builds the [T, T] mask."""
+  return attention.CausalMask(attention_mask.astype(bool))
+
+
+def with_config(model: Decoder, config: ModelConfig) -> Decoder:
+  """The model's parameters (shared, not copied) under `config`, which may differ from the
+  model's config only in runtime choices (the attention fields): these are static, part of the
+  graph definition, so a model loaded from config.json takes them this way.
+
+  Raises:
+    ValueError: `config` describes another architecture or dtype.
+  """
+  runtime = dict(attention_impl=config.attention_impl, attention_block_q=config.attention_block_q,
+                 attention_block_kv=config.attention_block_kv)
+  if dataclasses.replace(model.config, **runtime) != config:
+    raise ValueError(f"with_config changes only the attention settings; {config} differs from "
+                     f"the model's {model.config} in its architecture or dtype")
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config)))
+  return nnx.merge(graphdef, nnx.state(model))
 
 
 def forward(model: Decoder, tokens: Array, attention_mask: Array, *,

@@ -16,6 +16,13 @@ from opd_jax.sharding import BATCH_AXES, MESH_AXES, check_mesh  # noqa: F401  (r
 # projections into heads / MLP width split their output over `tensor` (column parallel), those
 # back to the model width split their input (row parallel); fsdp shards the model width.
 _ROW_PARALLEL = ("o_proj", "down_proj")
+# The embedding's rows (the vocabulary) split over tensor and fsdp together, its width whole: a
+# lookup then reads each token's row where it lives and sums the [rows, T, D] result over those
+# axes (activation-sized traffic). With the width split over fsdp as well, fsdp would split both
+# the batch and the width of the looked-up activations, and XLA re-shards that by gathering the
+# whole table ("Involuntary full rematerialization"): ~1 GB per step at 7B. The first of these
+# whose size divides the vocabulary is used.
+_EMBEDDING_ROW_AXES = (("tensor", "fsdp"), ("tensor",), ("fsdp",))
 
 
 def param_partition_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -31,8 +38,10 @@ def param_partition_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> Par
     return PartitionSpec(None, *inner)
   leaf, owner = names[-1], names[-2] if len(names) > 1 else ""
   if leaf == "embedding":                         # [V, D]
-    axes = ("tensor", "fsdp")
-  elif leaf == "kernel":                          # [in, out]
+    fits = [rows for rows in _EMBEDDING_ROW_AXES
+            if shape[0] % int(np.prod([mesh.shape[a] for a in rows])) == 0]
+    return PartitionSpec(fits[0] if fits else None, None)
+  if leaf == "kernel":                            # [in, out]
     axes = ("tensor", "fsdp") if owner in _ROW_PARALLEL else ("fsdp", "tensor")
   elif leaf == "bias" and owner not in _ROW_PARALLEL:
     axes = ("tensor",)
