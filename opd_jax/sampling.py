@@ -115,6 +115,8 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     cache = models.cache.map_rows(lambda x, axis: jnp.repeat(x, num_samples, axis=axis), cache)
     hidden = jnp.repeat(hidden, num_samples, axis=0)
   cache = constrain_tree(cache)
+  # Each layer's weights sliced out of the stacked parameters once, here, not at every step.
+  layers = models.decoder.unstack_layers(model)
   n_rows = hidden.shape[0]
   stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
   zeros = functools.partial(jnp.zeros, (n_rows, max_new_tokens))
@@ -138,7 +140,8 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
     # The last iteration's decode step is wasted work (1/N of it); guarding it with a lax.cond
     # saves no time, so the body stays straight-line.
-    hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True)
+    hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True,
+                                       layers=layers)
     return _DecodeState(
         step=s.step + 1, hidden=constrain(hidden), done=done,
         tokens=s.tokens.at[col].set(tok), mask=s.mask.at[col].set(live),

@@ -197,16 +197,16 @@ def test_cache_is_a_fixed_shape_pytree(loaded):
   config = loaded["qwen2"][1]
   cache = models.init_cache(config, 3, 7)
   leaves = jax.tree.leaves(cache)
-  assert len(leaves) == 5       # keys and values stacked over layers, plus the bookkeeping
-  n = config.num_layers
-  assert cache.k.shape == (n, 3, config.num_kv_heads, 7, config.head_dim)
-  assert cache.v.shape == (n, 3, config.num_kv_heads, config.head_dim, 7)
-  assert cache.k.dtype == jnp.float32 and cache.max_len == 7
-  assert models.init_cache(config, 3, 7, jnp.bfloat16).v.dtype == jnp.bfloat16
+  assert len(leaves) == 2 * config.num_layers + 3     # keys and values per layer, bookkeeping
+  assert len(cache.k) == len(cache.v) == config.num_layers
+  assert cache.k[0].shape == (3, config.num_kv_heads, 7, config.head_dim)
+  assert cache.v[0].shape == (3, config.num_kv_heads, config.head_dim, 7)
+  assert cache.k[0].dtype == jnp.float32 and cache.max_len == 7
+  assert models.init_cache(config, 3, 7, jnp.bfloat16).v[1].dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="max_len"):
     models.init_cache(config, 3, 0)
   grown = models.grow_cache(cache, 10)
-  assert grown.k.shape[3] == grown.v.shape[4] == grown.max_len == 10
+  assert grown.k[0].shape[2] == grown.v[0].shape[3] == grown.max_len == 10
   with pytest.raises(ValueError, match="cannot shrink"):
     models.grow_cache(cache, 6)
   with pytest.raises(ValueError, match="tokens must have shape"):
@@ -244,7 +244,7 @@ def test_sharded_load_equals_single_device(checkpoints, loaded, mesh):
   assert state["layers"]["mlp"]["up_proj"]["kernel"][...].sharding.spec == PartitionSpec(
       None, "fsdp", "tensor")
   cache = models.init_cache(model.config, 4, 8, mesh=mesh)
-  assert cache.k.sharding.spec == PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)
+  assert cache.k[0].sharding.spec == PartitionSpec(("data", "fsdp"), "tensor", None, None)
 
 
 def test_init_model_places_parameters_on_the_mesh(mesh):

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from opd_jax.models.config import ModelConfig
-from opd_jax.models.decoder import (Decoder, causal_valid, check_token_ids, check_tokens,
-                                    logits_from_hidden, positions_from_mask)
+from opd_jax.models.decoder import (Decoder, DecoderLayer, causal_valid, check_token_ids,
+                                    check_tokens, logits_from_hidden, positions_from_mask)
 from opd_jax.sharding import BATCH_AXES, check_mesh
 
 Array = jax.Array
@@ -38,16 +38,17 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys/values of every layer, stacked and heads-major, plus per-row bookkeeping; S = max_len.
+  """Per-layer keys/values, heads-major, plus per-row bookkeeping; S = max_len slots.
 
   S is fixed for a given cache (a fixed-shape pytree); `grow_cache` makes a longer copy.
 
-  Keys are [L, B, K, S, H] and values [L, B, K, H, S] (L layers, K key/value heads, H head dim):
-  one array each, carried through the decoder's scan over layers (layer i uses slice i); per
-  layer, the layouts the decode step's two attention products read without transposing.
+  Keys are [B, K, S, H] and values [B, K, H, S] (K key/value heads, H head dim): the layouts the
+  decode step's two attention products read without transposing the cache. One array per layer,
+  not one stacked [L, ...] array: the cached passes run the layers one by one (see
+  `Decoder.trunk`), and each writes its new keys into its own array in place.
   """
-  k: Array                  # [L, B, K, S, H], rotary already applied
-  v: Array                  # [L, B, K, H, S]
+  k: tuple[Array, ...]      # one [B, K, S, H] array per layer, rotary already applied
+  v: tuple[Array, ...]      # one [B, K, H, S] array per layer
   valid: Array              # [B, S] bool: slot holds a real token of that row
   next_position: Array      # [B] int32: rotary position of the row's next token
   index: Array              # [] int32: the next slot to write (same for every row)
@@ -76,15 +77,15 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *,
   if batch <= 0 or max_len <= 0:
     raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
   dtype = jnp.dtype(dtype or config.dtype)
-  layers, heads = config.num_layers, config.num_kv_heads
-  k_shape = (layers, batch, heads, max_len, config.head_dim)
-  v_shape = (layers, batch, heads, config.head_dim, max_len)
-  cache = KVCache(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype),
-                  valid=jnp.zeros((batch, max_len), bool),
+  k_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  v_shape = (batch, config.num_kv_heads, config.head_dim, max_len)
+  layers_k = tuple(jnp.zeros(k_shape, dtype) for _ in range(config.num_layers))
+  layers_v = tuple(jnp.zeros(v_shape, dtype) for _ in range(config.num_layers))
+  cache = KVCache(k=layers_k, v=layers_v, valid=jnp.zeros((batch, max_len), bool),
                   next_position=jnp.zeros((batch,), jnp.int32), index=jnp.zeros((), jnp.int32))
   if mesh is not None:
     check_mesh(mesh)
-    kv = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, "tensor", None, None))
+    kv = NamedSharding(mesh, PartitionSpec(BATCH_AXES, "tensor", None, None))
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     cache = KVCache(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
                     valid=jax.device_put(cache.valid, rows),
@@ -103,7 +104,8 @@ def grow_cache(cache: KVCache, max_len: int) -> KVCache:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths)
-  return cache.replace(k=pad(cache.k, 3), v=pad(cache.v, 4), valid=pad(cache.valid, 1))
+  return cache.replace(k=tuple(pad(k, 2) for k in cache.k), v=tuple(pad(v, 3) for v in cache.v),
+                       valid=pad(cache.valid, 1))
 
 
 def map_rows(fn, cache: KVCache) -> KVCache:
@@ -111,8 +113,8 @@ def map_rows(fn, cache: KVCache) -> KVCache:
 
   For operations on rows whatever the layout: repeating rows, constraining them to a sharding.
   """
-  return cache.replace(k=fn(cache.k, 1), v=fn(cache.v, 1), valid=fn(cache.valid, 0),
-                       next_position=fn(cache.next_position, 0))
+  return cache.replace(k=tuple(fn(k, 0) for k in cache.k), v=tuple(fn(v, 0) for v in cache.v),
+                       valid=fn(cache.valid, 0), next_position=fn(cache.next_position, 0))
 
 
 def prefill(model: Decoder, tokens: Array, attention_mask: Array, cache: KVCache, *,
@@ -150,8 +152,8 @@ def prefill(model: Decoder, tokens: Array, attention_mask: Array, cache: KVCache
   return (hidden if return_hidden else logits_from_hidden(model, hidden)), cache
 
 
-def decode_step(model: Decoder, tokens: Array, cache: KVCache, *,
-                return_hidden: bool = False) -> tuple[Array, KVCache]:
+def decode_step(model: Decoder, tokens: Array, cache: KVCache, *, return_hidden: bool = False,
+                layers: tuple[DecoderLayer, ...] | None = None) -> tuple[Array, KVCache]:
   """Feeds one token per row, attending to every valid slot of that row's cache.
 
   Args:
@@ -159,6 +161,9 @@ def decode_step(model: Decoder, tokens: Array, cache: KVCache, *,
     tokens: int [B] ids in [0, V), the token each row appends (written at slot `cache.index`).
     cache: the cache after `prefill` and any earlier decode steps.
     return_hidden: return final hidden states [B, D] instead of float32 logits [B, V].
+    layers: `unstack_layers(model)`, when the step runs inside a loop: computed once before the
+      loop, it keeps XLA from copying every layer's weights out of the stacked parameters at
+      every step. None: sliced here.
 
   Returns:
     (logits [B, V] or hidden [B, D], the updated cache).
@@ -174,7 +179,7 @@ def decode_step(model: Decoder, tokens: Array, cache: KVCache, *,
       cache.valid, jnp.ones((cache.valid.shape[0], 1), bool), (0, cache.index))
   hidden, (k, v) = model.trunk(tokens[:, None], cache.next_position[:, None],
                                 valid[:, None, :], kv_cache=(cache.k, cache.v),
-                                index=cache.index, attend_to_cache=True)
+                                index=cache.index, attend_to_cache=True, layers=layers)
   cache = KVCache(k=k, v=v, valid=valid,
                   next_position=cache.next_position + 1, index=cache.index + 1)
   hidden = hidden[:, 0]
