@@ -44,7 +44,7 @@ def test_last_line_is_one_json_object_with_every_phase(planned):
   assert out["fits"] == {"1KB": False, "h100": True}
   text = "\n".join(lines)
   assert "does not fit 1KB" in text and "largest buffers of update:" in text
-  assert "arg params/layers/0/mlp/" in text and "arg student/" in text
+  assert "arg params/layers/mlp/" in text and "arg student/" in text
   assert "buffer %" in text and "fits h100" in text and "resident train state" in text
 
 
@@ -95,7 +95,7 @@ def test_trainer_refuses_a_run_that_cannot_fit_and_names_the_largest_buffers(tmp
   text = str(info.value)
   assert "config.mesh.accelerator='50KB': this run cannot fit" in text
   assert "does not fit 50KB" in text and "largest buffers of update:" in text
-  assert "arg params/layers/0/mlp/" in text and " such, e.g. %" in text
+  assert "arg params/layers/mlp/" in text and " such, e.g. %" in text
   assert "resident teacher 0 parameters" in text
   assert not (tmp_path / "w" / "metrics.jsonl").exists()   # refused before anything ran
   with pytest.raises(settings.ConfigError, match=r"config.mesh.accelerator='h900' is not "

@@ -208,8 +208,10 @@ def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
     results.append((jax.device_get(state.params), jax.device_get(metrics)))
   (p1, m1), (p8, m8) = results
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), p1, p8)
+  # Metrics are O(1) means, and kl_before_after a small difference of O(1) log-probs: float32
+  # reduction order over 8 devices moves them by ~1e-6 in absolute terms.
   for key in m1:
-    np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_scoring_in_minibatches_gives_the_same_scores():
