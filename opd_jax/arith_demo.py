@@ -115,12 +115,12 @@ def _ce_step(graphdef, params, opt_state, tokens, tx):
 
 
 def supervised(config: models.ModelConfig, train_data, valid, *, seed: int, lr: float,
-               batch: int, max_steps: int, stop_at: float, check_every: int, log
-               ) -> tuple[models.Decoder, int, float]:
+               batch: int, max_steps: int, stop_at: float, check_every: int, log,
+               init_std: float = 0.02) -> tuple[models.Decoder, int, float]:
   """Cross-entropy on the reference answers until validation accuracy >= stop_at."""
   prompts, targets, _ = train_data
   tokens = np.concatenate([prompts, targets], axis=1)
-  model = models.init_model(config, seed=seed)
+  model = models.init_model(config, seed=seed, std=init_std)
   graphdef, params = nnx.split(model)
   tx = optax.adamw(lr, weight_decay=0.0)
   opt_state = tx.init(params)
@@ -199,7 +199,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   teacher, t_info = _cached_model(teacher_dir, lambda: supervised(
       _shape_config(d.teacher), train_data, valid, seed=d.teacher_seed, lr=d.lr,
       batch=d.batch, max_steps=d.teacher_max_steps, stop_at=d.teacher_accuracy,
-      check_every=d.check_every, log=log), log)
+      check_every=d.check_every, log=log, init_std=d.init_std), log)
   tokenizer_into(teacher_dir)
   results, table = {}, []
   for seed in d.seeds:
@@ -208,7 +208,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     _, s_info = _cached_model(student_dir, lambda seed=seed: supervised(
         _shape_config(d.student), train_data, valid, seed=seed, lr=d.lr, batch=d.batch,
         max_steps=d.student_max_steps, stop_at=d.student_accuracy, check_every=d.check_every,
-        log=log), log)
+        log=log, init_std=d.init_std), log)
     tokenizer_into(student_dir)
     for method in d.methods:
       evals = {}
