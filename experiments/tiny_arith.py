@@ -47,7 +47,8 @@ def get_config(arg=None):
   c.demo.methods = ("sampled_token", "lsm", "sft")   # (a) top-p 1, (b) top-p 0.9, (c) control
   c.demo.teacher = _shape(128, 2, 4, 2, 256)
   c.demo.student = _shape(96, 2, 4, 2, 192)
-  c.demo.teacher_seed = 1234        # the teacher's initialisation
+  c.demo.teacher_seed = 1235        # the teacher's initialisation (a fixed asset: in trials it
+  #                                   trained in 390 steps; seed 1234 took 960)
   c.demo.teacher_accuracy = 0.99    # teacher training stops at this valid exact match
   c.demo.teacher_max_steps = 6000
   c.demo.student_accuracy = 0.30    # students stop pre-training at this valid exact match
