@@ -324,6 +324,7 @@ def _game_task(data_dir):
 
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_two_iterations_of_an_environment_task(tmp_path, tiny_arith_dir):
   c = train_helpers.tiny_config(tmp_path, tiny_arith_dir, steps=2, **{
       "data.prompts_per_step": 8, "opt.minibatch_size": 8, "log.samples_every": 1})

@@ -74,6 +74,7 @@ def test_demo_summary_averages_over_seeds_and_names_the_leader():
   assert arith_demo.summarize(results)["leader"][50] == "b"
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_a_config_path_works_from_any_directory(tmp_path):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)

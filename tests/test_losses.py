@@ -165,6 +165,7 @@ def test_teacher_gets_no_gradient():
   assert np.all(np.asarray(jax.grad(lambda te: _full(s, te, mask)[0])(t)) == 0.0)
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_ema_pg_expected_gradient_identity():
   """E_{y~π}[∇(head + tail)] = ∇ L_full + ∇ π(S), exactly, at one prefix.
 
@@ -275,6 +276,7 @@ def test_ppo_clip_and_behaviour_ratio():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_masked_positions_contribute_exactly_zero_even_with_nan_logits():
   s, t, mask, y = _inputs(8)
   mask[1, :] = False

@@ -18,6 +18,7 @@ def load_config(name, arg=None):
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_demo_smoke_table(capsys):
   rows = main.run_experiment(load_config("estimator_table", "smoke"))
   out = capsys.readouterr().out

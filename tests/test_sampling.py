@@ -235,6 +235,7 @@ def test_every_top_k_algorithm_gives_the_same_rollout():
   assert sampling.compiled_programs() == before
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_segmented_decode_loop_gives_the_same_rollout(checkpoint, prompts, monkeypatch):
   _, model, _ = checkpoint
   tokens, mask = prompts

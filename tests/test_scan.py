@@ -209,6 +209,7 @@ def _loss_and_grads(config):
   return value, grads, residual_shapes
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_remat_policies_give_the_same_loss_and_gradients():
   base = models.ModelConfig(**FULL)
   out = {r: _loss_and_grads(dataclasses.replace(base, remat=r)) for r in ("none", "dots", "full")}

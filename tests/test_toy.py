@@ -159,6 +159,7 @@ def test_exact_settings_reject_bad_values():
     exact.TabularPair(vocab=4, teacher_order=9)
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_exact_runner_smoke(tmp_path, capsys):
   config = load_config("toy_exact", "smoke")
   config.workdir = str(tmp_path)
@@ -248,6 +249,7 @@ def short_study(tmp_path_factory):
   return workdir, config, result
 
 
+@pytest.mark.slow  # keeps `make test` under 10 minutes; `make test-all` runs it
 def test_short_study_reproduces_the_paper(short_study):
   """The expected result, recomputed here from summary.csv (medians over seeds)."""
   workdir, config, _ = short_study
@@ -276,6 +278,7 @@ def test_short_study_reproduces_the_paper(short_study):
   assert all(a < b for a, b in zip(same, same[1:])), same
 
 
+@pytest.mark.slow  # shares the short study's fixture (about 40 s)
 def test_short_study_outputs(short_study):
   workdir, config, result = short_study
   for seed in config.seeds:
