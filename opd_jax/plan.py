@@ -410,14 +410,18 @@ def architecture(source, plan_arch: str, field: str, vocab: int | None):
                        f"vocab_size or config.{field}.plan_arch")
     return trainer.model_config_of(source, vocab or 0)
   if plan_arch.lower() in ARCHITECTURES:
-    return models.config_from_hf(ARCHITECTURES[plan_arch.lower()], dtype=dtype)
-  path = pathlib.Path(plan_arch)
-  if path.is_dir():
-    path = path / "config.json"
-  if not path.is_file():
-    raise ValueError(f"config.{field}.plan_arch={plan_arch!r} is neither a built-in architecture "
-                     f"({', '.join(ARCHITECTURES)}) nor a config.json file (or its folder)")
-  return models.config_from_hf(json.loads(path.read_text()), dtype=dtype)
+    hf = ARCHITECTURES[plan_arch.lower()]
+  else:
+    path = pathlib.Path(plan_arch)
+    if path.is_dir():
+      path = path / "config.json"
+    if not path.is_file():
+      raise ValueError(f"config.{field}.plan_arch={plan_arch!r} is neither a built-in "
+                       f"architecture ({', '.join(ARCHITECTURES)}) nor a config.json file (or its "
+                       "folder)")
+    hf = json.loads(path.read_text())
+  # The run's own choices (remat, attention) apply to a planned architecture as to a loaded one.
+  return source.apply_runtime(models.config_from_hf(hf, dtype=dtype))
 
 
 def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phase]:

@@ -1,5 +1,6 @@
 """The memory plan: per-phase memory from XLA's analysis, the JSON line, the trainer's refusal."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -114,6 +115,11 @@ def test_named_architectures_and_config_json_files(tmp_path):
   small = plan.architecture(source, str(tmp_path), "model", None)
   assert small == plan.architecture(source, str(path), "model", None)
   assert small.tie_word_embeddings and small.num_params == 1_543_714_304
+  # The run's remat and attention choices reach a planned architecture.
+  tuned = dataclasses.replace(source, remat="full", attention="blockwise", attention_block=256)
+  planned = plan.architecture(tuned, "qwen2.5-7b-instruct", "model", None)
+  assert (planned.remat, planned.attention_impl, planned.attention_block_kv) == (
+      "full", "blockwise", 256)
   with pytest.raises(ValueError, match=r"config.model.plan_arch='qwen9' is neither a built-in "
                      r"architecture \(qwen2.5-7b-instruct, "):
     plan.architecture(source, "qwen9", "model", None)
