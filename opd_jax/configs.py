@@ -178,6 +178,9 @@ def table_a1_math(c: ml_collections.ConfigDict) -> None:
   # the teacher (no optimizer state) is stored and run in bfloat16.
   c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
   c.teacher.dtype = "bfloat16"
+  # Keep only each layer's input for the backward pass: at 18k tokens the layers' saved MLP
+  # activations alone are hundreds of GB per device (python -m opd_jax.plan).
+  c.model.remat = "full"
   c.mesh.accelerator = "h100"        # refuse to start if a phase cannot fit 80 GB per device
   c.data.dataset = "dapo_math_17k"   # English part, deduplicated; data.source = its parquet
   c.data.max_prompt_len = 2048

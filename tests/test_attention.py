@@ -209,9 +209,12 @@ def test_prefill_with_blockwise_attention_continues_like_the_einsum():
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
-def test_with_config_refuses_another_architecture():
+def test_with_config_takes_runtime_choices_and_refuses_another_architecture():
   xla, _ = _model_pair()
-  with pytest.raises(ValueError, match="changes only the attention settings"):
+  tuned = models.decoder.with_config(
+      xla, dataclasses.replace(xla.config, remat="full", attention_impl="blockwise"))
+  assert (tuned.config.remat, tuned.config.attention_impl) == ("full", "blockwise")
+  with pytest.raises(ValueError, match="changes only remat and the attention settings"):
     models.decoder.with_config(xla, dataclasses.replace(xla.config, num_layers=3))
 
 

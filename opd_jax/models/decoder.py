@@ -438,17 +438,18 @@ def causal_valid(attention_mask: Array) -> attention.CausalMask:
 
 def with_config(model: Decoder, config: ModelConfig) -> Decoder:
   """The model's parameters (shared, not copied) under `config`, which may differ from the
-  model's config only in runtime choices (the attention fields): these are static, part of the
-  graph definition, so a model loaded from config.json takes them this way.
+  model's config only in runtime choices (remat and the attention fields): these are static,
+  part of the graph definition, so a model loaded from config.json takes them this way.
 
   Raises:
     ValueError: `config` describes another architecture or dtype.
   """
-  runtime = dict(attention_impl=config.attention_impl, attention_block_q=config.attention_block_q,
+  runtime = dict(remat=config.remat, attention_impl=config.attention_impl,
+                 attention_block_q=config.attention_block_q,
                  attention_block_kv=config.attention_block_kv)
   if dataclasses.replace(model.config, **runtime) != config:
-    raise ValueError(f"with_config changes only the attention settings; {config} differs from "
-                     f"the model's {model.config} in its architecture or dtype")
+    raise ValueError(f"with_config changes only remat and the attention settings; {config} "
+                     f"differs from the model's {model.config} in its architecture or dtype")
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(config)))
   return nnx.merge(graphdef, nnx.state(model))
 
