@@ -42,34 +42,13 @@ from opd_jax import configs
 def get_config(arg=None):
   c = configs.opd()
   configs.table_a1_math(c)
-  c.data.dataset = ""                # per task below
-  math = configs.task_fields("math")
-  math.data.dataset = "dapo_math_17k"
-  math.teacher.path = ""             # set: local OpenThinker3-7B folder
-  math.teacher.dtype = "bfloat16"
-  math.teacher.plan_arch = "openthinker3-7b"   # the memory plan's shape while path is ""
-  agent = configs.task_fields("alfworld")
-  agent.environment = ""             # set: an ALFWorld adapter "module:factory" (see docstring)
-  agent.environment_config = ""      # set: what the adapter reads (e.g. its config file)
-  agent.teacher.path = ""            # set: local GiGPO-Qwen2.5-7B-Instruct-ALFWorld folder
-  agent.teacher.dtype = "bfloat16"
-  agent.teacher.plan_arch = "qwen2.5-7b-instruct"  # the ALFWorld teacher's shape (plan)
-  agent.max_turns = 50               # ALFWorld's usual step limit
-  agent.turn_tokens = 512            # Table A1: 512-token responses for the agentic task
-  agent.episode_tokens = 0           # all turns and observations: rollout.max_new_tokens
-  c.tasks = (math, agent)            # iteration s trains task s % 2: 200 + 200 of 400
+  configs.math_and_alfworld_tasks(c)   # math + ALFWorld, one teacher each (the adapter is yours)
   c.rollout.top_p = 0.9              # LSM samples from the nucleus
   c.loss.estimator = "lsm"
   c.loss.support = "teacher"         # the teacher's top-32, renormalised
   c.eval.samples = 1                 # the math average of Table 1's benchmarks (pass@1)
   if arg == "smoke":
-    configs.smoke_math(c)
-    for task in c.tasks:
-      task.teacher.dtype = "float32"
-    agent = c.tasks[1]
-    agent.name = "text_game"
-    agent.environment = "text_game"  # the built-in game stands in for ALFWorld
-    agent.max_turns, agent.turn_tokens, agent.episode_tokens = 2, 4, 40
+    configs.smoke_math_and_text_game(c)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; accepted: 'smoke' or none")
   return c

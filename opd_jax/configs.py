@@ -223,3 +223,35 @@ def smoke_math(c: ml_collections.ConfigDict) -> None:
   c.eval.batch_size = 8
   c.log.samples_every = 0
   c.log.tensorboard = False
+
+
+def math_and_alfworld_tasks(c: ml_collections.ConfigDict) -> None:
+  """The paper's multi-task setting on a table_a1_math config: math (DAPO-Math-17K, the
+  OpenThinker3-7B teacher) alternating with ALFWorld (an environment adapter, its own teacher)."""
+  c.data.dataset = ""                # per task below
+  math = task_fields("math")
+  math.data.dataset = "dapo_math_17k"
+  math.teacher.path = ""             # set: local OpenThinker3-7B folder
+  math.teacher.dtype = "bfloat16"
+  math.teacher.plan_arch = "openthinker3-7b"   # the memory plan's shape while path is ""
+  agent = task_fields("alfworld")
+  agent.environment = ""             # set: an ALFWorld adapter "module:factory" (docs)
+  agent.environment_config = ""      # set: what the adapter reads (e.g. its config file)
+  agent.teacher.path = ""            # set: local GiGPO-Qwen2.5-7B-Instruct-ALFWorld folder
+  agent.teacher.dtype = "bfloat16"
+  agent.teacher.plan_arch = "qwen2.5-7b-instruct"  # the ALFWorld teacher's shape (plan)
+  agent.max_turns = 50               # ALFWorld's usual step limit
+  agent.turn_tokens = 512            # Table A1: 512-token responses for the agentic task
+  agent.episode_tokens = 0           # all turns and observations: rollout.max_new_tokens
+  c.tasks = (math, agent)            # iteration s trains task s % 2: 200 + 200 of 400
+
+
+def smoke_math_and_text_game(c: ml_collections.ConfigDict) -> None:
+  """`math_and_alfworld_tasks` shrunk for CPU: tiny math, the built-in game for ALFWorld."""
+  smoke_math(c)
+  for task in c.tasks:
+    task.teacher.dtype = "float32"
+  agent = c.tasks[1]
+  agent.name = "text_game"
+  agent.environment = "text_game"    # the built-in game stands in for ALFWorld
+  agent.max_turns, agent.turn_tokens, agent.episode_tokens = 2, 4, 40
