@@ -29,24 +29,14 @@ _VARIANTS = "k16, k32, k48"
 
 
 def get_config(arg=None):
-  c = configs.opd()
-  configs.table_a1_math(c)
-  c.eval.benchmarks = ("aime24",)    # the ablations: AIME24 avg@32
-  c.eval.samples = 32
-  words = [w for w in (arg or "").split(",") if w]
-  smoke = "smoke" in words
-  words = [w for w in words if w != "smoke"]
-  if len(words) > 1 or (words and words[0] not in ("k16", "k32", "k48")):
-    raise _bad(arg)
+  c = configs.table_a1_ablation()
+  variant, flags = configs.split_variant(arg, _VARIANTS)
+  if variant not in (None, "k16", "k32", "k48"):
+    raise configs.unknown_variant(arg, _VARIANTS)
   c.rollout.top_p = 0.9
   c.loss.estimator = "lsm"
   c.loss.support = "teacher"
-  c.loss.k = int(words[0][1:]) if words else 32
-  if smoke:
+  c.loss.k = int(variant[1:]) if variant else 32
+  if "smoke" in flags:
     configs.smoke_math(c)
   return c
-
-
-def _bad(arg):
-  return ValueError(f"unknown config argument {arg!r}; accepted: {_VARIANTS}, each "
-                    "optionally with ',smoke' (or 'smoke' alone: the default variant)")

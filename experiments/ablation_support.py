@@ -36,32 +36,20 @@ _VARIANTS = "teacher, teacher+sampled, teacher_tail"
 
 
 def get_config(arg=None):
-  c = configs.opd()
-  configs.table_a1_math(c)
-  c.eval.benchmarks = ("aime24",)    # the ablations: AIME24 avg@32
-  c.eval.samples = 32
-  words = [w for w in (arg or "").split(",") if w]
-  smoke = "smoke" in words
-  words = [w for w in words if w != "smoke"]
-  if len(words) > 1:
-    raise _bad(arg)
-  variant = words[0] if words else "teacher"
+  c = configs.table_a1_ablation()
+  variant, flags = configs.split_variant(arg, _VARIANTS)
+  variant = variant or "teacher"
   if variant in ("student", "student+sampled", "student_tail"):
     raise ValueError(f"config argument {arg!r}: student-support variants are not available in "
                      "the trainer's fused top-K loss (accepted loss.support: teacher, "
                      "teacher+sampled); use opd_jax.losses.topk_reverse_kl on materialised logits")
   if variant not in ("teacher", "teacher+sampled", "teacher_tail"):
-    raise _bad(arg)
+    raise configs.unknown_variant(arg, _VARIANTS)
   c.rollout.top_p = 0.9
   c.loss.estimator = "lsm"
   c.loss.support = "teacher+sampled" if variant == "teacher+sampled" else "teacher"
   c.loss.renormalize = variant != "teacher_tail"
   c.loss.tail = "ema_pg" if variant == "teacher_tail" else "none"
-  if smoke:
+  if "smoke" in flags:
     configs.smoke_math(c)
   return c
-
-
-def _bad(arg):
-  return ValueError(f"unknown config argument {arg!r}; accepted: {_VARIANTS}, each "
-                    "optionally with ',smoke' (or 'smoke' alone: the default variant)")

@@ -30,31 +30,18 @@ _VARIANTS = "p1.0, p0.9, p0.8 (each optionally after sampled,)"
 
 
 def get_config(arg=None):
-  c = configs.opd()
-  configs.table_a1_math(c)
-  c.eval.benchmarks = ("aime24",)    # the ablations: AIME24 avg@32
-  c.eval.samples = 32
-  words = [w for w in (arg or "").split(",") if w]
-  smoke = "smoke" in words
-  words = [w for w in words if w != "smoke"]
-  sampled = "sampled" in words
-  words = [w for w in words if w != "sampled"]
-  if len(words) > 1 or (words and words[0] not in ("p1.0", "p0.9", "p0.8")):
-    raise _bad(arg)
-  top_p = float(words[0][1:]) if words else 0.9
-  if sampled:
+  c = configs.table_a1_ablation()
+  variant, flags = configs.split_variant(arg, _VARIANTS, flags=("smoke", "sampled"))
+  if variant not in (None, "p1.0", "p0.9", "p0.8"):
+    raise configs.unknown_variant(arg, _VARIANTS)
+  if "sampled" in flags:
     c.loss.estimator = "sampled_token"
     c.loss.gamma = 0.0
     c.loss.ppo_clip = 0.2
   else:
     c.loss.estimator = "lsm"
     c.loss.support = "teacher"
-  c.rollout.top_p = top_p
-  if smoke:
+  c.rollout.top_p = float(variant[1:]) if variant else 0.9
+  if "smoke" in flags:
     configs.smoke_math(c)
   return c
-
-
-def _bad(arg):
-  return ValueError(f"unknown config argument {arg!r}; accepted: {_VARIANTS}, each "
-                    "optionally with ',smoke' (or 'smoke' alone: the default variant)")

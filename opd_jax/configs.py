@@ -255,3 +255,29 @@ def smoke_math_and_text_game(c: ml_collections.ConfigDict) -> None:
   agent.name = "text_game"
   agent.environment = "text_game"    # the built-in game stands in for ALFWorld
   agent.max_turns, agent.turn_tokens, agent.episode_tokens = 2, 4, 40
+
+
+def table_a1_ablation() -> ml_collections.ConfigDict:
+  """An ablation of the paper (Table 2 / App. G.3): Table A1's math settings, AIME24 avg@32."""
+  c = opd()
+  table_a1_math(c)
+  c.eval.benchmarks = ("aime24",)    # the ablations: AIME24 avg@32
+  c.eval.samples = 32
+  return c
+
+
+def unknown_variant(arg, accepted: str) -> ValueError:
+  """The error for an experiment argument that names no variant of `accepted`."""
+  return ValueError(f"unknown config argument {arg!r}; accepted: {accepted}, each "
+                    "optionally with ',smoke' (or 'smoke' alone: the default variant)")
+
+
+def split_variant(arg, accepted: str, flags: tuple[str, ...] = ("smoke",)
+                  ) -> tuple[str | None, set[str]]:
+  """An experiment argument such as 'k16', 'k16,smoke' or 'smoke': (the variant named, or None;
+  the flags given). More than one non-flag word raises `unknown_variant`."""
+  words = [w for w in (arg or "").split(",") if w]
+  rest = [w for w in words if w not in flags]
+  if len(rest) > 1:
+    raise unknown_variant(arg, accepted)
+  return (rest[0] if rest else None), {f for f in flags if f in words}
