@@ -112,6 +112,8 @@ def opd() -> ml_collections.ConfigDict:
 
   c.opt = ml_collections.ConfigDict()
   c.opt.minibatch_size = 64        # rollouts per optimizer step (batch / this = steps per iter)
+  c.opt.microbatch_size = 0        # rows per forward/backward pass, gradients summed over a
+  #                                  mini-batch's micro-batches (0: the whole mini-batch at once)
   c.opt.lr = 2e-6                  # AdamW peak learning rate
   c.opt.warmup_steps = 0           # linear warm-up, in optimizer steps
   c.opt.schedule = "constant"      # constant | cosine (decay to 0 over all optimizer steps)
@@ -190,6 +192,9 @@ def table_a1_math(c: ml_collections.ConfigDict) -> None:
   c.rollout.temperature = 1.0
   c.loss.k = 32
   c.opt.minibatch_size = 64          # two AdamW steps per iteration
+  # Each step's gradient summed over 8 passes of 8 rows (one 18k-token row per device on the
+  # 8-device mesh): the whole mini-batch at once would hold 8x the activations.
+  c.opt.microbatch_size = 8
   c.opt.lr = 2e-6
   c.opt.warmup_steps = 0
   c.steps = 400

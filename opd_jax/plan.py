@@ -285,7 +285,7 @@ def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int,
       if any(tdef == d for d, _ in teachers[:i]):
         continue     # the same architecture and dtype compiles to the same program
       score = functools.partial(steps.score, shapes=shapes, estimator=s.loss.estimator,
-                                minibatches=s.minibatches)
+                                minibatches=s.score_parts)
       score = jax.jit(score, static_argnums=(0, 2))
       others = teacher_bytes[:i] + teacher_bytes[i + 1:]
       phase = _compile(

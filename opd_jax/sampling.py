@@ -95,15 +95,32 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
   # place; between loop segments it is grown (copied) into a longer one. No copy of it ever exists
   # outside the compiled program.
   _TRACES["generate"] += 1
+  with sharding.traced_under(mesh):
+    return _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_p,
+                          max_new_tokens=max_new_tokens, top_k=top_k, banned=banned, stop=stop,
+                          num_samples=num_samples, mesh=mesh, segment_ends=segment_ends,
+                          topk_impl=topk_impl)
+
+
+def _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
+                   max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends,
+                   topk_impl):
   model = nnx.merge(graphdef, state)
   cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + segment_ends[0])
 
-  def constrain(x, axis=0):  # rows (axis `axis`) over the mesh's batch axes
+  def constrain(x, axis=0, axes=sharding.BATCH_AXES):  # rows (axis `axis`) over `axes`
     if mesh is None:
       return x
     spec = [None] * x.ndim
-    spec[axis] = sharding.BATCH_AXES
+    spec[axis] = axes
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+  def constrain_hidden(x):
+    # The [R, D] hidden state between decode steps, and the [R, V] logits as the unembedding
+    # gives them, keep the decode step's row layout, so that the unembedding multiplies the
+    # hidden states slice by slice instead of gathering the [D, V] weight on every device (see
+    # models.decoder.constrain_rows); the sampling rules then split the logits by rows again.
+    return constrain(x, axes=models.decoder.DECODE_ROW_AXES)
 
   def constrain_tree(cache):
     return models.cache.map_rows(constrain, cache)
@@ -128,7 +145,7 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     # The logits live only inside one iteration (the carry holds the [R, D] hidden state): a
     # carried [R, V] buffer is copied by XLA every step, since the next logits are written while
     # the current ones are still read.
-    logits = constrain(models.logits_from_hidden(model, s.hidden))
+    logits = constrain(constrain_hidden(models.logits_from_hidden(model, s.hidden)))
     u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_rows,))
     tok, sample_lp = rules.draw(logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
                                 banned_ids=banned, topk_impl=topk_impl)
@@ -143,13 +160,13 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True,
                                        layers=layers)
     return _DecodeState(
-        step=s.step + 1, hidden=constrain(hidden), done=done,
+        step=s.step + 1, hidden=constrain_hidden(hidden), done=done,
         tokens=s.tokens.at[col].set(tok), mask=s.mask.at[col].set(live),
         sample_logprobs=s.sample_logprobs.at[col].set(jnp.where(live, sample_lp, 0.0)),
         policy_logprobs=s.policy_logprobs.at[col].set(jnp.where(live, policy_lp, 0.0)),
         cache=cache)
 
-  init = _DecodeState(step=jnp.zeros((), jnp.int32), hidden=constrain(hidden),
+  init = _DecodeState(step=jnp.zeros((), jnp.int32), hidden=constrain_hidden(hidden),
                       done=jnp.zeros((n_rows,), bool), tokens=zeros(jnp.int32),
                       mask=zeros(bool), sample_logprobs=zeros(jnp.float32),
                       policy_logprobs=zeros(jnp.float32), cache=cache)

@@ -234,6 +234,12 @@ class OptSettings:
   eps: float
   weight_decay: float
   grad_clip: float | None
+  microbatch_size: int = 0     # rows per forward/backward pass (0: the whole mini-batch)
+
+  @property
+  def microbatches(self) -> int:
+    """Forward/backward passes per optimizer step, their gradients summed before the step."""
+    return self.minibatch_size // self.microbatch_size if self.microbatch_size else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +278,11 @@ class TrainSettings:
   @property
   def minibatches(self) -> int:
     return self.rollouts_per_step // self.opt.minibatch_size
+
+  @property
+  def score_parts(self) -> int:
+    """Parts the scoring pass splits a batch into: one per micro-batch (as the update's)."""
+    return self.minibatches * self.opt.microbatches
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TrainSettings":
@@ -329,6 +340,11 @@ class TrainSettings:
       _fail("opt.minibatch_size", o["minibatch_size"],
             f"the {rollouts} rollouts per step (data.prompts_per_step={data['prompts_per_step']} "
             f"x rollout.num_samples={r['num_samples']}) must split into whole mini-batches")
+    if o["microbatch_size"] < 0 or (o["microbatch_size"] and
+                                    o["minibatch_size"] % o["microbatch_size"]):
+      _fail("opt.microbatch_size", o["microbatch_size"],
+            f"accepted: 0 (the whole mini-batch) or a divisor of opt.minibatch_size="
+            f"{o['minibatch_size']}")
     m = c["mesh"]
     if m["accelerator"]:
       memory_budget(m["accelerator"], "mesh.accelerator")
@@ -357,7 +373,8 @@ class TrainSettings:
                           lo["chunk_tokens"], lo["chunk_vocab"]),
         opt=OptSettings(o["minibatch_size"], float(o["lr"]), o["warmup_steps"], o["schedule"],
                         float(o["b1"]), float(o["b2"]), float(o["eps"]),
-                        float(o["weight_decay"]), none_if_zero(o["grad_clip"])),
+                        float(o["weight_decay"]), none_if_zero(o["grad_clip"]),
+                        o["microbatch_size"]),
         mesh=(m["data"], m["fsdp"], m["tensor"]), distributed=m["distributed"],
         accelerator=m["accelerator"],
         mask_strings=tuple(lo["mask_strings"]), eval_every=c["eval"]["every"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Mapping
 
 import jax
@@ -76,6 +78,16 @@ def mesh_from_config(axes: Mapping[str, int]) -> Mesh:
   return make_mesh(**{a: axes[a] for a in MESH_AXES if a in axes})
 
 
+def traced_under(mesh: Mesh | None):
+  """A context manager for code being traced: inside it `jax.sharding.get_abstract_mesh()` is
+  `mesh`, which is how the decoder finds the batch axes to split its activations' rows over
+  (`models.decoder.constrain_rows`). Usable inside `jax.jit` (unlike `jax.set_mesh`); does
+  nothing when `mesh` is None."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Rows (the leading dimension) split over BATCH_AXES, every other dimension replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
@@ -104,7 +116,16 @@ def initialize_distributed(enabled: bool) -> None:
 
   Must run before anything touches devices. On TPU pods and SLURM / Open MPI GPU clusters JAX
   finds the coordinator, process count and process id on its own; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on
+  every process (JAX itself reads only the first; the other two are passed on from here).
   """
-  if enabled:
-    jax.distributed.initialize()
+  if not enabled:
+    return
+  given = {}
+  for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    value = os.environ.get(var, "")
+    if value:
+      if not value.isdigit():
+        raise ValueError(f"{var}={value!r} is not accepted; expected a non-negative integer")
+      given[arg] = int(value)
+  jax.distributed.initialize(**given)

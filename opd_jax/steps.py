@@ -180,8 +180,13 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
     diagnostics (teacher−student gap, teacher top-K mass, sampled tokens outside the teacher's
     top-K, student/teacher top-K overlap, sampler-vs-trainer log-prob mismatch).
   """
-  student = nnx.merge(student_def, student_params)
-  teacher = nnx.merge(teacher_def, teacher_params)
+  with sharding.traced_under(shapes.mesh):
+    return _score(nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params),
+                  batch, shapes, estimator, minibatches)
+
+
+def _score(student, teacher, batch: dict, shapes: Shapes, estimator: str, minibatches: int
+           ) -> tuple[dict, dict]:
   resp = batch["response"]
   rmask, lmask = batch["response_mask"], batch["loss_mask"]
   rows = {k: batch[k] for k in ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask",
@@ -268,16 +273,26 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   dtype (None: compute in the parameters' dtype).
 
   The batch's rows are split into `minibatches` strided mini-batches (row i goes to mini-batch
-  i % minibatches, so each device keeps its rows), one AdamW step each, in a `lax.scan`. Metrics
+  i % minibatches, so each device keeps its rows), one AdamW step each, in a `lax.scan`. With
+  `opt.microbatch_size`, each mini-batch is split the same way into micro-batches whose
+  gradients are accumulated (in a second scan) before its step: each micro-batch's token-mean
+  loss is weighted by its share of the mini-batch's loss tokens, so the step's gradient is the
+  mini-batch's token-mean gradient (to float rounding) and only one micro-batch's activations are
+  live at a time; diagnostics are weighted the same way (token counts are summed). Metrics
   are means over the mini-batches, plus the KL between the policy before and after the update,
   estimated on the batch's own tokens (k1: E[log π_old − log π_new] over rollouts of π_old).
   The state is donated; with a mesh, state and batch keep explicit shardings.
   """
   tx, schedule = make_optimizer(opt, total_updates)
+  micro = opt.microbatches
   graphdef, _ = split_abstract(compute_config(config, precision))
   cast_to = precision.compute_dtype if precision is not None and precision.mixed else None
 
   def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
+    with sharding.traced_under(shapes.mesh):
+      return update_rows(state, batch, key)
+
+  def update_rows(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
     del key  # no randomness in today's update; the key is part of the update's signature
     batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
     mbs = jax.tree.map(lambda x: _split_rows(x, minibatches), batch)
@@ -285,10 +300,32 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
     def loss_fn(params, mb):
       return _loss(nnx.merge(graphdef, cast_params(params, cast_to)), mb, loss, shapes)
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated(params, mb):
+      """value_and_grad of the mini-batch's token-mean loss, one micro-batch at a time."""
+      parts = jax.tree.map(lambda x: _split_rows(x, micro), mb)
+      total = jnp.maximum(jnp.sum(mb["loss_mask"]), 1).astype(jnp.float32)
+
+      def add(acc, part):
+        (value_sum, aux_sum), grad_sum = acc
+        part = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), part)
+        (value, aux), grads = grad_fn(params, part)
+        share = jnp.sum(part["loss_mask"]).astype(jnp.float32) / total
+        # Token counts add up; every other diagnostic is a token mean, weighted like the loss.
+        aux_sum = {k: aux_sum[k] + (v if k.endswith("/num_tokens") else share * v)
+                   for k, v in aux.items()}
+        grad_sum = jax.tree.map(lambda a, g: a + share * g, grad_sum, grads)
+        return ((value_sum + share * value, aux_sum), grad_sum), None
+
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                           jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], parts)))
+      return jax.lax.scan(add, zeros, parts)[0]
+
     def step(carry, mb):
       params, opt_state, j = carry
       mb = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), mb)
-      (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+      (value, aux), grads = (grad_fn if micro == 1 else accumulated)(params, mb)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       out = {"loss": value, "opt/grad_norm": optax.tree.norm(grads),
@@ -308,12 +345,13 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
         stats = _stats(new, hidden, mb["response"], shapes, 1)
         return stats.sampled_logits - stats.logsumexp
 
-      # One mini-batch at a time, like the steps: a pass over the whole batch would hold
-      # `minibatches` times the activations of a step.
-      new_lp = jax.lax.map(new_logprobs, {k: mbs[k] for k in ("prompt", "prompt_mask",
-                                                              "response")})
-      metrics["policy/kl_before_after"] = _token_mean(mbs["behavior_logprobs"] - new_lp,
-                                                      mbs["loss_mask"])
+      # One micro-batch at a time, like the steps: a pass over the whole batch would hold
+      # `minibatches * micro` times the activations of a forward pass.
+      parts = jax.tree.map(lambda x: _split_rows(x, minibatches * micro), batch)
+      new_lp = jax.lax.map(new_logprobs, {k: parts[k] for k in ("prompt", "prompt_mask",
+                                                                "response")})
+      metrics["policy/kl_before_after"] = _token_mean(parts["behavior_logprobs"] - new_lp,
+                                                      parts["loss_mask"])
     return TrainState(params, opt_state, state.step + 1), metrics
 
   if shapes.mesh is None:

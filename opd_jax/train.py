@@ -155,6 +155,10 @@ def _check_layout(s: TrainSettings, mesh, vocab: int) -> None:
   if s.opt.minibatch_size % ways:
     raise ConfigError(f"config.opt.minibatch_size={s.opt.minibatch_size} must be a multiple "
                       f"of the mesh's batch ways data*fsdp={ways} (mesh {dict(mesh.shape)})")
+  if s.opt.microbatch_size % ways:
+    raise ConfigError(f"config.opt.microbatch_size={s.opt.microbatch_size} must be a multiple "
+                      f"of the mesh's batch ways data*fsdp={ways} (mesh {dict(mesh.shape)}), so "
+                      "that every device has rows in every micro-batch")
   if s.prompts_per_step % ways:
     raise ConfigError(f"config.data.prompts_per_step={s.prompts_per_step} must be a multiple "
                       f"of the mesh's batch ways data*fsdp={ways} (the prompts are split over "
@@ -426,7 +430,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
             graphdef, student, task.teacher_def, task.teacher_params,
             batch | {"teacher_prompt": t_prompt, "teacher_prompt_mask": t_prompt_mask,
                      "policy_logprobs": policy_lp} | sampled,
-            shapes=shapes, estimator=s.loss.estimator, minibatches=s.minibatches)
+            shapes=shapes, estimator=s.loss.estimator, minibatches=s.score_parts)
         values.update(jax.device_get(score_metrics))
       jax.block_until_ready(scores)
       t2 = time.perf_counter()

@@ -104,3 +104,93 @@ def test_the_check_sees_the_warning_where_it_is():
         "=== scoring\n=== update\nW [SPMD] Involuntary full rematerialization.\n=== done\n"
   assert _phases_with(log) == ["rollout", "update"]
   assert _phases_with("=== rollout\n=== done\n") == []
+
+
+# ----------------------------------------------------------------------------------------------
+# activations split by rows on an fsdp mesh (compiled for abstract inputs: nothing runs)
+# ----------------------------------------------------------------------------------------------
+
+
+def _abstract(mesh, tree):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _rows(mesh, shape, dtype):
+  import jax  # pylint: disable=import-outside-toplevel
+  from opd_jax import sharding  # pylint: disable=import-outside-toplevel
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+
+def _update_temp(mesh, config, rows, p, n):
+  """Per-device temporaries of the compiled update (one mini-batch of `rows`)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from opd_jax import models, steps  # pylint: disable=import-outside-toplevel
+  from opd_jax.settings import LossSettings, OptSettings  # pylint: disable=import-outside-toplevel
+  loss = LossSettings("sft", 4, "teacher", True, "none", None, 0.0, None, None, 1024, 8192)
+  opt = OptSettings(rows, 1e-3, 0, "constant", 0.9, 0.999, 1e-8, 0.0, 1.0)
+  shapes = steps.Shapes(vocab=config.vocab_size, k=4, mesh=mesh)
+  _, params = steps.split_abstract(config)
+  shard = steps.train_state_shardings(config, opt, 4, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       steps.abstract_state(params, opt, 4), shard)
+  batch = {"prompt": _rows(mesh, (rows, p), jnp.int32), "prompt_mask": _rows(mesh, (rows, p), bool),
+           "response": _rows(mesh, (rows, n), jnp.int32),
+           "loss_mask": _rows(mesh, (rows, n), bool)}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  update = steps.make_update(config, loss, opt, shapes, 1, 4)
+  return update.lower(state, batch, key).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_full_pass_activations_split_by_rows_over_fsdp():
+  # MLP activations (16 rows x 128 tokens x 1024 x 4 B = 8 MB each) dwarf the weights (~0.5 MB):
+  # split by rows over fsdp = 8, a device holds about an eighth of them. When the partitioner
+  # followed the weights' fsdp split instead, every device computed every row (ratio ~1).
+  import jax  # pylint: disable=import-outside-toplevel
+  from opd_jax import models, sharding  # pylint: disable=import-outside-toplevel
+  config = models.ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=64,
+                              intermediate_size=1024, num_layers=1, num_heads=4, num_kv_heads=2,
+                              head_dim=16)
+  one = _update_temp(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), config, 16, 64, 64)
+  eight = _update_temp(sharding.make_mesh(1, 8, 1), config, 16, 64, 64)
+  assert eight < 0.3 * one, (eight, one)
+
+
+def test_decoding_on_an_fsdp_mesh_never_gathers_the_weights():
+  # Decode steps multiply each device's slice of the weights with the hidden states (whole over
+  # fsdp) and sum the partial products. Had they split the hidden states by rows over fsdp, every
+  # step would need whole weights, and XLA hoists those gathers out of the decode loops: the
+  # loops then carry whole weight matrices, the whole model on every device (28 layers of 7B:
+  # tens of GB). The prefill, by rows, gathers each layer's weights as training does.
+  import re  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from opd_jax import models, plan, sampling, sharding  # pylint: disable=import-outside-toplevel
+  config = models.ModelConfig(model_type="qwen2", vocab_size=4096, hidden_size=256,
+                              intermediate_size=2048, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=64)
+  mesh = sharding.make_mesh(1, 8, 1)
+  graphdef, params = plan.abstract_model(config, mesh)
+  # Every weight matrix's whole per-layer shape, as HLO writes it (f32[256,2048]).
+  whole = set()
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    shape = x.shape[1:] if models.is_stacked(tuple(getattr(k, "key", k) for k in path)) \
+        else x.shape
+    if len(shape) == 2:
+      whole.add(f"f32[{shape[0]},{shape[1]}]")
+
+  def rollout(params, prompts, mask, rng):
+    return sampling.sample(nnx.merge(graphdef, params), prompts, mask, rng, max_new_tokens=8,
+                           mesh=mesh)
+
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  text = jax.jit(rollout).lower(params, _rows(mesh, (8, 8), jnp.int32),
+                                _rows(mesh, (8, 8), bool), key).compile().as_text()
+  loops = [line.split(" while(")[0] for line in text.splitlines() if " while(" in line]
+  assert loops, "no decode loop found in the compiled rollout"
+  carried = {s for line in loops for s in re.findall(r"[a-z0-9]+\[[0-9,]*\]", line)}
+  assert any(f"f32[{256 // 8},2048]" == s for s in carried), sorted(carried)  # slices are there
+  assert not carried & whole, f"decode loops carry whole weights: {sorted(carried & whole)}"

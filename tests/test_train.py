@@ -1,5 +1,6 @@
 """The OPD trainer: config checks, runs per estimator, mesh equivalence, non-finite stop, resume."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -185,8 +186,11 @@ def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
                                advantage_clip=None, chunk_tokens=1024, chunk_vocab=8192)
   batch = _synthetic_batch(np.random.default_rng(0), 16, 8, 6, 16, 4)
   results = []
-  for mesh in (sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-               sharding.make_mesh(2, 2, 2)):
+  one, eight = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]), sharding.make_mesh(2, 2, 2)
+  # Last: the 8-row mini-batches in two micro-batches of 4 rows (gradients accumulated, weighted
+  # by their loss tokens, which differ from row to row here): the same update.
+  for mesh, micro in ((one, 0), (eight, 0), (eight, 4)):
+    opt = dataclasses.replace(opt, microbatch_size=micro)
     shapes = steps.Shapes(vocab=16, k=4, mesh=mesh)
     student = models.init_model(config, seed=0, mesh=mesh, std=0.3)
     teacher = models.init_model(config, seed=1, mesh=mesh, std=0.3)
@@ -206,12 +210,13 @@ def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
     emb = state.params["embed_tokens"]["embedding"][...]
     assert emb.sharding.spec == jax.tree.leaves(shard.params["embed_tokens"])[0].spec
     results.append((jax.device_get(state.params), jax.device_get(metrics)))
-  (p1, m1), (p8, m8) = results
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), p1, p8)
-  # Metrics are O(1) means, and kl_before_after a small difference of O(1) log-probs: float32
-  # reduction order over 8 devices moves them by ~1e-6 in absolute terms.
-  for key in m1:
-    np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  (p1, m1) = results[0]
+  for p8, m8 in results[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), p1, p8)
+    # Metrics are O(1) means, and kl_before_after a small difference of O(1) log-probs: float32
+    # reduction order over 8 devices moves them by ~1e-6 in absolute terms.
+    for key in m1:
+      np.testing.assert_allclose(m1[key], m8[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_scoring_in_minibatches_gives_the_same_scores():
@@ -296,8 +301,50 @@ def test_sigkill_mid_run_then_resume_ends_bitwise_like_an_uninterrupted_run(tmp_
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _read_state(workdir):
-  """The saved state of step 6 as numpy arrays (restored without a target structure)."""
+@pytest.mark.slow
+def test_two_processes_train_like_one_process(tmp_path, tiny_arith_dir):
+  # The multi-controller path: two processes of 4 CPU devices each (coordinator on localhost,
+  # gloo collectives), one global (data=2, fsdp=2, tensor=2) mesh, each process reading its own
+  # half of the prompts, against one process driving all 8 devices. Same metrics, same final
+  # state (to float rounding: the cross-process reductions may add in another order).
+  import socket  # pylint: disable=import-outside-toplevel
+  mesh = "c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2\nc.log.samples_every = 0\n"
+  single = train_helpers.write_config_file(tmp_path / "single.py", tiny_arith_dir, mesh)
+  multi = train_helpers.write_config_file(tmp_path / "multi.py", tiny_arith_dir,
+                                          mesh + "c.mesh.distributed = True\n")
+  base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  base["JAX_PLATFORMS"] = "cpu"
+  _finish(_launch(single, tmp_path / "one", dict(
+      base, XLA_FLAGS="--xla_force_host_platform_device_count=8"), tmp_path / "one.log"),
+          tmp_path / "one.log")
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  procs = [_launch(multi, tmp_path / "two", dict(
+      base, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i)), tmp_path / f"two_{i}.log") for i in range(2)]
+  for i, proc in enumerate(procs):
+    _finish(proc, tmp_path / f"two_{i}.log")
+  one, two = (_strip_timing(_lines(tmp_path / w / "metrics.jsonl")) for w in ("one", "two"))
+  assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+  for a, b in zip(one, two):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  a, b = (_read_state(tmp_path / w, 4) for w in ("one", "two"))
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def _read_state(workdir, step=6):
+  """The saved state of `step`, restored onto one device whatever topology saved it."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as reader:
-    return reader.restore(pathlib.Path(workdir) / "checkpoints" / "6" / "state")
+    meta = reader.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return reader.restore(path, target)

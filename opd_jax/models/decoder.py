@@ -12,6 +12,7 @@ from flax import nnx
 
 from opd_jax.models import attention
 from opd_jax.models.config import ModelConfig
+from opd_jax.sharding import BATCH_AXES
 
 Array = jax.Array
 
@@ -58,6 +59,37 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens: Array) -> Array:
     return jnp.take(self.embedding[...], tokens, axis=0)
+
+
+def constrain_rows(x: Array, axes: tuple[str, ...] = BATCH_AXES) -> Array:
+  """`x` with its rows (leading axis) split over `axes` of the mesh being traced under.
+
+  Under `jax.set_mesh` / `sharding.traced_under` of a mesh with the package's axes the decoder
+  pins its hidden states' layout instead of leaving it to XLA's partitioner:
+  - full passes and prefill (`axes` = BATCH_AXES): rows split over data and fsdp, so each
+    device computes its own rows and the fsdp-sharded weights are gathered layer by layer.
+    Left alone, the partitioner followed the weights' width split instead and computed every
+    row of a mini-batch on every device (the memory plan found whole [64, T, 18944] MLP
+    activations per device);
+  - decoding (`axes` = DECODE_ROW_AXES): rows split over data only, whole over fsdp, so a
+    matrix product with a weight whose input width is split over fsdp multiplies the matching
+    slice of the activations and sums the partial products (activation-sized traffic). Rows
+    split over fsdp would need the whole weight on every device at every step instead (XLA
+    hoists those gathers out of the decode loop: a full copy of the model per device).
+  Outside a mesh, or when the rows do not divide over `axes`, `x` is returned unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in axes if a in mesh.axis_names)
+  if x.ndim == 0 or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  spec = jax.sharding.PartitionSpec(axes or None, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+# Mesh axes a decode step splits its hidden states' rows over (see `constrain_rows`).
+DECODE_ROW_AXES = ("data",)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -154,9 +186,12 @@ class Attention(nnx.Module):
     over cache slots) or only to the new keys (prefill, mask over the new positions).
     """
     b, t, _ = x_BxTxD.shape
-    q = self.q_proj(x_BxTxD).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x_BxTxD).reshape(b, t, self.num_kv_heads, self.head_dim)
+    # Decoding: the projections' outputs stay in the decode layout (rows whole over fsdp, see
+    # constrain_rows); the cache, split by rows, then takes each device's rows by slicing.
+    rows = (lambda y: constrain_rows(y, DECODE_ROW_AXES)) if attend_to_cache else (lambda y: y)
+    q = rows(self.q_proj(x_BxTxD)).reshape(b, t, self.num_heads, self.head_dim)
+    k = rows(self.k_proj(x_BxTxD)).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = rows(self.v_proj(x_BxTxD)).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -173,6 +208,8 @@ class Attention(nnx.Module):
     if attend_to_cache:
       out = attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), valid_BxTxS,
                    heads_major=True)
+      # Decoding: back to the decode layout before the output projection (see constrain_rows).
+      out = constrain_rows(out, DECODE_ROW_AXES)
     else:
       out = attend(q, k, v, valid_BxTxS, **choice)
     return self.o_proj(out), (k_cache, v_cache)
@@ -271,13 +308,16 @@ class Decoder(nnx.Module):
       (hidden [B, T, D] after the final norm, the updated (keys, values) or None).
     """
     cos, sin = rope_cos_sin(positions_BxT, rope_inv_freq(self.config))
-    x = self.embed_tokens(tokens_BxT)
+    decoding = kv_cache is not None and attend_to_cache
+    rows = DECODE_ROW_AXES if decoding else BATCH_AXES
+    x = constrain_rows(self.embed_tokens(tokens_BxT), rows)
     layer_def, layer_params = nnx.split(self.layers)
     if kv_cache is None:
       # The scan body sees one layer's parameters as a plain pytree; merging rebuilds the module.
+      # The carry is pinned to its row split on the way in and out (see `constrain_rows`).
       def body(x, params):
         layer = nnx.merge(layer_def, params)
-        return layer(x, cos, sin, valid_BxTxS)[0], None
+        return constrain_rows(layer(constrain_rows(x), cos, sin, valid_BxTxS)[0]), None
       x, _ = jax.lax.scan(_remat(body, self.config.remat), x, layer_params)
       return self.norm(x), None
 
@@ -293,6 +333,7 @@ class Decoder(nnx.Module):
     new_k, new_v = [], []
     for layer, k, v in zip(layers, k_layers, v_layers, strict=True):
       x, (k, v) = layer(x, cos, sin, valid_BxTxS, (k, v), index, attend_to_cache)
+      x = constrain_rows(x, rows)
       new_k.append(k)
       new_v.append(v)
     return self.norm(x), (tuple(new_k), tuple(new_v))
