@@ -199,7 +199,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
   teacher, t_info = _cached_model(teacher_dir, lambda: supervised(
       _shape_config(d.teacher), train_data, valid, seed=d.teacher_seed, lr=d.lr,
       batch=d.batch, max_steps=d.teacher_max_steps, stop_at=d.teacher_accuracy,
-      check_every=d.check_every, log=log, init_std=d.init_std), log)
+      check_every=d.check_every, log=log, init_std=d.teacher_init_std), log)
   tokenizer_into(teacher_dir)
   results, table = {}, []
   for seed in d.seeds:
@@ -208,7 +208,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     _, s_info = _cached_model(student_dir, lambda seed=seed: supervised(
         _shape_config(d.student), train_data, valid, seed=seed, lr=d.lr, batch=d.batch,
         max_steps=d.student_max_steps, stop_at=d.student_accuracy, check_every=d.check_every,
-        log=log, init_std=d.init_std), log)
+        log=log, init_std=d.student_init_std), log)
     tokenizer_into(student_dir)
     for method in d.methods:
       evals = {}
