@@ -3,7 +3,7 @@
 The update (`opd_jax.steps.make_update`: mini-batched AdamW over a full causal pass, lsm loss) is
 lowered and compiled for abstract shapes only (nothing is allocated or run) for a small-width
 decoder of each depth. With the layers in one scan the program, and so the compile time, should
-not grow with depth: the issue's target is 28 layers <= 1.5 x 4 layers.
+not grow with depth (target: 28 layers <= 1.5 x 4 layers).
 
   python benchmarks/bench_compile.py                       # 4 and 28 layers, ~1 min on 2 cores
   python benchmarks/bench_compile.py --layers=4,28 --remat=full
