@@ -392,7 +392,8 @@ def test_bfloat16_inputs_compute_in_float32():
   assert loss.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("b,t", [(1, 1), (1, 5), (3, 1)])
+@pytest.mark.parametrize("b,t", [(1, 1), pytest.param(1, 5, marks=pytest.mark.slow),
+                                 pytest.param(3, 1, marks=pytest.mark.slow)])
 def test_any_batch_and_length_at_least_one(b, t):
   s, te, mask, y = _inputs(13, b=b, t=t)
   mask[:] = True
@@ -447,6 +448,7 @@ def _values_and_grads(s, t, y, mask, vi):
   return [jax.value_and_grad(fn)(s) for fn in fns]
 
 
+@pytest.mark.slow
 @given(hnp.arrays(np.float32, (2, 2, 7), elements=extreme),
        hnp.arrays(np.float32, (2, 2, 7), elements=extreme),
        hnp.arrays(np.int32, (2, 2), elements=st.integers(0, 6)),

@@ -214,6 +214,7 @@ def test_integer_masks_and_int64_ids_give_the_bool_int32_rollout(checkpoint, pro
   np.testing.assert_array_equal(got.policy_logprobs, want.policy_logprobs)
 
 
+@pytest.mark.slow
 def test_every_top_k_algorithm_gives_the_same_rollout():
   """A vocabulary wide enough for the blocked top-k to take its block path for the 64 top-p
   candidates. At this model's flatness they decide a 0.5 nucleus at the first step, but not a
