@@ -1,7 +1,8 @@
 """Sampler speed vs transformers' PyTorch `generate` on CPU; prints one JSON line.
 
 Same weights (a random ~20M-parameter Qwen2: vocab 32000, hidden 256, 4 layers, 4 heads, 2 KV
-heads, MLP 1024), batch 8, prompt 64, 128 new tokens, torch on 2 threads. Settings:
+heads, MLP 1024), batch 8, prompt 64, 128 new tokens, torch on 2 threads, both sides pinned to
+the same 2 cores (`_turns.pin_cores`). Settings:
 (a) top-k 50 + top-p 0.9 (what `generate(do_sample=True, top_p=0.9)` does by default),
 (b) exact top-p 0.9 alone (top_k=0 for transformers). transformers runs in a child process of its
 own so that XLA's worker threads never compete with torch's. After a warm-up call on each side
@@ -16,15 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 
 import _turns
-import jax
-import numpy as np
-import torch
-import transformers
 
-from opd_jax import models, sampling
+THREADS = 2
+CORES = _turns.pin_cores(THREADS)            # before JAX starts its CPU client and thread pool
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the comparison is CPU against CPU
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from opd_jax import models, sampling  # noqa: E402
 
 BATCH, PROMPT, NEW = 8, 64, 128
 
@@ -50,7 +57,7 @@ def prompts_and_mask():
 
 def torch_server(folder):
   """Child process: answers each setting name read from stdin with the seconds of one call."""
-  torch.set_num_threads(2)
+  torch.set_num_threads(THREADS)
   model = transformers.Qwen2ForCausalLM.from_pretrained(folder).eval()
   prompts, mask = prompts_and_mask()
 
@@ -73,7 +80,8 @@ def main():
   if args.torch_server:
     torch_server(args.torch_server)
     return
-  result = {"batch": BATCH, "prompt": PROMPT, "new_tokens": NEW, "torch_threads": 2,
+  result = {"batch": BATCH, "prompt": PROMPT, "new_tokens": NEW, "torch_threads": THREADS,
+            "cores": CORES,
             "jax_backend": jax.default_backend(), "rounds": args.repeats}
   with tempfile.TemporaryDirectory() as folder:
     _, n_params = hf_model(folder)
