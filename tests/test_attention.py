@@ -254,32 +254,6 @@ def test_splash_kernel_in_the_pallas_interpreter_equals_the_einsum():
     np.testing.assert_allclose(a, b, atol=5e-6, err_msg=f"d/d{name}")
 
 
-@pytest.mark.slow
-def test_splash_on_a_mesh_runs_per_device_and_equals_the_einsum():
-  # The trainer's phases trace under their mesh (sharding.traced_under): that is where "auto"
-  # finds it and where the splash call is wrapped in a shard_map over rows and key/value heads.
-  from opd_jax import sharding  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(2, 2, 2)
-  rng = np.random.default_rng(9)        # 4 rows: they split over data x fsdp
-  q, k, v = (jnp.asarray(rng.normal(size=(4, 16, heads, H)), jnp.float32) for heads in (N, K, K))
-  valid = np.arange(16)[None, :] >= np.array([0, 3, 15, 5])[:, None]
-  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
-
-  @jax.jit
-  def on_mesh(q, k, v, valid):
-    with sharding.traced_under(mesh):
-      assert attention.resolve_implementation("auto", kv_len=16, dtype=jnp.bfloat16,
-                                              head_dim=8, factored=True,
-                                              backend="tpu") == "splash"
-      return attention.splash_attention(q, k, v, CausalMask(valid), interpret=True)
-
-  out = on_mesh(put(q), put(k), put(v), put(jnp.asarray(valid)))
-  real = valid[:, :, None, None]
-  np.testing.assert_allclose(np.where(real, out, 0), np.where(
-      real, attention.xla_attention(q, k, v, CausalMask(jnp.asarray(valid)).dense()), 0),
-                             atol=2e-6)
-
-
 def test_trainer_config_applies_the_attention_choice_to_every_model(tmp_path):
   # pylint: disable=import-outside-toplevel
   import train_helpers
@@ -319,8 +293,25 @@ def test_splash_kernel_runs_per_device_under_a_mesh():
   q = jnp.concatenate([q, q[:1]])                 # 4 rows: split over data x fsdp
   k, v = jnp.concatenate([k, k[:1]]), jnp.concatenate([v, v[:1]])
   mask = CausalMask(jnp.concatenate([mask.key_valid, mask.key_valid[:1]]))
-  with jax.set_mesh(sharding.make_mesh(2, 2, 2)):
+  mesh = sharding.make_mesh(2, 2, 2)
+  with jax.set_mesh(mesh):
     fn = jax.jit(lambda q, k, v, m: attention.splash_attention(q, k, v, m, interpret=True))
     assert "manual_computation" in fn.lower(q, k, v, mask).as_text()    # the shard_map
     got = fn(q, k, v, mask)[:B]
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)
+
+  # The trainer's phases set the mesh inside jit instead (sharding.traced_under): "auto" finds
+  # it there and the kernel takes the same per-device path, on rows placed over the mesh.
+  @jax.jit
+  def traced(q, k, v, m):
+    with sharding.traced_under(mesh):
+      assert attention.resolve_implementation("auto", kv_len=20, dtype=jnp.bfloat16,
+                                              head_dim=H, factored=True,
+                                              backend="tpu") == "splash"
+      return attention.splash_attention(q, k, v, m, interpret=True)
+
+  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+  rows = CausalMask(put(mask.key_valid))
+  assert "manual_computation" in traced.lower(put(q), put(k), put(v), rows).as_text()
+  got = traced(put(q), put(k), put(v), rows)[:B]
   np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-6)
