@@ -108,19 +108,19 @@ def _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_
   model = nnx.merge(graphdef, state)
   cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + segment_ends[0])
 
-  def constrain(x, axis=0, axes=sharding.BATCH_AXES):  # rows (axis `axis`) over `axes`
+  def constrain(x, axis=0):  # rows (axis `axis`) over the mesh's batch axes
     if mesh is None:
       return x
     spec = [None] * x.ndim
-    spec[axis] = axes
+    spec[axis] = sharding.BATCH_AXES
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
   def constrain_hidden(x):
     # The [R, D] hidden state between decode steps, and the [R, V] logits as the unembedding
     # gives them, keep the decode step's row layout, so that the unembedding multiplies the
-    # hidden states slice by slice instead of gathering the [D, V] weight on every device (see
-    # models.decoder.constrain_rows); the sampling rules then split the logits by rows again.
-    return constrain(x, axes=models.decoder.DECODE_ROW_AXES)
+    # hidden states slice by slice instead of gathering the [D, V] weight on every device; the
+    # sampling rules then split the logits by rows again.
+    return models.constrain_rows(x, models.DECODE_ROW_AXES)
 
   def constrain_tree(cache):
     return models.cache.map_rows(constrain, cache)
