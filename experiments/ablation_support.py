@@ -5,12 +5,15 @@ Run:      python -m opd_jax.main --config=experiments/ablation_support.py:teache
             --config.teacher.path=/models/OpenThinker3-7B --config.data.source=/data/dapo-math-17k
             --config.eval.data_dir=/data/tfds   (the benchmarks built there; or
             --config.eval.sources.<name>=FILE for a benchmark's first build)
-          Evaluate a saved run (latest checkpoint) or a Hugging Face folder later:
+          Evaluate the run later (its own settings, from DIR/config.json), or a Hugging
+          Face folder with this file's settings:
+            python -m opd_jax.evaluate --checkpoint=DIR [--step=N]
             python -m opd_jax.evaluate --config=experiments/ablation_support.py:teacher+sampled
-              --checkpoint=DIR
-Smoke:    python -m opd_jax.main --config=experiments/ablation_support.py:smoke
-            --config.workdir=DIR --config.model.path=... --config.teacher.path=...
-            (2 steps, tiny lengths, CPU; tiny random model folders and a few data rows do)
+              --checkpoint=/models/Qwen2.5-7B-Instruct --workdir=OUT
+              --config.eval.data_dir=/data/tfds
+Smoke:    python -m opd_jax.main --config=experiments/ablation_support.py:smoke --config.workdir=DIR
+            (2 steps, tiny lengths, CPU; tiny random stand-ins for every model folder and data file
+            left unset, made in DIR/smoke_assets; paths given are used)
 Variants: ':teacher' (default; variant 1, the method: teacher top-32, renormalised) |
           ':teacher+sampled' (variant 3: teacher top-32 plus the sampled token, renormalised) |
           ':teacher_tail' (variant 5: teacher top-32 head, not renormalised, plus the EMA-PG

@@ -6,12 +6,15 @@ Run:      python -m opd_jax.main --config=experiments/math_sampled_opd.py
             --config.teacher.path=/models/OpenThinker3-7B --config.data.source=/data/dapo-math-17k
             --config.eval.data_dir=/data/tfds   (the benchmarks built there; or
             --config.eval.sources.<name>=FILE for a benchmark's first build)
-          Evaluate a saved run (latest checkpoint) or a Hugging Face folder later:
+          Evaluate the run later (its own settings, from DIR/config.json), or a Hugging
+          Face folder with this file's settings:
+            python -m opd_jax.evaluate --checkpoint=DIR [--step=N]
             python -m opd_jax.evaluate --config=experiments/math_sampled_opd.py
-              --checkpoint=DIR
-Smoke:    python -m opd_jax.main --config=experiments/math_sampled_opd.py:smoke
-            --config.workdir=DIR --config.model.path=... --config.teacher.path=...
-            (2 steps, tiny lengths, CPU; tiny random model folders and a few data rows do)
+              --checkpoint=/models/Qwen2.5-7B-Instruct --workdir=OUT
+              --config.eval.data_dir=/data/tfds
+Smoke:    python -m opd_jax.main --config=experiments/math_sampled_opd.py:smoke --config.workdir=DIR
+            (2 steps, tiny lengths, CPU; tiny random stand-ins for every model folder and data file
+            left unset, made in DIR/smoke_assets; paths given are used)
 Hardware: 8 x H100 80 GB (one node) or a TPU v5p-16 slice (8 chips): mesh.data=1, mesh.fsdp=8
           (parameters and optimizer state sharded over the 8 devices; 64-rollout mini-batches
           split 8 ways). Multi-host: add --config.mesh.distributed=True.

@@ -9,12 +9,16 @@ Run:      python -m opd_jax.main --config=experiments/multitask_lsm.py
             --config.tasks[1].environment_config=/data/alfworld/base_config.yaml
             --config.tasks[1].teacher.path=/models/GiGPO-Qwen2.5-7B-Instruct-ALFWorld
             --config.eval.data_dir=/data/tfds
-          Evaluate a saved run later:
+          Evaluate the run later (its own settings, from DIR/config.json), or a Hugging
+          Face folder with this file's settings:
+            python -m opd_jax.evaluate --checkpoint=DIR [--step=N]
             python -m opd_jax.evaluate --config=experiments/multitask_lsm.py
-              --checkpoint=DIR
-Smoke:    python -m opd_jax.main --config=experiments/multitask_lsm.py:smoke
-            --config.workdir=DIR plus the math paths above and --config.tasks[1].teacher.path
-            (2 steps: one per task, the second on the built-in text game; tiny lengths, CPU)
+              --checkpoint=/models/Qwen2.5-7B-Instruct --workdir=OUT
+              --config.eval.data_dir=/data/tfds
+Smoke:    python -m opd_jax.main --config=experiments/multitask_lsm.py:smoke --config.workdir=DIR
+            (2 steps: one per task, the second on the built-in text game; tiny lengths, CPU;
+            tiny random stand-ins for every model folder and data file
+            left unset, made in DIR/smoke_assets; paths given are used)
 Agentic:  the second task is ALFWorld (teacher GiGPO-Qwen2.5-7B-Instruct-ALFWorld): multi-turn
           episodes, each turn a student response of up to 512 tokens, the environment's
           observations in the sequence as context and outside the loss (docs/environments.md).

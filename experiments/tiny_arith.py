@@ -23,6 +23,11 @@ def _shape(hidden, layers, heads, kv_heads, mlp):
 def get_config(arg=None):
   c = configs.opd()
   c.experiment = "tiny_arith"
+  # Set by the demo for each run (overriding one is refused): the seed from demo.seeds, the
+  # estimator and rollout top-p from demo.methods, the models from its own pre-training.
+  c.seed = -1
+  c.loss.estimator = "per_method"
+  c.rollout.top_p = -1.0
   c.steps = 150                     # OPD iterations per (method, seed)
   c.data.dataset = "tiny_arith"     # "aaa+bbb=" -> reversed sum digits, <eos>
   c.data.prompts_per_step = 32      # prompts per iteration

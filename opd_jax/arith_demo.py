@@ -27,14 +27,28 @@ import numpy as np
 import optax
 from flax import nnx
 
-from opd_jax import losses, models, sampling, train
+from opd_jax import configs, losses, metrics, models, sampling, settings, train
 from opd_jax.data import registry, tiny_arith
+from opd_jax.settings import ConfigError
 
 METHODS = {  # name -> (loss.estimator, rollout.top_p)
     "sampled_token": ("sampled_token", 1.0),
     "lsm": ("lsm", 0.9),
     "sft": ("sft", 1.0),
 }
+# Trainer settings the demo sets for each run itself: the experiment file holds these markers,
+# and an override of any of them is refused (it would be ignored). Key -> (marker, what to set).
+PER_RUN = {
+    "seed": (-1, "config.demo.seeds (one student and one run per method per seed)"),
+    "loss.estimator": ("per_method", "config.demo.methods (" + ", ".join(
+        f"{m}: {e} at top-p {p}" for m, (e, p) in METHODS.items()) + ")"),
+    "rollout.top_p": (-1.0, "config.demo.methods (each method has its rollout top-p)"),
+    "smoke": (False, "the demo's own ':smoke' argument"),
+    "tasks": ((), "nothing: the demo has one task, its arithmetic dataset"),
+}
+# Model groups the demo fills from its own pre-training: left at the trainer's defaults.
+OWN_MODELS = {"model": "config.demo.student (the student's shape) and demo.student_init_std",
+              "teacher": "config.demo.teacher (the teacher's shape) and demo.teacher_init_std"}
 
 
 def _arrays(examples) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -114,7 +128,7 @@ def _ce_step(graphdef, params, opt_state, tokens, tx):
   return optax.apply_updates(params, updates), opt_state, loss
 
 
-def supervised(config: models.ModelConfig, train_data, valid, *, seed: int, lr: float,
+def supervised(config: models.ModelConfig, *, train_data, valid, seed: int, lr: float,
                batch: int, max_steps: int, stop_at: float, check_every: int, log,
                init_std: float = 0.02) -> tuple[models.Decoder, int, float]:
   """Cross-entropy on the reference answers until validation accuracy >= stop_at."""
@@ -138,11 +152,16 @@ def supervised(config: models.ModelConfig, train_data, valid, *, seed: int, lr: 
   return nnx.merge(graphdef, params), step, acc
 
 
-def _cached_model(folder: pathlib.Path, make, log) -> tuple[models.Decoder, dict]:
+def _cached_model(folder: pathlib.Path, make, log, what: str) -> tuple[models.Decoder, dict]:
   info_file = folder / "pretraining.json"
   if info_file.exists():
     model, _ = models.load_hf_checkpoint(folder)
-    return model, json.loads(info_file.read_text())
+    info = json.loads(info_file.read_text())
+    log(f"{what}: loaded from {folder} (pre-trained earlier: {info['steps']} steps, valid exact "
+        f"match {info['valid_accuracy']:.3f})")
+    return model, info
+  log(f"{what}: cross-entropy on the reference answers until valid exact match >= "
+      f"{make.keywords['stop_at']}")
   t = time.perf_counter()
   model, steps_done, acc = make()
   models.save_hf_checkpoint(model, model.config, folder)
@@ -173,14 +192,50 @@ def opd_config(config: ml_collections.ConfigDict, method: str, seed: int,
   return c
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-  """Runs the demo (see the module docstring); returns {method: {seed: {step: evaluation}}}."""
-  d = config.demo
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses trainer settings the demo sets per run (an override would be ignored)."""
   if not config.workdir:
-    raise ValueError("config.workdir is required (the demo caches its teacher and students)")
-  unknown = sorted(set(d.methods) - set(METHODS))
+    raise ConfigError("config.workdir is required (the demo caches its teacher and students)")
+  unknown = sorted(set(config.demo.methods) - set(METHODS))
   if unknown:
-    raise ValueError(f"config.demo.methods has {unknown}; accepted: {', '.join(METHODS)}")
+    raise ConfigError(f"config.demo.methods has {unknown}; accepted: {', '.join(METHODS)}")
+  flat = settings.plain(config)
+  for key, (marker, instead) in PER_RUN.items():
+    value = functools.reduce(lambda d, k: d[k], key.split("."), flat)
+    if value != marker and not (isinstance(marker, tuple) and not value):
+      raise ConfigError(f"config.{key}={value!r} is not used by the demo: it sets this for each "
+                        f"run itself; set {instead} instead")
+  defaults = settings.plain(configs.model_fields())
+  unused = [("path",), ("tokenizer",)] + [("random", k) for k in defaults["random"]]
+  for group, instead in OWN_MODELS.items():
+    for key in unused:
+      value = functools.reduce(lambda d, k: d[k], key, flat[group])
+      if value != functools.reduce(lambda d, k: d[k], key, defaults):
+        raise ConfigError(f"config.{group}.{'.'.join(key)}={value!r} is not used by the demo: "
+                          f"it trains its own {group} ({instead})")
+
+
+def _evaluations(run_dir: pathlib.Path) -> tuple[dict[int, dict], dict[int, float]]:
+  """A run's evaluations {step: {accuracy, reverse_kl}} and gradient norms, from its metrics."""
+  evals, grad = {}, {}
+  for row in metrics.read_metrics(run_dir):
+    if "eval/accuracy" in row:
+      evals[row["step"]] = {"accuracy": row["eval/accuracy"],
+                            "reverse_kl": row["eval/reverse_kl"]}
+    if "opt/grad_norm" in row:
+      grad[row["step"]] = row["opt/grad_norm"]
+  return evals, grad
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  """Runs the demo (see the module docstring); returns {method: {seed: {step: evaluation}}}.
+
+  Every run's evaluations are read back from its workdir's metrics, so a second demo in the same
+  workdir prints the same tables without training, and a demo killed at any point and restarted
+  ends with the results of an uninterrupted one (the trainer resumes exactly).
+  """
+  check_config(config)
+  d = config.demo
   workdir = pathlib.Path(config.workdir)
   log = print
   t_start = time.perf_counter()
@@ -191,55 +246,52 @@ def run(config: ml_collections.ConfigDict) -> dict:
   tiny_arith.make_tokenizer(workdir / "tokenizer")
   log(f"data: {len(train_data[0])} train / {len(valid[0])} valid / {len(test[0])} test problems")
 
-  def tokenizer_into(folder):
-    tiny_arith.make_tokenizer(folder)
-
-  log("teacher: cross-entropy until it solves the validation problems")
+  pretrain = functools.partial(supervised, train_data=train_data, valid=valid, lr=d.lr,
+                               batch=d.batch, check_every=d.check_every, log=log)
   teacher_dir = workdir / "teacher"
-  teacher, t_info = _cached_model(teacher_dir, lambda: supervised(
-      _shape_config(d.teacher), train_data, valid, seed=d.teacher_seed, lr=d.lr,
-      batch=d.batch, max_steps=d.teacher_max_steps, stop_at=d.teacher_accuracy,
-      check_every=d.check_every, log=log, init_std=d.teacher_init_std), log)
-  tokenizer_into(teacher_dir)
+  teacher, t_info = _cached_model(teacher_dir, functools.partial(
+      pretrain, _shape_config(d.teacher), seed=d.teacher_seed, max_steps=d.teacher_max_steps,
+      stop_at=d.teacher_accuracy, init_std=d.teacher_init_std), log, "teacher")
+  tiny_arith.make_tokenizer(teacher_dir)
   results, table = {}, []
   for seed in d.seeds:
-    log(f"student seed {seed}: cross-entropy until valid exact match >= {d.student_accuracy}")
     student_dir = workdir / f"student_seed{seed}"
-    _, s_info = _cached_model(student_dir, lambda seed=seed: supervised(
-        _shape_config(d.student), train_data, valid, seed=seed, lr=d.lr, batch=d.batch,
-        max_steps=d.student_max_steps, stop_at=d.student_accuracy, check_every=d.check_every,
-        log=log, init_std=d.student_init_std), log)
-    tokenizer_into(student_dir)
+    _cached_model(student_dir, functools.partial(
+        pretrain, _shape_config(d.student), seed=seed, max_steps=d.student_max_steps,
+        stop_at=d.student_accuracy, init_std=d.student_init_std), log, f"student seed {seed}")
+    tiny_arith.make_tokenizer(student_dir)
     for method in d.methods:
-      evals = {}
 
-      def evaluator(step, model, seed=seed, evals=evals):
+      def evaluator(step, model, seed=seed):
         # The trainer's parameters may be split over a mesh; the demo's model is tiny, so the
         # evaluation runs it on one device (and its 500-row batches need no mesh divisibility).
         model = jax.device_put(model, jax.devices()[0])
-        out = {"accuracy": greedy_accuracy(model, test[0], test[2]),
-               "reverse_kl": sampled_reverse_kl(model, teacher, test[0], seed + step)}
-        evals[step] = out
-        return out
+        return {"accuracy": greedy_accuracy(model, test[0], test[2]),
+                "reverse_kl": sampled_reverse_kl(model, teacher, test[0], seed + step)}
 
       t = time.perf_counter()
-      history = train.run(opd_config(config, method, seed, student_dir, teacher_dir, workdir),
-                          evaluator=evaluator, log=lambda _: None)
-      grad = {h["step"]: h.get("opt/grad_norm", float("nan")) for h in history}
+      run_config = opd_config(config, method, seed, student_dir, teacher_dir, workdir)
+      train.run(run_config, evaluator=evaluator,
+                log=lambda m, method=method, seed=seed: log(f"  {method} seed {seed}: {m}"))
+      evals, grad = _evaluations(pathlib.Path(run_config.workdir))
+      expected = set(range(0, config.steps, config.eval.every)) | {config.steps}
+      if set(evals) != expected:
+        raise RuntimeError(f"{run_config.workdir}/metrics.jsonl holds evaluations at steps "
+                           f"{sorted(evals)}, expected {sorted(expected)}: delete that folder to "
+                           "rerun it")
       for step, ev in sorted(evals.items()):
         table.append((method, seed, step, ev["accuracy"], ev["reverse_kl"],
-                      grad.get(step, float("nan"))))
+                      grad.get(step)))   # no update (and no gradient) at step 0
       results.setdefault(method, {})[seed] = evals
       log(f"  {method:13s} seed {seed}: exact match {evals[min(evals)]['accuracy']:.3f} -> "
           f"{evals[max(evals)]['accuracy']:.3f} ({time.perf_counter() - t:.0f} s)")
   _print_table(table, t_info, log)
   summary = summarize(results)
   _print_summary(summary, log)
-  if workdir:
-    _plot(results, workdir / "curves.png")
-    (workdir / "results.json").write_text(json.dumps(
-        {"teacher": t_info, "table": table, "summary": summary,
-         "seconds": time.perf_counter() - t_start}))
+  _plot(results, workdir / "curves.png")
+  (workdir / "results.json").write_text(json.dumps(
+      {"teacher": t_info, "table": table, "summary": summary,
+       "seconds": time.perf_counter() - t_start}, allow_nan=False))
   log(f"total {time.perf_counter() - t_start:.0f} s; curves in {workdir / 'curves.png'}")
   return results
 
@@ -249,7 +301,7 @@ def _print_table(table, t_info, log) -> None:
   log(f"{'method':>14s} {'seed':>5s} {'step':>5s} {'exact match':>12s} {'reverse KL':>11s} "
       f"{'grad norm':>10s}")
   for method, seed, step, acc, kl, grad in table:
-    shown = f"{grad:10.3f}" if np.isfinite(grad) else f"{'-':>10s}"   # no update at step 0
+    shown = f"{grad:10.3f}" if grad is not None else f"{'-':>10s}"
     log(f"{method:>14s} {seed:5d} {step:5d} {acc:12.3f} {kl:11.4f} {shown}")
 
 

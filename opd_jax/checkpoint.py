@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,8 +75,8 @@ class Checkpointer:
   once) and the files are written by a background thread; `wait` blocks until they are final.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
-               async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, save_every: int = 1, keep: int = 1,
+               async_save: bool = True, read_only: bool = False):
     """Opens (creating if needed) a checkpoint directory.
 
     Args:
@@ -84,9 +85,12 @@ class Checkpointer:
       keep: how many of the newest checkpoints to keep; older ones are deleted once a newer one
         is final.
       async_save: write files in a background thread (True) or inside `save` (False).
+      read_only: only read (another run's checkpoints): the folder must exist, nothing in it is
+        created or cleaned up, and `save` raises.
     """
     self._save_every = _positive_int("save_every", save_every)
     self._keep = _positive_int("keep", keep)
+    self._read_only = bool(read_only)
     text = os.fspath(directory)
     if not text:
       raise ValueError("checkpoint directory='' is not accepted; give a folder path")
@@ -95,13 +99,16 @@ class Checkpointer:
       if os.path.exists(text) and not os.path.isdir(text):
         raise ValueError(f"checkpoint directory {text!r} exists and is not a folder; give a "
                          "folder path (it is created if missing)")
+      if read_only and not os.path.isdir(text):
+        raise ValueError(f"checkpoint directory {text!r} does not exist")
     self._directory = epath.Path(text)
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=checkpoint_managers.FixedIntervalPolicy(self._save_every),
         preservation_policy=checkpoint_managers.LatestN(n=self._keep),
         enable_async_checkpointing=bool(async_save),
-        cleanup_tmp_directories=True,
-        create=True,
+        # A reader must not delete the unfinished step of a run that is still writing.
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
     )
     # Registering both items up front lets a fresh manager read the metadata of old steps.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -148,15 +155,6 @@ class Checkpointer:
     """True when `step` is a multiple of `save_every`."""
     return _check_step(step) % self._save_every == 0
 
-  def reached_preemption(self, step: int) -> bool:
-    """True when the cluster announced a preemption and every process reached `step`.
-
-    Uses JAX's preemption sync point (set up by `jax.distributed.initialize` on TPU pods and
-    some GPU clusters; always False otherwise). If used, call it on every process at every
-    step, and on True save with `force=True` and stop.
-    """
-    return bool(self._manager.reached_preemption(_check_step(step)))
-
   def save(self, step: int, state: PyTree, meta: Mapping[str, Any], *,
            force: bool = False) -> bool:
     """Saves `state` and `meta` as checkpoint `step` if `should_save(step)` or `force`.
@@ -175,6 +173,8 @@ class Checkpointer:
       step already exists, e.g. the final forced save right after a periodic one).
     """
     step = _check_step(step)
+    if self._read_only:
+      raise ValueError(f"checkpoint directory {self._directory} was opened read-only")
     if not isinstance(meta, Mapping):
       raise ValueError(f"checkpoint meta must be a mapping with string keys, got "
                        f"{type(meta).__name__}")
@@ -293,3 +293,61 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _is_step_folder(path: pathlib.Path) -> bool:
+  return path.name.isdigit() and (path / "state").is_dir()
+
+
+def locate(path: str | os.PathLike, step: int | None = None, *, name: str = "checkpoint"
+           ) -> tuple[pathlib.Path, int | None]:
+  """The checkpoints folder and step that `path` names.
+
+  Args:
+    path: a trainer workdir (holding `checkpoints/`), its `checkpoints/` folder, or one step's
+      folder (`.../checkpoints/<step>`).
+    step: the step wanted; None = the step folder's own, else the latest (returned as None).
+    name: how the setting is called in errors (e.g. "config.checkpoint.init").
+
+  Returns:
+    (checkpoints folder, step or None for "the latest").
+  """
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise ValueError(f"{name}={str(path)!r} is not an existing folder; give a run's workdir, "
+                     "its checkpoints/ folder or one step's folder")
+  if (folder / "checkpoints").is_dir():
+    return folder / "checkpoints", step
+  if _is_step_folder(folder):
+    own = int(folder.name)
+    if step is not None and step != own:
+      raise ValueError(f"{name}={str(path)!r} is the folder of step {own}, but step {step} was "
+                       "asked for; give the run's folder to pick another step")
+    return folder.parent, own
+  if any(_is_step_folder(p) for p in folder.iterdir() if p.is_dir()):
+    return folder, step
+  raise ValueError(f"{name}={str(path)!r} holds no checkpoint: expected a run's workdir (with "
+                   "checkpoints/), its checkpoints/ folder (numbered step folders) or one step's "
+                   "folder")
+
+
+def restore(path: str | os.PathLike, abstract_state: PyTree, *, step: int | None = None,
+            name: str = "checkpoint") -> tuple[PyTree, dict, int]:
+  """Reads a complete checkpoint of another run without writing anything there.
+
+  Args:
+    path: what `locate` accepts.
+    abstract_state: as for `Checkpointer.restore`.
+    step: the step to read (None: the step folder's own, else the latest complete one).
+    name: how the setting is called in errors.
+
+  Returns:
+    (state, meta, step).
+  """
+  directory, step = locate(path, step, name=name)
+  with Checkpointer(directory, read_only=True) as reader:
+    chosen = reader.latest_step() if step is None else step
+    if chosen is None:
+      raise ValueError(f"{name}={str(path)!r}: {directory} holds no complete checkpoint")
+    state, meta = reader.restore(chosen, abstract_state)
+  return state, meta, chosen

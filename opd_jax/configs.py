@@ -73,6 +73,9 @@ def opd() -> ml_collections.ConfigDict:
   c = base()
   c.experiment = "opd"
   c.steps = 400            # training iterations: rollout -> teacher scoring -> update(s)
+  # The ':smoke' variants: every model folder, dataset and benchmark path left "" is filled with
+  # a tiny random stand-in made in workdir/smoke_assets (opd_jax.smoke), so they run offline.
+  c.smoke = False
   c.model = model_fields()  # the student
   c.teacher = model_fields()  # the teacher (frozen, never checkpointed)
   # Multi-task runs: a list of task_fields(); iteration s trains task s % len(tasks), each task
@@ -136,7 +139,10 @@ def opd() -> ml_collections.ConfigDict:
   c.checkpoint.every = 50          # save every this many iterations (and at the end)
   c.checkpoint.keep = 3            # keep the newest this many checkpoints
   c.checkpoint.async_save = True   # save in the background (Orbax async checkpointing)
-  c.checkpoint.init = ""           # a checkpoint folder of another run to start from ("" = none)
+  c.checkpoint.init = ""           # another run to start from: its workdir, its checkpoints/
+  #                                  folder or one step's folder ("" = none); parameters only
+  c.checkpoint.init_step = -1      # which step of checkpoint.init (-1: the step folder's own,
+  #                                  else the latest complete one)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                 # evaluate every this many iterations, at 0 and at the end
@@ -205,7 +211,8 @@ def table_a1_math(c: ml_collections.ConfigDict) -> None:
 
 
 def smoke_math(c: ml_collections.ConfigDict) -> None:
-  """2 steps of tiny prompts and responses (CPU); model paths are still needed."""
+  """2 steps of tiny prompts and responses (CPU); paths left empty get tiny stand-ins."""
+  c.smoke = True
   c.steps = 2
   c.model.dtype = c.teacher.dtype = "float32"
   c.model.param_dtype = ""

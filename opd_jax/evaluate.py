@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding
 
 from opd_jax import masking, models, sampling, sharding
 from opd_jax.data import math_datasets, math_grading, prompts, registry
+from opd_jax.settings import ConfigError
 
 # The five test sets of Table 1, in the paper's column order, and their column headers.
 BENCHMARKS = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
@@ -371,15 +372,72 @@ def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int
   return flat
 
 
+def _benchmark_dir(e: EvalSettings, workdir: str | pathlib.Path | None) -> pathlib.Path:
+  data_dir = e.data_dir or (pathlib.Path(workdir) / "tfds" if workdir else "")
+  if not data_dir:
+    raise ValueError("config.eval.data_dir (or config.data.data_dir, or a workdir) must name the "
+                     "TFDS folder of the benchmark builds")
+  return pathlib.Path(data_dir)
+
+
+def _buildable(name: str, source: str, data_dir: pathlib.Path) -> bool:
+  """Whether dataset `name` is built in `data_dir`, or can be (a source or its manual folder)."""
+  return bool(source) or math_datasets.BUILDERS[name](data_dir=data_dir).is_prepared() or \
+      pathlib.Path(math_datasets.manual_dir(name, data_dir)).is_dir()
+
+
+def missing_benchmarks(e: EvalSettings, workdir: str | pathlib.Path | None) -> list[str]:
+  """One line per benchmark that is neither built nor has a source: the setting to give."""
+  data_dir = _benchmark_dir(e, workdir)
+  sources = dict(e.sources)
+  missing = [b for b in e.benchmarks if not _buildable(b, sources.get(b, ""), data_dir)]
+  return [f"--config.eval.sources.{b}=FILE (the published {COLUMNS[b]} file or folder)"
+          for b in missing] + ([f"  or --config.eval.data_dir=DIR, a TFDS folder where "
+                                f"{'they are' if len(missing) > 1 else 'it is'} built "
+                                f"({data_dir} holds no build)"] if missing else [])
+
+
+def check_benchmarks(e: EvalSettings, workdir: str | pathlib.Path | None) -> None:
+  """Raises one ValueError naming every benchmark that is neither built nor has a source."""
+  missing = missing_benchmarks(e, workdir)
+  if missing:
+    raise ValueError("the evaluation cannot start; set:\n  " + "\n  ".join(missing) +
+                     "\n(or --config.eval.benchmarks to evaluate fewer)")
+
+
+def missing_paths(config: ml_collections.ConfigDict) -> list[str]:
+  """One line per model folder, dataset or benchmark a math run needs and was not given: the
+  `--config.` setting to give (all at once, before anything loads)."""
+  workdir = pathlib.Path(config.workdir)
+  out = []
+  if not config.model.path and not config.model.tokenizer:
+    out.append("--config.model.path=DIR (the student's Hugging Face folder)")
+  tasks = ([(f"tasks[{i}].", t.teacher, t.data) for i, t in enumerate(config.tasks)
+            if not t.environment] if config.tasks else [("", config.teacher, config.data)])
+  for prefix, teacher, data in tasks:
+    if prefix and not data.dataset:   # a task with neither prompts nor an environment
+      out.append(f"--config.{prefix}environment=MODULE:FACTORY (its environment adapter, "
+                 "docs/environments.md) and its teacher: --config."
+                 f"{prefix}teacher.path=DIR")
+    if data.dataset not in math_datasets.DATASETS:
+      continue
+    if not teacher.path and not teacher.tokenizer:
+      out.append(f"--config.{prefix}teacher.path=DIR (the teacher's Hugging Face folder)")
+    if not _buildable(data.dataset, data.source, registry.data_dir(data, workdir)):
+      out.append(f"--config.{prefix}data.source=FILE (the published {data.dataset} file or "
+                 f"folder; or --config.{prefix}data.data_dir=DIR where it is built)")
+  if config.eval.every:
+    out += missing_benchmarks(EvalSettings.from_config(config), workdir)
+  return out
+
+
 def evaluate_with_config(model, tokenizer, config: ml_collections.ConfigDict, *, step: int,
                          workdir: str | pathlib.Path | None, label: str = "model",
                          log: Callable[[str], None] = print) -> dict[str, float]:
   """`evaluate` with the settings of `config.eval` (and its prompt / stop settings)."""
   e = EvalSettings.from_config(config)
-  data_dir = e.data_dir or (pathlib.Path(workdir) / "tfds" if workdir else "")
-  if not data_dir:
-    raise ValueError("config.eval.data_dir (or config.data.data_dir, or a workdir) must name the "
-                     "TFDS folder of the benchmark builds")
+  check_benchmarks(e, workdir)
+  data_dir = _benchmark_dir(e, workdir)
   return evaluate(
       model, tokenizer, e.benchmarks, k=e.samples, max_new_tokens=e.max_new_tokens,
       top_p=e.top_p, temperature=e.temperature, batch_size=e.batch_size, seed=e.seed,
@@ -418,6 +476,12 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
   if not config.workdir:
     raise ValueError("config.workdir='' is not accepted; the trainer needs a folder "
                      "(--config.workdir=DIR)")
+  missing = missing_paths(config)
+  if missing:
+    raise ConfigError("this run needs paths that are not set; give:\n  " + "\n  ".join(missing)
+                      + ("\n(--config.eval.every=0 trains without evaluating)"
+                         if config.eval.every else "") +
+                      "\nor run the file's ':smoke' variant, which makes tiny stand-ins")
   dataset = (config.tasks[0].data.dataset if config.tasks else config.data.dataset)
   tokenizer = registry.tokenizer_for(config.model.tokenizer or config.model.path, dataset,
                                      pathlib.Path(config.workdir))
@@ -433,27 +497,58 @@ def _is_hf_folder(folder: pathlib.Path) -> bool:
   return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def _checkpoint_dir(folder: pathlib.Path) -> pathlib.Path:
-  if (folder / "checkpoints").is_dir():
-    return folder / "checkpoints"
-  if any(p.name.isdigit() for p in folder.iterdir() if p.is_dir()):
-    return folder
-  raise ValueError(f"--checkpoint={str(folder)!r} is neither a Hugging Face folder (config.json "
-                   "+ *.safetensors), a trainer workdir (with checkpoints/) nor a checkpoint "
-                   "folder (numbered step folders)")
+def evaluation_mesh(config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
+  """The config's mesh when it fits the devices present, else all of them data-parallel (said
+  in `log`): a run planned for 8 devices can still be evaluated on a laptop."""
+  m = config.mesh
+  try:
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor)
+  except ValueError as e:
+    log(f"mesh: {e}; evaluating on the {len(jax.devices())} devices present, data-parallel "
+        "(set --config.mesh.data/fsdp/tensor to choose)")
+    return sharding.make_mesh(-1, 1, 1)
+
+
+def run_config(checkpoint: str | pathlib.Path) -> ml_collections.ConfigDict | None:
+  """The settings a trainer run was started with (its config.json), or None for a folder that
+  is not a trainer run (a Hugging Face folder). Lists come back as tuples, as in the files."""
+  # pylint: disable=import-outside-toplevel
+  from opd_jax import checkpoint as ckpt_lib
+  folder = pathlib.Path(checkpoint)
+  if not folder.is_dir() or _is_hf_folder(folder):
+    return None
+  ckdir, _ = ckpt_lib.locate(folder, name="--checkpoint")
+  path = ckdir.parent / "config.json"
+  if not path.is_file():
+    return None
+
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+
+  config = ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
+  config.workdir = str(ckdir.parent)
+  return config
 
 
 def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path, *,
-               step: int | None = None, tokenizer: str = "") -> tuple[Any, Any, int, str]:
+               step: int | None = None, tokenizer: str = "",
+               log: Callable[[str], None] = print) -> tuple[Any, Any, int, str]:
   """The model to evaluate: a Hugging Face folder, or the student of a trainer checkpoint.
 
   Args:
     config: the experiment config (its model settings describe the student of a run; its mesh
       shards the model).
-    checkpoint: a Hugging Face folder, a trainer workdir or its checkpoints folder.
-    step: which checkpoint step (None: the latest); ignored for a Hugging Face folder.
+    checkpoint: a Hugging Face folder, a trainer workdir, its checkpoints folder or one step's
+      folder.
+    step: which checkpoint step (None: the step folder's own, else the latest); ignored for a
+      Hugging Face folder.
     tokenizer: tokenizer folder; "" = the Hugging Face folder's own (if it has one), else
       config.model.tokenizer, else config.model.path.
+    log: where notes (a mesh that does not fit the devices) go.
 
   Returns:
     (model, tokenizer, step, label): step is 0 for a Hugging Face folder.
@@ -466,7 +561,7 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
   folder = pathlib.Path(checkpoint)
   if not folder.is_dir():
     raise ValueError(f"--checkpoint={str(checkpoint)!r} is not an existing folder")
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = evaluation_mesh(config, log)
   has_own = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
   tok_dir = tokenizer or (str(folder) if _is_hf_folder(folder) and has_own else "") or \
       config.model.tokenizer or config.model.path
@@ -479,38 +574,31 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
     model, _ = models.load_hf_checkpoint(folder, dtype=jnp.dtype(source.dtype), mesh=mesh)
     model = models.decoder.with_config(model, source.apply_runtime(model.config))
     return model, tok, 0, folder.name
-  ckdir = _checkpoint_dir(folder)
+  ckdir, _ = ckpt_lib.locate(folder, name="--checkpoint")
   run = config.copy_and_resolve_references()
   if not run.workdir:
     run.workdir = str(ckdir.parent)
   s = TrainSettings.from_config(run)
   student_config = trainer.model_config_of(s.model, len(tok))
-  ckpt = ckpt_lib.Checkpointer(ckdir, save_every=1, keep=1_000_000, async_save=False)
-  try:
-    chosen = ckpt.latest_step() if step is None else step
-    if chosen is None:
-      raise ValueError(f"{ckdir} holds no complete checkpoint")
-    total_updates = s.steps * s.minibatches
-    shard = steps.train_state_shardings(student_config, s.opt, total_updates, mesh)
-    graphdef, params_abstract = steps.split_abstract(student_config)
-    abstract = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-        steps.abstract_state(params_abstract, s.opt, total_updates), shard)
-    state, _ = ckpt.restore(chosen, abstract)
-  finally:
-    ckpt.close()
+  total_updates = s.steps * s.minibatches
+  shard = steps.train_state_shardings(student_config, s.opt, total_updates, mesh)
+  graphdef, params_abstract = steps.split_abstract(student_config)
+  abstract = jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+      steps.abstract_state(params_abstract, s.opt, total_updates), shard)
+  state, _, chosen = ckpt_lib.restore(folder, abstract, step=step, name="--checkpoint")
   return nnx.merge(graphdef, state.params), tok, chosen, ckdir.parent.name
 
 
 def main(argv, flags) -> dict[str, float]:
   """The standalone entry point (see the module docstring)."""
   del argv
-  config = flags.config
+  # pylint: disable=import-outside-toplevel
+  from opd_jax import checkpoint as ckpt_lib
+  config = flags.config if flags.config is not None else run_config(flags.checkpoint)
   if config is None:
-    raise ValueError("--config=experiments/<name>.py is required")
-  model, tok, step, label = load_model(
-      config, flags.checkpoint, step=None if flags.step < 0 else flags.step,
-      tokenizer=flags.tokenizer)
+    raise ValueError(f"--checkpoint={flags.checkpoint!r} is not a trainer run with a "
+                     "config.json: give --config=experiments/<name>.py (its eval settings)")
   folder = pathlib.Path(flags.checkpoint)
   if flags.workdir:
     workdir = flags.workdir
@@ -520,7 +608,15 @@ def main(argv, flags) -> dict[str, float]:
       raise ValueError("evaluating a Hugging Face folder needs --workdir=OUT (or "
                        "--config.workdir) for eval/step_0.json")
   else:
-    workdir = str(_checkpoint_dir(folder).parent)
+    workdir = str(ckpt_lib.locate(folder, name="--checkpoint")[0].parent)
+  if config.get("smoke"):   # a ':smoke' experiment file: tiny benchmark files where none is set
+    from opd_jax import smoke
+    config = config.copy_and_resolve_references()
+    config.workdir = str(workdir)
+    smoke.fill_missing(config)
+  model, tok, step, label = load_model(
+      config, flags.checkpoint, step=None if flags.step < 0 else flags.step,
+      tokenizer=flags.tokenizer)
   return evaluate_with_config(model, tok, config, step=step, workdir=workdir,
                               label=flags.label or label)
 
@@ -529,12 +625,27 @@ def _cli() -> None:
   # Flags are defined only when run as a program, so that importing this module (the trainer's
   # runner does) never clashes with opd_jax.main's --config.
   # pylint: disable=import-outside-toplevel
+  import sys
+
   from absl import app
   from absl import flags as absl_flags
   from absl import logging
   from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file(
-      "config", None, "Experiment config file exposing get_config(); ':arg' is passed to it.")
+
+  from opd_jax import cli
+  # A trainer run's own config.json is the config (--config.x=y overrides one setting); a
+  # Hugging Face folder takes an experiment file's settings.
+  ckpt_arg = cli.flag_value(sys.argv[1:], "checkpoint")
+  own = run_config(ckpt_arg) if ckpt_arg else None
+  if own is not None:
+    if cli.flag_value(sys.argv[1:], "config") is not None:
+      raise SystemExit(f"--config: {ckpt_arg} is a trainer run, evaluated with its own settings "
+                       f"({own.workdir}/config.json); drop --config and change single settings "
+                       "with --config.eval.samples=32 and the like")
+    config = config_flags.DEFINE_config_dict("config", own)
+  else:
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Experiment config file exposing get_config(); ':arg' is passed to it.")
   checkpoint = absl_flags.DEFINE_string(
       "checkpoint", None, "Trainer workdir, checkpoint folder, or Hugging Face folder.",
       required=True)

@@ -29,6 +29,9 @@ def run_experiment(config) -> object:
   if name not in RUNNERS:
     raise ValueError(
         f"config.experiment={name!r} is not a known experiment; accepted: {', '.join(RUNNERS)}")
+  if config.get("smoke"):
+    from opd_jax import smoke  # pylint: disable=import-outside-toplevel
+    smoke.fill_missing(config)
   module, fn = RUNNERS[name].split(":")
   return getattr(importlib.import_module(module), fn)(config)
 

@@ -229,6 +229,18 @@ class MetricsWriter:
     self.close()
 
 
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The records of workdir/metrics.jsonl in file order ([] when there is none); the JSON
+  strings "nan", "inf", "-inf" that `MetricsWriter.write` stores come back as floats."""
+  path = os.path.join(os.fspath(workdir), METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  special = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+  with open(path) as f:
+    return [{k: special.get(v, v) if isinstance(v, str) else v
+             for k, v in json.loads(line).items()} for line in f if line.strip()]
+
+
 def _write_atomically(path: str, text: str) -> None:
   """Writes via a temporary file and a rename, so a crash never leaves a half-written file."""
   tmp = path + ".tmp"

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from opd_jax import cli
 from opd_jax.settings import ConfigError
 
 PHASES = ("rollout", "scoring", "update")
@@ -487,13 +488,20 @@ def main(config, *, devices: int, accelerators: Sequence[str] = (),
   return out
 
 
+def parse_devices(argv: Sequence[str], default: int = 8) -> int:
+  """The value of --devices in `argv` (`--devices=N` or `--devices N`), else `default`."""
+  text = cli.flag_value(argv, "devices")
+  if text is None:
+    return default
+  if not text.isdigit() or int(text) < 1:
+    raise SystemExit(f"--devices={text!r} is not accepted; give a positive int")
+  return int(text)
+
+
 def _cli() -> None:
   # The fake devices must exist before JAX initialises its CPU backend: parse --devices by hand,
   # set the flags, and only then import JAX (through absl's flags and the package).
-  devices = 8
-  for arg in sys.argv[1:]:
-    if arg.startswith("--devices="):
-      devices = int(arg.split("=", 1)[1])
+  devices = parse_devices(sys.argv[1:])
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={devices}").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -514,6 +522,9 @@ def _cli() -> None:
       raise app.UsageError("--config=experiments/<name>.py is required")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+    if flags.FLAGS.devices != devices:   # absl read a form the scan above did not
+      raise app.UsageError(f"--devices={flags.FLAGS.devices} was read after JAX started with "
+                           f"{devices} devices; give it as --devices=N or --devices N")
     main(config.value, devices=devices, accelerators=accel.value, headroom=head.value)
 
   app.run(run)

@@ -266,6 +266,7 @@ class TrainSettings:
   checkpoint_keep: int
   checkpoint_async: bool
   checkpoint_init: str
+  checkpoint_init_step: int | None   # None: the init folder's own step, else its latest
   log_every: int
   samples_every: int
   samples_count: int
@@ -351,7 +352,11 @@ class TrainSettings:
     for key in ("every", "keep"):
       _positive(ck, key, "checkpoint.")
     if ck["init"] and not os.path.isdir(ck["init"]):
-      _fail("checkpoint.init", ck["init"], "expected an existing checkpoint folder of a run")
+      _fail("checkpoint.init", ck["init"], "expected an existing folder: a run's workdir, its "
+            "checkpoints/ folder or one step's folder")
+    if not isinstance(ck["init_step"], int) or ck["init_step"] < -1:
+      _fail("checkpoint.init_step", ck["init_step"], "accepted: -1 (the latest, or the step "
+            "of a step folder) or a step >= 0")
     _positive(lg, "every", "log.")
     for name, value in (("eval.every", c["eval"]["every"]), ("log.samples_every",
                         lg["samples_every"]), ("log.samples_count", lg["samples_count"])):
@@ -379,7 +384,9 @@ class TrainSettings:
         accelerator=m["accelerator"],
         mask_strings=tuple(lo["mask_strings"]), eval_every=c["eval"]["every"],
         checkpoint_every=ck["every"], checkpoint_keep=ck["keep"],
-        checkpoint_async=ck["async_save"], checkpoint_init=ck["init"], log_every=lg["every"],
+        checkpoint_async=ck["async_save"], checkpoint_init=ck["init"],
+        checkpoint_init_step=None if ck["init_step"] < 0 else ck["init_step"],
+        log_every=lg["every"],
         samples_every=lg["samples_every"], samples_count=lg["samples_count"],
         tensorboard=lg["tensorboard"])
 

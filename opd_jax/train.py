@@ -190,22 +190,24 @@ def _initial_state(s: TrainSettings, config: models.ModelConfig, vocab: int, ckp
   latest = ckpt.latest_step()
   if latest is not None:
     state, _ = ckpt.restore(latest, abstract)
-    log(f"resumed from {ckpt.directory}/{latest}")
+    if latest >= s.steps:
+      log(f"already complete: {ckpt.directory}/{latest} holds step {latest} of {s.steps}")
+    else:
+      log(f"resumed from step {latest} of {s.steps} ({ckpt.directory}/{latest})")
     return state, latest
   if s.checkpoint_init:
-    other = checkpoint.Checkpointer(s.checkpoint_init, save_every=1, keep=1, async_save=False)
-    step = other.latest_step()
-    if step is None:
-      raise ConfigError(f"config.checkpoint.init={s.checkpoint_init!r} holds no complete "
-                        "checkpoint")
-    restored, _ = other.restore(step, abstract)
-    other.close()
-    log(f"initialised from {s.checkpoint_init}/{step} (parameters only)")
+    try:
+      restored, _, step = checkpoint.restore(
+          s.checkpoint_init, abstract, step=s.checkpoint_init_step,
+          name="config.checkpoint.init")
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    log(f"started from {s.checkpoint_init} step {step} (parameters only)")
     params = restored.params
   else:
     model = load_model(s.model, vocab, seed=s.seed, mesh=mesh)
     params = nnx.split(model)[1]
-    log(f"initialised from {s.model.path or 'random weights'}")
+    log(f"started from {s.model.path or 'random weights'}")
   return steps.init_state(params, s.opt, total_updates, shard), 0
 
 
@@ -349,7 +351,9 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=s.checkpoint_every,
                                  keep=s.checkpoint_keep, async_save=s.checkpoint_async)
   state, start = _initial_state(s, student_config, vocab, ckpt, mesh, total_updates, say)
-  writer.truncate_after(start)
+  # Rows after the restored step were logged by the interrupted run; a fresh start (no
+  # checkpoint yet) logs everything again, its step-0 evaluation included.
+  writer.truncate_after(start if start else -1)
   # Sampling, scoring and evaluation run on a compute-dtype copy of the parameters (the same
   # arrays when the precision is not mixed); the update casts inside its loss.
   precision = s.model.precision
@@ -480,7 +484,8 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
                  [str(e.prompt_text) for e in enc for _ in range(s.rollout.num_samples)])
         _samples_page(workdir / "samples" / f"step_{done}.html", tokenizer, page_batch,
                       page_scores, s.samples_count, texts)
-      if done % s.log_every == 0 or done == s.steps:
+      if done % s.log_every == 0 or done == s.steps or any(k.startswith("eval/")
+                                                            for k in values):
         writer.write(done, values)
       history.append({"step": done, **values})
       if progress is not None:

@@ -10,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+from opd_jax import smoke
 from opd_jax.models import ModelConfig
 
 FAMILIES = ("qwen2", "qwen3", "llama")
@@ -27,11 +28,7 @@ _FAMILY = {
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 16}),
 }
-# ChatML, as the Qwen instruct models use.
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = smoke.SPECIAL_TOKENS
 
 
 def tiny_hf_config(family: str, **overrides):
@@ -123,33 +120,6 @@ def tiny_model_config(**overrides) -> ModelConfig:
 
 
 def make_tokenizer(folder, *, vocab_size: int = 300):
-  """Trains a byte-level BPE on a small corpus, saves a transformers tokenizer folder with a
-  ChatML chat template and the special tokens <|endoftext|>, <|im_start|>, <|im_end|>.
-
-  Args:
-    folder: output folder (may be a checkpoint folder).
-    vocab_size: total vocabulary including the 256 byte tokens and the specials (>= 260).
-
-  Returns:
-    The PreTrainedTokenizerFast (reload it with AutoTokenizer.from_pretrained(folder)).
-  """
-  import tokenizers  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-    raise ValueError(f"vocab_size={vocab_size}; a byte-level BPE needs at least "
-                     f"{256 + len(SPECIAL_TOKENS) + 1}")
-  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  corpus = ["What is 2 + 3? The answer is 5.", "Let me think step by step about the problem.",
-            "The teacher and the student agree on the final answer.", "<think> hmm </think>",
-            "Compute 12 * 7 = 84, then add 16 to get 100."] * 20
-  tok.train_from_iterator(corpus, trainer=trainer)
-  wrapped = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-      additional_special_tokens=["<|im_start|>"], chat_template=_CHAT_TEMPLATE)
-  wrapped.save_pretrained(str(pathlib.Path(folder)))
-  return wrapped
+  """The package's ChatML byte-level BPE (opd_jax.smoke.make_chatml_tokenizer) saved to
+  `folder`: chat template and the special tokens <|endoftext|>, <|im_start|>, <|im_end|>."""
+  return smoke.make_chatml_tokenizer(folder, vocab_size=vocab_size)

@@ -326,3 +326,37 @@ def test_two_processes_save_and_restore_one_sharded_checkpoint(tmp_path):
     assert child.returncode == 0, out
     assert "result [2] 2 {'pos': 2} True" in out
   assert sorted(os.listdir(tmp_path / "ckpt")) == ["2"]
+
+
+def test_a_run_its_checkpoints_folder_and_a_step_folder_all_locate_the_checkpoints(tmp_path):
+  from opd_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  mesh = make_mesh(2, 2, 2)
+  specs = {"params": {"w": P("data", "tensor"), "b": P()}, "opt_state": (P("fsdp"),),
+           "step": None}
+  run = tmp_path / "run"
+  with Checkpointer(run / "checkpoints", save_every=1, keep=3, async_save=False) as ckpt:
+    for step in (2, 4):
+      ckpt.save(step, _state(mesh, seed=step), {"step": step})
+  folder = run / "checkpoints"
+  assert checkpoint.locate(run) == (folder, None)
+  assert checkpoint.locate(folder, 2) == (folder, 2)
+  assert checkpoint.locate(folder / "2") == (folder, 2)
+  abstract = _abstract(_state(mesh), specs, mesh)
+  for path, step, want in ((run, None, 4), (folder, 2, 2), (folder / "2", None, 2)):
+    state, meta, got = checkpoint.restore(path, abstract, step=step)
+    assert got == want and meta == {"step": want}
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]),
+                                  np.asarray(_state(mesh, seed=want)["params"]["w"]))
+  with pytest.raises(ValueError, match="folder of step 2, but step 4"):
+    checkpoint.locate(folder / "2", 4)
+  with pytest.raises(ValueError, match="config.checkpoint.init=.*holds no checkpoint"):
+    checkpoint.locate(tmp_path, name="config.checkpoint.init")
+  with pytest.raises(ValueError, match="not an existing folder"):
+    checkpoint.locate(tmp_path / "nowhere")
+  # Reading never writes into another run's folder (no tmp clean-up, no new folders).
+  before = sorted(p.name for p in folder.iterdir())
+  reader = Checkpointer(folder, read_only=True)
+  with pytest.raises(ValueError, match="read-only"):
+    reader.save(6, _state(mesh), {})
+  reader.close()
+  assert sorted(p.name for p in folder.iterdir()) == before

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from opd_jax import arith_demo, main
+from opd_jax.settings import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "experiments").glob("*.py"))
@@ -55,6 +56,33 @@ def test_tiny_arith_smoke_runs_every_method(tmp_path, tiny_arith_dir, capsys):
   # Each run is a real trainer workdir: metrics and a final checkpoint.
   for method in results:
     assert (tmp_path / "runs" / f"{method}_seed0" / "checkpoints" / "4").is_dir()
+  # A second demo in the same workdir reads every evaluation back and trains nothing.
+  again = main.run_experiment(config)
+  out = capsys.readouterr().out
+  assert again == results
+  assert json.loads((tmp_path / "results.json").read_text())["table"] == saved["table"]
+  assert "lsm seed 0: already complete" in out and "teacher: loaded from" in out
+  assert "step 1/" not in out
+
+
+@pytest.mark.parametrize("key, value, instead", [
+    ("loss.estimator", "full_rkl", "config.demo.methods"),
+    ("rollout.top_p", 1.5, "config.demo.methods"),
+    ("seed", 3, "config.demo.seeds"),
+    ("model.path", "/models/x", "config.demo.student"),
+    ("teacher.random.hidden_size", 8, "config.demo.teacher"),
+])
+def test_demo_refuses_trainer_settings_it_sets_per_run(tmp_path, key, value, instead):
+  _, config = load(ROOT / "experiments" / "tiny_arith.py", "smoke")
+  config.workdir = str(tmp_path)
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=f"config.{key}=.* is not used by the demo.*{instead}"):
+    main.run_experiment(config)
+  assert not any(tmp_path.iterdir())   # refused before anything was made
 
 
 def test_demo_summary_averages_over_seeds_and_names_the_leader():

@@ -143,6 +143,14 @@ def test_largest_buffers_are_read_from_the_compiled_program():
       == 2 * 6 * 2
 
 
+def test_parse_devices_takes_both_forms_and_refuses_a_bad_value():
+  assert plan.parse_devices(["--config=x.py", "--devices", "2"]) == 2
+  assert plan.parse_devices(["--devices=4", "--config", "x.py"]) == 4
+  assert plan.parse_devices(["--config=x.py"]) == 8
+  with pytest.raises(SystemExit, match="--devices='two'"):
+    plan.parse_devices(["--devices", "two"])
+
+
 @pytest.mark.slow
 def test_command_line_fakes_the_devices_and_ends_with_the_json_line(tmp_path):
   config_file = train_helpers.write_config_file(
@@ -151,7 +159,7 @@ def test_command_line_fakes_the_devices_and_ends_with_the_json_line(tmp_path):
       "c.teacher.random.vocab_size = 14\nc.data.prompts_per_step = 2\nc.opt.minibatch_size = 2")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, "-m", "opd_jax.plan", f"--config={config_file}",
-                         "--devices=2", "--accelerator=h100,1KB"], cwd=ROOT, env=env,
+                         "--devices", "2", "--accelerator=h100,1KB"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])

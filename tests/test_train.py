@@ -18,6 +18,7 @@ from flax import nnx
 import train_helpers
 from opd_jax import models, settings, sharding, steps, train
 from opd_jax.data import order, tiny_arith
+from opd_jax.settings import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -135,6 +136,25 @@ def test_two_iterations_write_metrics_checkpoint_and_samples(tmp_path, tiny_arit
     # two computations of the same numbers: their logged mismatch is small.
     assert 0.0 <= rows[-1]["rollout/logprob_mismatch_mean"] <= rows[-1][
         "rollout/logprob_mismatch_max"] < 1e-4
+
+
+@pytest.mark.slow   # two trainer runs (~30 s); tests/test_checkpoint.py covers every folder form
+def test_checkpoint_init_starts_from_another_runs_step_folder(tmp_path, tiny_arith_dir):
+  first = train_helpers.tiny_config(tmp_path / "a", tiny_arith_dir, steps=2, **_mesh8(
+      **{"checkpoint.every": 1, "checkpoint.async_save": False}))
+  train.run(first, log=lambda _: None)
+  # checkpoint.locate (tests/test_checkpoint.py) accepts the run, its checkpoints/ or a step.
+  said = []
+  second = train_helpers.tiny_config(
+      tmp_path / "b", tiny_arith_dir, steps=1,
+      **_mesh8(**{"checkpoint.init": str(tmp_path / "a" / "checkpoints" / "1")}))
+  train.run(second, log=said.append)
+  assert said[0] == f"started from {tmp_path / 'a' / 'checkpoints' / '1'} step 1 (parameters only)"
+  second.checkpoint.init_step = 2
+  second.workdir = str(tmp_path / "c")
+  with pytest.raises(ConfigError, match=r"config.checkpoint.init=.* is the folder of step 1, "
+                     "but step 2 was asked for"):
+    train.run(second, log=said.append)
 
 
 def test_non_finite_loss_stops_the_run_without_a_checkpoint(tmp_path, tiny_arith_dir):
