@@ -118,6 +118,10 @@ MATCH = [
     ("5;6;7", r"\{5,6,7\}"),
     (r"\{2, 3, 3\}", r"\{2, 3\}"),
     ("42\\", "42"),
+    # Lists of plain numbers (decided without a worker, as math-verify reads them).
+    (r"\{3, 1, 1\}", r"\{1, 3\}"),
+    ("(0.5, 2)", "(1/2, 2)"),
+    ("3, 1", "1, 3"),
 ]
 NO_MATCH = [
     ("1/2", "2"),
@@ -169,6 +173,8 @@ NO_MATCH = [
     (r"\pm 7", "7"),
     ("y > -3", "y > 3"),
     (r"4 \leq y", r"y \leq 4"),
+    ("(10000000001, 1)", "(10000000002, 1)"),
+    ("(0.5, 2)", "[0.5, 2]"),
 ]
 TABLE = [(p, r, True) for p, r in MATCH] + [(p, r, False) for p, r in NO_MATCH]
 
@@ -408,6 +414,31 @@ def test_normalize_answer_examples():
   assert mg.normalize_answer(r"\boxed{1}, \boxed{2}") == "1, 2"
   assert mg.normalize_answer("{{7}}") == "7"
   assert mg.normalize_answer("185\\") == "185"
+
+
+def test_two_stage_parsing_gives_the_same_expressions(monkeypatch):
+  latex2sympy2 = pytest.importorskip("latex2sympy2_extended.latex2sympy2")
+  inputs = [r"(3, \frac{\pi}{4})", r"\{1, 2, 3\}", "[1, 2)", r"(-\infty, 0] \cup (1, 2)",
+            r"x^2 + 5x + 6", r"y = 2x + 3", r"1 \leq x < 4", r"\frac{1}{2", "a, b; c",
+            r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"f(x) = \sqrt{x} + 1", "}{"]
+
+  def parse_all():
+    out = []
+    for text in inputs:
+      try:
+        out.append(str(latex2sympy2.latex2sympy(text)))
+      except Exception as e:  # pylint: disable=broad-except
+        out.append(type(e).__name__)
+    return out
+
+  full_ll = parse_all()
+  cls = latex2sympy2._Latex2Sympy  # pylint: disable=protected-access
+  original = cls.parse
+  monkeypatch.setattr(cls, "parse", cls.parse)  # both restored after the test
+  monkeypatch.setattr(cls, "create_parser", cls.create_parser)
+  mg._two_stage_parsing()  # pylint: disable=protected-access
+  assert cls.parse is not original
+  assert parse_all() == full_ll
 
 
 def test_module_imports_neither_jax_nor_the_comparison_libraries():
