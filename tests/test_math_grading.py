@@ -1,4 +1,4 @@
-"""Tests for opd_jax.data.math_grading: extraction policy, equivalence rules, time limits, batch API."""
+"""Tests for opd_jax.data.math_grading: extraction policy, equivalence rules, limits, batch API."""
 
 import subprocess
 import sys
@@ -406,7 +406,8 @@ def test_bad_arguments():
 
 
 def test_normalize_answer_examples():
-  assert mg.normalize_answer(r"$\left( \dfrac{1}{2}, 3 \right)$.") == r"\left( \dfrac{1}{2}, 3 \right)"
+  assert (mg.normalize_answer(r"$\left( \dfrac{1}{2}, 3 \right)$.")
+          == r"\left( \dfrac{1}{2}, 3 \right)")
   assert mg.normalize_answer("1,000,000") == "1000000"
   assert mg.normalize_answer(r"1\,000.5") == "1000.5"
   assert mg.normalize_answer("(1,234)") == "(1,234)"  # a point, not a thousands separator

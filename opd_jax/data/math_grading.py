@@ -1,4 +1,4 @@
-"""Math answer grading: strict answer extraction, then math-verify's comparison in killable workers."""
+"""Math answer grading: strict extraction, then math-verify's comparison in killable workers."""
 
 # Standard library only at import time (no jax, nothing from the package): the worker processes
 # load this file by path and import math-verify (latex2sympy2_extended, sympy) themselves.
@@ -10,14 +10,18 @@
 #   - extraction (math-verify's own `parse` reads "I think it's 5 or maybe 7" as 7, and a
 #     `\boxed{}` inside an unfinished reasoning block);
 #   - a few string rewrites math-verify lacks: thousands separators written `1\,000` or `1 000`,
-#     a trailing stray backslash, redundant outer braces, several boxes of a reference read
-#     together, the value side of a labelled reference whose label is not a plain symbol
-#     ("|AB|=1", "\frac{NO}{BO}=...");
+#     a trailing stray backslash, redundant outer braces, plain-text "pi" and the sign °,
+#     several boxes of a reference read together;
+#   - the value side of a labelled reference ("(p,q)=(3,2)", "|AB|=1", "AB=4, CD=5"), done
+#     here so that the exact and numeric rules below see the value;
 #   - exact numbers without a worker ("2.0000001" is not 2; 20-digit integers compare exactly),
-#     identical strings without a worker (speed: most answers are decided in this process);
+#     identical strings and lists of plain numbers without a worker (speed: most answers are
+#     decided in this process), an answer with unbalanced braces rejected (math-verify repairs
+#     "\frac{1}{2" into 1/2);
 #   - the worker processes, killed on a hard wall-clock limit and under a memory cap
 #     (math-verify's own time limits use signal.alarm, which only works in the main thread and
-#     cannot stop a computation stuck in C code).
+#     cannot stop a computation stuck in C code), where the LaTeX parser runs ANTLR's two-stage
+#     (SLL, then LL) prediction for speed.
 
 from __future__ import annotations
 
@@ -322,7 +326,8 @@ _WORD = rf"(?:{_SYM})+"
 _ONE_LABEL = (rf"{_WORD}(?:\({_WORD}(?:,{_WORD})*\))?|\|{_WORD}\||\\frac\{{{_WORD}\}}\{{{_WORD}\}}"
               rf"|\({_WORD}(?:,{_WORD})+\)")
 _LABEL_RE = re.compile(rf"^(?:{_ONE_LABEL})(?::(?:{_ONE_LABEL}))*$")
-_SPACING_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])|\\[,;:! ]|\\(?:q?quad|displaystyle)(?![A-Za-z])")
+_SPACING_RE = re.compile(
+    r"\\(?:left|right)(?![A-Za-z])|\\[,;:! ]|\\(?:q?quad|displaystyle)(?![A-Za-z])")
 
 
 def _strip_wrappers(s: str) -> str:
@@ -357,8 +362,9 @@ def normalize_answer(answer: str) -> str:
   of an answer or reference given with `\\boxed{}` (several boxes that list parts are read
   together, "\\boxed{1} and \\boxed{2}" -> "1, 2"); removes the thousands separators of a lone
   number ("1,000", "1{,}000", "1\\,000", "1 000" -> "1000"; "32, 349" and "0,250" are not one
-  number). Strings longer than MAX_ANSWER_CHARS only lose their whitespace. Everything else
-  (units, `\\text{}`, percent, degrees, `\\left`/`\\right`, `\\dfrac`) is math-verify's.
+  number); writes a plain-text "pi" as `\\pi` and the sign ° as `^{\\circ}`. Strings longer
+  than MAX_ANSWER_CHARS only lose their whitespace. Everything else (units, `\\text{}`, percent,
+  degrees, `\\left`/`\\right`, `\\dfrac`) is math-verify's.
 
   Args:
     answer: an extracted answer (or a reference answer).
@@ -392,7 +398,7 @@ def _key(s: str) -> str:
 
 
 def _literal(s: str) -> Fraction | None:
-  """Exact value of a plain number: 12, -0.5, 1.5e-3, 3\\times10^{5}, \\frac{1}{2}, 3/4, 2\\frac12."""
+  """Exact value of a plain number: 12, -0.5, 1.5e-3, 3\\times10^{5}, \\frac{1}{2}, 3/4."""
   m = _LITERAL_RE.match(s)
   if m is None:
     return None
@@ -705,9 +711,10 @@ class GradeReport:
     correct: per item, whether the answer is equivalent to the reference.
     answers: per item, the answer that was graded (None: the response gives no answer); several
       boxes read together when the reference has several parts ("3, -5").
-    rules: per item, what decided it: "exact" (equal strings), "numeric" (two plain numbers),
-      "malformed" (the answer's braces do not pair up), "math-verify" (its verdict, in a worker), "timeout" (the worker hit the time limit and was
-      killed; incorrect), "error" (the worker failed; incorrect), "no answer".
+    rules: per item, what decided it: "exact" (equal strings), "numeric" (plain numbers or lists
+      of them), "malformed" (the answer's braces do not pair up), "math-verify" (its verdict, in
+      a worker), "timeout" (the worker hit the time limit and was killed; incorrect), "error"
+      (the worker failed; incorrect), "no answer".
     timed_out: per item, whether its comparison hit the time limit (counted incorrect).
     num_timeouts: items whose comparison timed out.
     num_no_answer: items without an extractable answer (counted incorrect).
