@@ -1,7 +1,27 @@
-"""Math answer grading: extraction, normalisation, symbolic equivalence under a hard time limit."""
+"""Math answer grading: strict extraction, then math-verify's comparison in killable workers."""
 
 # Standard library only at import time (no jax, nothing from the package): the worker processes
-# load this file by path and import sympy themselves, so they start in about a second.
+# load this file by path and import math-verify (latex2sympy2_extended, sympy) themselves.
+#
+# What is ours and what is math-verify's. Hugging Face's math-verify (`parse` / `verify`:
+# latex2sympy2_extended's grammar, its normalisation of units, text, percent and degrees, and its
+# comparison of numbers, expressions, sets, tuples, intervals, matrices and relations) decides
+# every pair that the cheap rules below leave open. Ours, each for a reason the tests show:
+#   - extraction (math-verify's own `parse` reads "I think it's 5 or maybe 7" as 7, and a
+#     `\boxed{}` inside an unfinished reasoning block);
+#   - a few string rewrites math-verify lacks: thousands separators written `1\,000` or `1 000`,
+#     a trailing stray backslash, redundant outer braces, plain-text "pi" and the sign °,
+#     several boxes of a reference read together;
+#   - the value side of a labelled reference ("(p,q)=(3,2)", "|AB|=1", "AB=4, CD=5"), done
+#     here so that the exact and numeric rules below see the value;
+#   - exact numbers without a worker ("2.0000001" is not 2; 20-digit integers compare exactly),
+#     identical strings and lists of plain numbers without a worker (speed: most answers are
+#     decided in this process), an answer with unbalanced braces rejected (math-verify repairs
+#     "\frac{1}{2" into 1/2);
+#   - the worker processes, killed on a hard wall-clock limit and under a memory cap
+#     (math-verify's own time limits use signal.alarm, which only works in the main thread and
+#     cannot stop a computation stuck in C code), where the LaTeX parser runs ANTLR's two-stage
+#     (SLL, then LL) prediction for speed.
 
 from __future__ import annotations
 
@@ -21,20 +41,54 @@ from fractions import Fraction
 
 # Answers longer than this (after extraction) are compared as whitespace-free strings only.
 MAX_ANSWER_CHARS = 1000
-# Relative tolerance for two numbers when the reference is not an integer.
+# Relative tolerance for two plain numbers when the reference is not an integer.
 REL_TOL = Fraction(1, 10**6)
-# Seconds a new worker may take to import sympy and report ready.
+# Seconds a new worker may take to import math-verify and report ready.
 _STARTUP_TIMEOUT_S = 120.0
-# Nesting depth beyond which the symbolic parser gives up (not equivalent).
-_MAX_PARSE_DEPTH = 60
+
+# Which rule decided an item (`GradeReport.rules`).
+RULE_NO_ANSWER = "no answer"
+RULE_EXACT = "exact"
+RULE_NUMERIC = "numeric"
+RULE_MATH_VERIFY = "math-verify"
+RULE_MALFORMED = "malformed"
+RULE_TIMEOUT = "timeout"
+RULE_ERROR = "error"
 
 # ----------------------------------------------------------------------------------------------
 # Extraction
 # ----------------------------------------------------------------------------------------------
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_ANSWER_IS_RE = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is\b|:)\s*:?", re.IGNORECASE)
-_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
+# A chat template's turn markers: what follows is not the model's answer.
+_TURN_END_RE = re.compile(r"<\|(?:im_start|im_end|endoftext|eot_id|end_of_turn)\|>")
+# Phrases that introduce a final answer; `strict` ones must be followed by maths or a number.
+_PHRASE_RE = re.compile(
+    r"(?P<final>final\s+answer)\s*(?:is\b|:)\s*:?"
+    r"|\banswer\s+is\b\s*:?"
+    r"|(?P<line>^[ \t>#*_]*answer)(?:[ \t*_]*:|(?=[ \t]*(?:\$|\\\[|\\\()))"
+    r"|(?P<strict>\bthe\s+(?:result|solution)\s+is\b)\s*:?",
+    re.IGNORECASE | re.MULTILINE)
+# "$x \geq 5$ is the solution": a math span followed by such a phrase.
+_POSTFIX_RE = re.compile(
+    r"(\$\$?)([^$]+?)\1\s+is\s+(?:the|our|my)\s+(?:final\s+)?(?:answer|solution)\b",
+    re.IGNORECASE)
+# `\$` inside maths is a dollar sign, not a delimiter.
+_MATH_SPAN_RE = re.compile(
+    r"\$\$(?P<a>.+?)\$\$|\\\[(?P<b>.+?)\\\]|(?<!\\)\$(?P<c>(?:\\\$|[^$\n])+?)(?<!\\)\$"
+    r"|\\\((?P<d>[^\n]+?)\\\)", re.DOTALL)
+# "$12$ and $13$": more maths listed after the first span.
+_LISTED_SPANS_RE = re.compile(r"\s*(?:,|;|and|or)\s*\\?\$")
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)|\n")
+_HEDGE_RE = re.compile(
+    r"\b(?:maybe|perhaps|probably|possibly|i\s+think|i\s+guess|i\s+believe|not\s+sure|"
+    r"or\s+so)\b", re.IGNORECASE)
+# Words between two boxes that make the second a revision of the first, not a further part.
+_REVISION_RE = re.compile(
+    r"\b(?:no|not|wait|but|actually|instead|however|rather|mistake|wrong|oops|sorry|hmm|"
+    r"correct(?:ion|ed)?|recheck|check|again|so|thus|therefore|hence|then)\b", re.IGNORECASE)
+_GAP_MAX_CHARS = 80
+_NUMBER_TOKEN_RE = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*(?![\w])")
 
 
 def _braced(text: str, start: int) -> tuple[str, int] | None:
@@ -56,186 +110,312 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
   return None
 
 
-def _box_content(text: str, pos: int) -> str | None:
-  """Argument of a \\boxed whose name ends at `pos`: `{...}` or one bare token (`\\boxed 5`)."""
+def _box_at(text: str, match: re.Match) -> tuple[str | None, int]:
+  """(argument, end) of the box named by `match`: `{...}` or one bare token (`\\boxed 5`)."""
+  pos = match.end()
   while pos < len(text) and text[pos].isspace():
     pos += 1
   if pos >= len(text):
-    return None
+    return None, pos
   if text[pos] == "{":
     group = _braced(text, pos)
     if group is None:
-      return None
-    content = group[0].strip()
-  else:
-    content = re.match(r"[^\s$]*", text[pos:]).group(0).rstrip(".,")
-  return content or None
+      return None, len(text)
+    return group[0].strip() or None, group[1]
+  token = re.match(r"[^\s$]*", text[pos:]).group(0)
+  end = pos + len(token)
+  return token.rstrip(".,") or None, end
 
 
-def _last_boxed(text: str) -> str | None:
+def _gap_joins(gap: str) -> bool:
+  """Whether the text between two boxes lists parts ("and", ",") rather than revising one."""
+  if len(gap) > _GAP_MAX_CHARS or _REVISION_RE.search(gap) or _HEDGE_RE.search(gap):
+    return False
+  return re.search(r"[.!?]\s+[A-Z]|\n\s*\n", gap) is None
+
+
+def _sentence_bounds(text: str, start: int, end: int) -> tuple[int, int]:
+  """The span of the sentences containing text[start:end] (at most 200 characters either side)."""
+  lo = max(0, start - 200)
+  before = [m.end() for m in _SENTENCE_END_RE.finditer(text, lo, start)]
+  after = _SENTENCE_END_RE.search(text, end, min(len(text), end + 200))
+  return (before[-1] if before else lo), (after.start() if after else min(len(text), end + 200))
+
+
+def _hedged(text: str, start: int, end: int) -> bool:
+  lo, hi = _sentence_bounds(text, start, end)
+  return _HEDGE_RE.search(text, lo, hi) is not None
+
+
+def _boxes(text: str) -> list[tuple[int, int, str | None]]:
+  """(start, end, argument) of every box, in order."""
+  out = []
+  pos = 0
+  while True:
+    m = _BOX_RE.search(text, pos)
+    if m is None:
+      return out
+    arg, end = _box_at(text, m)
+    out.append((m.start(), end, arg))
+    pos = max(end, m.end())
+
+
+def _last_box_run(text: str, boxes) -> list[tuple[int, int, str | None]]:
+  """The last box and the boxes before it that list further parts of the same answer."""
+  run = [boxes[-1]]
+  for prev in reversed(boxes[:-1]):
+    if prev[2] is None or not _gap_joins(text[prev[1]:run[0][0]]):
+      break
+    run.insert(0, prev)
+  return run
+
+
+def _read_value(text: str, pos: int) -> tuple[str | None, int]:
+  """The answer written at text[pos:] after an answer phrase, and where it ends.
+
+  Maths first (`$...$`, `\\(...\\)` on the line; `$$...$$`, `\\[...\\]` across lines); else the
+  rest of the sentence, where a sentence such as "The largest $n$ is 34" gives what follows its
+  last "is", and one with a single number gives that number.
+  """
+  # Spaces, one line break, Markdown emphasis ("**Answer:** 5") and an opening quote.
+  m = re.match(r"[ \t*_]*\n?[ \t*_]*(?:\\?[\"\u201c])?", text[pos:])
+  pos += m.end()
+  span = _MATH_SPAN_RE.match(text, pos)
+  end = _SENTENCE_END_RE.search(text, span.end() if span else pos)
+  end = end.start() if end else len(text)
+  if span is not None and not _LISTED_SPANS_RE.match(text, span.end(), end):
+    value = next(g for g in span.groups() if g is not None)
+    return value.strip() or None, span.end()
+  rest = text[pos:end].strip()
+  masked = _MATH_SPAN_RE.sub(" M ", rest)
+  if len(re.findall(r"[A-Za-z]{2,}", masked)) >= 2:  # a sentence, not a value
+    tail = re.split(r"\s(?:is|are|equals|was|=)\s", rest)
+    if len(tail) > 1:
+      return _read_value(tail[-1], 0)[0], end
+    spans = list(_MATH_SPAN_RE.finditer(rest))
+    numbers = _NUMBER_TOKEN_RE.findall(_MATH_SPAN_RE.sub(" ", rest))
+    if len(spans) + len(numbers) == 1:
+      return (next(g for g in spans[0].groups() if g is not None).strip() if spans
+              else numbers[0]), end
+    if spans or numbers:
+      return None, end
+  rest = re.sub(r"\\?[\"\u201d]$", "", rest.replace("$", "").strip().rstrip(".,;")).strip()
+  return rest or None, end
+
+
+def _phrase_answer(text: str, after: int = 0) -> tuple[str | None, int, int] | None:
+  """(answer, start, end) of the last answer phrase at or after `after`; None without one."""
   last = None
-  for last in _BOX_RE.finditer(text):
-    pass
-  return None if last is None else _box_content(text, last.end())
+  for m in _PHRASE_RE.finditer(text, after):
+    last = m
+  post = None
+  for m in _POSTFIX_RE.finditer(text, after):
+    post = m
+  if post is not None and (last is None or post.start() > last.start()):
+    return post.group(2).strip() or None, post.start(), post.end()
+  if last is None:
+    return None
+  value, end = _read_value(text, last.end())
+  if last.group("strict") and value is not None and not re.search(r"\d|\\|[<>=]", value):
+    value = None  # "the solution is to factor ...": not an answer
+  return value, last.start(), end
 
 
-def extract_answer(text: str) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class _Extraction:
+  answer: str | None  # the reading when the reference has one part
+  parts: str | None  # several boxes read together ("3, -5"), when the response lists parts
+
+
+def _extract(text: str) -> _Extraction:
+  if "</think>" in text:
+    text = text.rsplit("</think>", 1)[1]
+  elif "<think>" in text:
+    return _Extraction(None, None)  # cut off while reasoning: no answer
+  turn_end = _TURN_END_RE.search(text)
+  if turn_end is not None:
+    text = text[:turn_end.start()]
+  boxes = _boxes(text) if _BOX_RE.search(text) else []
+  if boxes:
+    last = boxes[-1]
+    phrase = _phrase_answer(text, last[1])
+    if phrase is not None and phrase[0] is not None:  # a final answer stated after the last box
+      return _phrase_result(text, phrase)
+    if last[2] is None:  # empty or unclosed: an earlier box is not used instead
+      return _Extraction(None, None)
+    run = _last_box_run(text, boxes)
+    if _hedged(text, run[0][0], run[-1][1]):
+      return _Extraction(None, None)
+    parts = ", ".join(b[2] for b in run) if len(run) > 1 else None
+    return _Extraction(last[2], parts)
+  phrase = _phrase_answer(text)
+  if phrase is None or phrase[0] is None:
+    return _Extraction(None, None)
+  return _phrase_result(text, phrase)
+
+
+def _phrase_result(text: str, phrase) -> _Extraction:
+  value, start, end = phrase
+  if _hedged(text, start, end):
+    return _Extraction(None, None)
+  return _Extraction(value, None)
+
+
+def extract_answer(text: str, *, parts: bool = True) -> str | None:
   """The final answer of a model response, or None when it gives none.
 
-  Only the text after the last `</think>` is read; a response that opens `<think>` and never
-  closes it was cut off while reasoning and has no answer. The answer is the argument of the last
-  `\\boxed{...}` / `\\fbox{...}` (nested and escaped braces handled; `\\boxed 5` without braces
-  takes the next token). If that last box is empty or its braces never close, the result is None:
-  an earlier box is not used instead, since it is usually an intermediate result. Without any
-  box, the text after the last "the answer is" / "final answer is" / "final answer:" up to the
-  end of that sentence or line (dollar signs removed) is returned; otherwise None.
+  Policy (strict: a response that does not clearly state one answer has none):
+    - Only the text after the last `</think>` is read; a response that opens `<think>` and never
+      closes it was cut off while reasoning and has no answer (a box inside it is not used).
+      Text after a chat turn marker (`<|im_start|>`, `<|im_end|>`, ...) is dropped.
+    - The answer is the argument of the last `\\boxed{...}` / `\\fbox{...}` (nested and escaped
+      braces handled; `\\boxed 5` takes the next token). An empty or unclosed last box gives
+      None: an earlier box is usually an intermediate result. "\\boxed{6} ... no wait ...
+      \\boxed{8}" is 8.
+    - Boxes that list parts of one answer are read together: "the roots are \\boxed{3} and
+      \\boxed{-5}" gives "3, -5". Boxes join when the text between them is short and only
+      separates ("and", ",", `\\quad`, labels such as "y_2 ="); words of revision ("no", "wait",
+      "but", "actually", ...) or a new sentence end the run. `grade` uses this reading only when
+      the reference has several parts, and the last box otherwise (`parts=False`).
+    - A final answer stated in words after the last box wins over it ("... = \\boxed{255} ...
+      Final Answer: The final answer is $10,455$." gives 10,455).
+    - Without a box: the last of "final answer is" / "Final Answer:" / "answer is" / a line
+      "Answer: X" (or "Answer \\[ X \\]") / "the result is" or "the solution is" followed by maths
+      or a number / "$X$ is the answer" (or "... is our answer", "... is the solution"). The
+      answer is the maths that follows ($...$, \\(...\\), $$...$$, \\[...\\]) or the rest of
+      the sentence; Minerva's "Final Answer: The final answer is 7. I hope it is correct." gives
+      7; a sentence such as "Final Answer: The largest $n$ is 34." gives what follows its last
+      "is"; one with a single number gives that number.
+    - Hedges give None: "maybe", "perhaps", "probably", "possibly", "I think", "I guess",
+      "I believe", "not sure", "or so" in the sentence that states the answer
+      ("I think the answer is 5 or maybe 7" has no answer).
 
   Args:
     text: the generated response.
+    parts: read boxes that list several parts of the answer together (False: the last box).
 
   Returns:
     The raw answer string (not normalised), or None.
   """
   if not isinstance(text, str):
     raise TypeError(f"extract_answer: text must be a str, got {type(text).__name__}")
-  if "</think>" in text:
-    text = text.rsplit("</think>", 1)[1]
-  elif "<think>" in text:
-    return None
-  if _BOX_RE.search(text):
-    return _last_boxed(text)
-  last = None
-  for last in _ANSWER_IS_RE.finditer(text):
-    pass
-  if last is None:
-    return None
-  rest = text[last.end():].lstrip()
-  rest = rest.split("\n", 1)[0]
-  math = re.match(r"\$\$?(.+?)\$\$?|\\\[(.+?)\\\]|\\\((.+?)\\\)", rest)
-  if math:
-    rest = next(g for g in math.groups() if g is not None)
-  else:
-    end = _SENTENCE_END_RE.search(rest)
-    if end:
-      rest = rest[:end.start()]
-  rest = rest.replace("$", "").strip().rstrip(".,;").strip()
-  return rest or None
+  found = _extract(text)
+  return (found.parts or found.answer) if parts else found.answer
 
 
 # ----------------------------------------------------------------------------------------------
-# Normalisation (string level, shared by the parent and the workers)
+# String preparation (ours: what math-verify does not do) and the cheap, in-process decisions
 # ----------------------------------------------------------------------------------------------
 
-_TEXT_MACRO_RE = re.compile(
-    r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|mathsf|operatorname)"
-    r"\s*\{")
-_UNITS = (
-    "square units|sq units|cubic units|units?|cm|mm|km|meters?|metres?|inches|inch|feet|foot|ft|"
-    "yards?|miles?|degrees?|radians?|dollars?|cents?|seconds?|sec|minutes?|mins?|hours?|hrs?|"
-    "days?|weeks?|months?|years?|kg|grams?|mg|pounds?|lbs?|ounces?|oz|liters?|litres?|ml|mL|"
-    "mph|km/h|m/s|cm\\^2|cm\\^3|m\\^2|m\\^3|eV|keV|MeV|Hz|kHz|MHz|GHz|kJ|kW|nm|km/s|"
-    "people|students|ways|times")
-_UNIT_WORD_RE = re.compile(rf"^\s*(?:{_UNITS})(?:\^\{{?\d\}}?)?\s*$")
-# A known unit after a number, a closing bracket or brace (e.g. "10 cm", "5\sqrt{2} units").
-_TRAILING_UNIT_RE = re.compile(rf"(?<=[\d}}).)])\s*(?:{_UNITS})(?:\^\{{?\d\}}?)?\s*$")
-# Single-letter SI units are only stripped when separated by a space ("5 m", not "5m").
-_TRAILING_LETTER_UNIT_RE = re.compile(r"(?<=[\d}])\s+(?:m|s|g|L|N|K|V|J|W)\s*$")
-_PREFIX_RE = re.compile(
-    r"^(?:[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?|\\[A-Za-z]+)(?:\([A-Za-z]\))?\s*(?:=|\\in(?![A-Za-z]))")
-_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-_DECIMAL_RE = re.compile(r"(?<![\d.])(\d+)\.(\d*)(?![\d.])")
-_BARE_ARG_RE = re.compile(r"\\[A-Za-z]+|[A-Za-z0-9]")
-# Only a whole answer is a mixed number: in "1+2\frac{1}{2}" the juxtaposition is a product.
-_MIXED_NUMBER_RE = re.compile(r"^([-+]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$")
+_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\[", "\\]"), ("\\(", "\\)"))
+# Thousands separators of one number: "1,000", "1{,}000", "1,\!000", "1\,000", "1 000".
+_THOUSANDS_RE = re.compile(
+    r"^([-+]?[1-9]\d{0,2})((?:(?:,|\{,\}|,\\!|\\,|\\ | |~)\d{3})+)(\.\d+)?$")
+_PLAIN_PI_RE = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")
+_COMMA_NUMBER_RE = re.compile(r"^[-+]?\d+,\d+$")  # "1,22", "0,111": not thousands
+_LITERAL_RE = re.compile(
+    r"^(?P<sign>[-+]?)(?:(?P<num>\d{1,60}(?:\.\d{0,60})?|\.\d{1,60})"
+    r"(?:e(?P<exp>[-+]?\d{1,3})|\\(?:times|cdot)10\^(?:\{(?P<exp10>[-+]?\d{1,3})\}|(?P<exp1>\d)))?"
+    r"|\\frac\{(?P<fn>-?\d{1,60})\}\{(?P<fd>\d{1,60})\}|(?P<sn>\d{1,60})/(?P<sd>\d{1,60})"
+    r"|(?P<mw>\d{1,60})\\frac\{(?P<mn>\d{1,60})\}\{(?P<md>\d{1,60})\})$")
+_INT_RE = re.compile(r"^[-+]?\d+$")
+# A left side that only names the value: x, f(x), a_{1}, AB, |AB|, (p,q), \frac{NO}{BO}, V_1:V_2.
+_SYM = r"(?:[A-Za-z]|\\(?:alpha|beta|gamma|delta|theta|lambda|mu|sigma|phi|omega))" \
+       r"(?:_\{?[A-Za-z0-9]+\}?)?'*"
+_WORD = rf"(?:{_SYM})+"
+_ONE_LABEL = (rf"{_WORD}(?:\({_WORD}(?:,{_WORD})*\))?|\|{_WORD}\||\\frac\{{{_WORD}\}}\{{{_WORD}\}}"
+              rf"|\({_WORD}(?:,{_WORD})+\)")
+_LABEL_RE = re.compile(rf"^(?:{_ONE_LABEL})(?::(?:{_ONE_LABEL}))*$")
+_SPACING_RE = re.compile(
+    r"\\(?:left|right)(?![A-Za-z])|\\[,;:! ]|\\(?:q?quad|displaystyle)(?![A-Za-z])")
 
 
-def _strip_text_macros(s: str) -> str:
-  """Unwraps \\text{...}-like groups; drops a trailing one that is a unit ("5\\text{ cm}")."""
-  start = 0
+def _strip_wrappers(s: str) -> str:
+  """Removes math delimiters around the whole answer and a trailing period or stray backslash."""
   while True:
-    m = _TEXT_MACRO_RE.search(s, start)
-    if m is None:
-      return s
-    group = _braced(s, m.end() - 1)
-    if group is None:  # unbalanced: drop the macro name, keep the rest
-      s = s[:m.start()] + s[m.end() - 1:]
-      start = m.start()
-      continue
-    content, end = group
-    tail = s[end:]
-    head = s[:m.start()].strip()
-    trailing = re.fullmatch(r"\s*(?:\^\{?\w+\}?)?\s*\.?\s*", tail) is not None
-    if head and trailing and (content[:1].isspace() or _UNIT_WORD_RE.match(content)):
-      return head
-    s = s[:m.start()] + content + tail
-    start = m.start()
-
-
-def _fix_macro_args(s: str) -> str:
-  """Braces around one-token arguments: \\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}."""
-  inserts = []  # (position, "{" or "}") in s; a bare argument is one character or macro name
-  for m in re.finditer(r"\\(frac|binom|sqrt)(?![A-Za-z])", s):
-    j = m.end()
-    if m.group(1) == "sqrt":
-      while j < len(s) and s[j] == " ":
-        j += 1
-      if j < len(s) and s[j] == "[":
-        j = s.find("]", j) + 1
-        if j == 0:
-          continue
-    for _ in range(1 if m.group(1) == "sqrt" else 2):
-      while j < len(s) and s[j] == " ":
-        j += 1
-      if j < len(s) and s[j] == "{":
-        group = _braced(s, j)
-        if group is None:
-          break
-        j = group[1]
-        continue
-      token = _BARE_ARG_RE.match(s, j)
-      if token is None:
+    s = s.strip()
+    before = s
+    for left, right in _DELIMITERS:
+      if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
+        s = s[len(left):-len(right)].strip()
         break
-      inserts += [(j, "{"), (token.end(), "}")]
-      j = token.end()
-  if not inserts:
-    return s
-  inserts.sort(key=lambda x: x[0])  # stable: "}" of one argument before "{" of the next
-  out, prev = [], 0
-  for pos, brace in inserts:
-    out += [s[prev:pos], brace]
-    prev = pos
-  out.append(s[prev:])
-  return "".join(out)
+    s = re.sub(r"^\$+|(?<!\\)\$+$", "", s).strip()  # one unmatched `$` at either end
+    s = re.sub(r"(?:\.|(?<!\\)\\)+$", "", s).strip()  # "5.", "185\" (a stray backslash)
+    if s == before:
+      return s
 
 
-def _decimal(m: re.Match) -> str:
-  frac = m.group(2).rstrip("0")
-  return m.group(1) + ("." + frac if frac else "")
+def _unbrace(s: str) -> str:
+  """Removes braces around the whole answer ("{{1}}" -> "1"); math-verify reads them as a set."""
+  for _ in range(len(s) // 2):
+    if len(s) < 2 or s[0] != "{" or _braced(s, 0) != (s[1:-1], len(s)):
+      break
+    s = s[1:-1].strip()
+  return s
 
 
-def _outer_pair_closes_at_end(s: str, close: str) -> bool:
-  """Whether the bracket that opens s is closed by `close` at the very end of s."""
-  depth = 0
-  i = 0
-  n = len(s)
-  while i < n:
-    if s.startswith("\\{", i) or s.startswith("\\}", i):
-      c = s[i:i + 2]
-      i += 2
-    else:
-      c = s[i]
-      i += 1
-    if c in ("(", "[", "{", "\\{"):
-      depth += 1
-    elif c in (")", "]", "}", "\\}"):
-      depth -= 1
-      if depth == 0:
-        return i == n and s.endswith(close)
-  return False
+def normalize_answer(answer: str) -> str:
+  """The answer as it is compared: our string rewrites, before math-verify reads it.
+
+  Removes math delimiters around the whole answer (`$...$`, `\\(...\\)`, `\\[...\\]`), a
+  trailing period or stray backslash ("185\\"), braces around the whole answer; reads the boxes
+  of an answer or reference given with `\\boxed{}` (several boxes that list parts are read
+  together, "\\boxed{1} and \\boxed{2}" -> "1, 2"); removes the thousands separators of a lone
+  number ("1,000", "1{,}000", "1\\,000", "1 000" -> "1000"; "32, 349" and "0,250" are not one
+  number); writes a plain-text "pi" as `\\pi` and the sign ° as `^{\\circ}`. Strings longer
+  than MAX_ANSWER_CHARS only lose their whitespace. Everything else (units, `\\text{}`, percent,
+  degrees, `\\left`/`\\right`, `\\dfrac`) is math-verify's.
+
+  Args:
+    answer: an extracted answer (or a reference answer).
+
+  Returns:
+    The prepared string ("" for an empty answer).
+  """
+  if not isinstance(answer, str):
+    raise TypeError(f"normalize_answer: answer must be a str, got {type(answer).__name__}")
+  s = answer.strip()
+  if len(s) > MAX_ANSWER_CHARS:
+    return re.sub(r"\s+", "", s)
+  if _BOX_RE.search(s):
+    found = _extract(s)
+    boxed = found.parts or found.answer
+    if boxed is not None:
+      s = boxed
+  s = _unbrace(_strip_wrappers(_unbrace(_strip_wrappers(s))))
+  s = _PLAIN_PI_RE.sub(r"\\pi", s).replace("°", "^{\\circ}")  # math-verify reads p*i, and no °
+  m = _THOUSANDS_RE.match(s)
+  if m:
+    s = m[1] + re.sub(r"\D", "", m[2]) + (m[3] or "")
+  return s
+
+
+def _key(s: str) -> str:
+  """Whitespace- and spacing-free form for the exact-string rule."""
+  s = _SPACING_RE.sub("", s)
+  s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
+  return re.sub(r"\s+", "", s)
+
+
+def _literal(s: str) -> Fraction | None:
+  """Exact value of a plain number: 12, -0.5, 1.5e-3, 3\\times10^{5}, \\frac{1}{2}, 3/4."""
+  m = _LITERAL_RE.match(s)
+  if m is None:
+    return None
+  sign = -1 if m["sign"] == "-" else 1
+  if m["num"] is not None:
+    return sign * Fraction(m["num"]) * Fraction(10) ** int(
+        m["exp"] or m["exp10"] or m["exp1"] or 0)
+  num, den, whole = ((m["fn"], m["fd"], 0) if m["fn"] is not None else
+                     (m["sn"], m["sd"], 0) if m["sn"] is not None else
+                     (m["mn"], m["md"], int(m["mw"])))
+  if int(den) == 0:
+    return None
+  return sign * (whole + Fraction(int(num), int(den)))
 
 
 def _split_top(s: str, sep: str) -> list[str]:
-  """Splits s at `sep` outside any bracket ((), [], {}, \\{\\})."""
+  """Splits s at `sep` outside brackets ((), [], {}, \\{\\})."""
   parts, depth, start, i, n = [], 0, 0, 0, len(s)
   while i < n:
     if s[i] == "\\" and i + 1 < n and s[i + 1] in "{}":
@@ -247,147 +427,40 @@ def _split_top(s: str, sep: str) -> list[str]:
       i += len(sep)
       start = i
       continue
-    c = s[i]
-    if c in "([{":
+    if s[i] in "([{":
       depth += 1
-    elif c in ")]}":
+    elif s[i] in ")]}":
       depth -= 1
     i += 1
   parts.append(s[start:])
   return parts
 
 
-def normalize_answer(answer: str) -> str:
-  """Canonical string form of an answer (the first, exact stage of `is_equivalent`).
-
-  Removes: a `\\boxed{}` wrapper, `$`, `\\$`, math delimiters, `\\left`/`\\right`, spacing
-  macros, `\\displaystyle`, degree signs (`^\\circ`, `^{\\circ}`, `°`), percent signs, a trailing
-  unit (a trailing `\\text{ ...}` group or a known unit word such as "cm", "meters", "degrees"),
-  a leading `x =` / `f(x) =` / `x \\in`, trailing periods, thousands separators of a lone number
-  ("1,000"; `{,}` anywhere), trailing decimal zeros ("2.50" -> "2.5", "3.0" -> "3"), and
-  redundant outer braces or parentheses. Unwraps `\\text{}`/`\\mathrm{}`/`\\mbox{}`; rewrites
-  `\\dfrac`/`\\tfrac` as `\\frac`, `\\frac12` as `\\frac{1}{2}`, mixed numbers `2\\frac{1}{2}` as
-  `\\frac{5}{2}`, and " and " / " or " between items as commas. Whitespace is dropped except one
-  space between a macro name and a following letter (`\\pi r`). Strings longer than
-  MAX_ANSWER_CHARS only lose their whitespace.
-
-  Args:
-    answer: an extracted answer (or a reference answer).
-
-  Returns:
-    The normalised string ("" for an empty answer).
-  """
-  if not isinstance(answer, str):
-    raise TypeError(f"normalize_answer: answer must be a str, got {type(answer).__name__}")
-  s = answer.strip()
-  if len(s) > MAX_ANSWER_CHARS:
-    return re.sub(r"\s+", "", s)
-  if _BOX_RE.search(s):
-    boxed = _last_boxed(s)
-    s = boxed if boxed is not None else s
-  s = s.replace("\n", " ").replace("\\$", "").replace("$", "")
-  s = re.sub(r"(?<!\\)\\[()\[\]]", "", s)  # math delimiters, not a "\\\\" row break
-  s = re.sub(r"\\(?:left|right)\.", "", s)
-  s = re.sub(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])", "", s)
-  s = re.sub(r"\\(?:displaystyle|textstyle|quad|qquad)(?![A-Za-z])|(?<!\\)\\[,;:! ]|~", " ", s)
-  s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
-  s = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", s)
-  s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![A-Za-z])", "", s)
-  s = re.sub(r"\\?%", "", s)
-  s = _strip_text_macros(s)
-  s = _TRAILING_UNIT_RE.sub("", s.strip())
-  s = _TRAILING_LETTER_UNIT_RE.sub("", s)
-  s = re.sub(r"\s*,?\s*\b(?:and|or)\b\s*", ",", s) if re.search(r"\s(?:and|or)\s", s) else s
-  s = _fix_macro_args(s)
-  s = s.strip()
-  m = _PREFIX_RE.match(s)
-  if m and s[m.end():].strip() and "=" not in s[m.end():]:
-    s = s[m.end():]
-  # A one-character sub/superscript ends at a space ("\log_2 8", "x^2 y"); \log_28 is log_2 8.
-  s = re.sub(r"([_^])\s*([A-Za-z0-9])(?=\s+[A-Za-z0-9])", r"\1{\2}", s)
-  s = re.sub(r"\\log_(\d)", r"\\log_{\1}", s)
-  # Keep one space where deleting it would merge a macro name with a letter ("\pi r").
-  s = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\x00", s)
-  s = re.sub(r"\s+", "", s).replace("\x00", " ")
-  s = s.replace("{,}", "")
-  s = s.rstrip(".")
-  if _THOUSANDS_RE.match(s):
-    s = s.replace(",", "")
-  s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)
-  s = _DECIMAL_RE.sub(_decimal, s)
-  s = _MIXED_NUMBER_RE.sub(
-      lambda m: f"{m[1]}\\frac{{{int(m[2]) * int(m[4]) + int(m[3])}}}{{{m[4]}}}", s)
-  while len(s) >= 2:
-    if s[0] == "{" and _outer_pair_closes_at_end(s, "}"):
-      s = s[1:-1]
-    elif (s[0] == "(" and _outer_pair_closes_at_end(s, ")")
-          and len(_split_top(s[1:-1], ",")) == 1):
-      s = s[1:-1]
+def _sides(s: str) -> list[str]:
+  """s split at top-level "=" (not "<=", ">=", "!=", "==")."""
+  sides = []
+  for part in _split_top(s, "="):
+    if sides and (sides[-1][-1:] in ("<", ">", "!", "\\") or part[:1] == "="):
+      sides[-1] += "=" + part
     else:
-      break
-  return s
+      sides.append(part)
+  return sides
 
 
-# ----------------------------------------------------------------------------------------------
-# Structure: tuples / intervals (ordered, brackets must match), sets and bare lists (unordered),
-# unions, matrices; atoms are compared exactly here and symbolically in a worker.
-# ----------------------------------------------------------------------------------------------
+def _value_side(s: str) -> str:
+  """The value of a labelled answer ("(p,q)=(3,2)" -> "(3,2)"); s itself otherwise.
 
-_INT_RE = re.compile(r"^[-+]?\d+$")
-_LITERAL_RE = re.compile(
-    r"^(?P<sign>[-+]?)(?:(?P<num>\d{1,60}(?:\.\d{0,60})?|\.\d{1,60})"
-    r"(?:e(?P<exp>[-+]?\d{1,3})|\\(?:times|cdot)10\^(?:\{(?P<exp10>-?\d{1,3})\}|(?P<exp1>\d)))?"
-    r"|\\frac\{(?P<fn>\d{1,60})\}\{(?P<fd>\d{1,60})\}|(?P<sn>\d{1,60})/(?P<sd>\d{1,60}))$")
-_MATRIX_RE = re.compile(r"^\\begin\{([pbvBV]?matrix)\}(.*)\\end\{\1\}$", re.DOTALL)
-_WORD_RE = re.compile(r"^[A-Za-z]{2,}$")
-
-
-def _structure(s: str, depth: int = 0):
-  """Nested tuples: ("atom", s) | ("seq", brackets, elems) | ("set", elems) | ("union", parts)
-  | ("matrix", rows). Past _MAX_PARSE_DEPTH levels the rest is one atom (compared as text)."""
-  if depth > _MAX_PARSE_DEPTH:
-    return ("atom", s)
-  depth += 1
-  parts = _split_top(s, "\\cup")
-  if len(parts) > 1:
-    return ("union", tuple(_structure(p, depth) for p in parts))
-  m = _MATRIX_RE.match(s)
-  if m:
-    rows = [r for r in m.group(2).split("\\\\") if r]
-    return ("matrix", tuple(tuple(_structure(c, depth) for c in r.split("&")) for r in rows))
-  if s.startswith("\\{") and s.endswith("\\}") and _outer_pair_closes_at_end(s, "\\}"):
-    inner = s[2:-2]
-    return ("set", tuple(_structure(e, depth) for e in _split_top(inner, ",") if e))
-  if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _outer_pair_closes_at_end(s, s[-1]):
-    elems = _split_top(s[1:-1], ",")
-    if len(elems) >= 2:
-      return ("seq", s[0] + s[-1], tuple(_structure(e, depth) for e in elems))
-  elems = _split_top(s, ",")
-  if len(elems) >= 2:
-    return ("set", tuple(_structure(e, depth) for e in elems if e))
-  m = _PREFIX_RE.match(s)
-  if m and s[m.end():] and "=" not in s[m.end():]:
-    s = s[m.end():]
-  return ("atom", s)
-
-
-def _literal(s: str) -> Fraction | None:
-  """Exact value of a plain number: 12, -0.5, 1.5e-3, \\frac{1}{2}, 3/4; None for anything else."""
-  m = _LITERAL_RE.match(s)
-  if m is None:
-    return None
-  sign = -1 if m["sign"] == "-" else 1
-  if m["num"] is not None:
-    value = Fraction(m["num"]) * Fraction(10) ** int(m["exp"] or m["exp10"] or m["exp1"] or 0)
-  elif m["fn"] is not None:
-    if int(m["fd"]) == 0:
-      return None
-    value = Fraction(int(m["fn"]), int(m["fd"]))
-  else:
-    if int(m["sd"]) == 0:
-      return None
-    value = Fraction(int(m["sn"]), int(m["sd"]))
-  return sign * value
+  Each comma-separated item whose left side only names the value loses its label
+  ("AB=4, CD=5" -> "4, 5"); "7 = 11a+c" or "a+3z=0" is an equation and stays.
+  """
+  items = _split_top(s, ",")
+  out = []
+  for item in items:
+    sides = _sides(item)
+    if len(sides) == 2 and _LABEL_RE.match(_key(sides[0])):
+      item = sides[1].strip()
+    out.append(item.strip())
+  return ", ".join(out)
 
 
 def _numbers_equal(pred: Fraction, ref: Fraction, ref_is_int: bool) -> bool:
@@ -396,362 +469,147 @@ def _numbers_equal(pred: Fraction, ref: Fraction, ref_is_int: bool) -> bool:
   return abs(pred - ref) <= REL_TOL * abs(ref)
 
 
-def _cheap_atom_equal(pred: str, ref: str) -> bool | None:
-  """Exact decision without sympy when possible; None means "needs the symbolic check"."""
-  if pred == ref:
-    return True
-  if not pred or not ref:
-    return False
-  p, r = _literal(pred), _literal(ref)
-  if p is not None and r is not None:
-    return _numbers_equal(p, r, _INT_RE.match(ref) is not None)
-  if _WORD_RE.match(pred) and _WORD_RE.match(ref):
-    return pred.lower() == ref.lower()  # words ("even", "Monday") are text, not products
-  if len(pred) > MAX_ANSWER_CHARS or len(ref) > MAX_ANSWER_CHARS:
-    return False
-  return None
+def _prepare_pair(pred: str, ref: str) -> tuple[str, str]:
+  """Rewrites of one pair that depend on both sides (labels), applied before any comparison."""
+  if len(_sides(ref)) > 1 and len(_sides(pred)) == 1:
+    ref = _value_side(ref)
+  # A comma between two digit groups that is not a thousands separator ("0,250") separates two
+  # numbers; math-verify would read it as a decimal comma (0.25) or, in expression mode, as 250.
+  if _COMMA_NUMBER_RE.match(pred) and not _COMMA_NUMBER_RE.match(ref) and _literal(ref) is None:
+    pred = pred.replace(",", ", ")
+  return pred, ref
 
 
-def _match(pred, ref, atom_equal) -> bool | None:
-  """Three-valued structural comparison (None: some atom pair is undecided)."""
-  if ref[0] == "set" or pred[0] == "set":
-    if "seq" in (pred[0], ref[0]) or "matrix" in (pred[0], ref[0]):
-      return False
-    p = pred[1] if pred[0] == "set" else (pred,)
-    r = ref[1] if ref[0] == "set" else (ref,)
-    return _match_unordered(p, r, atom_equal)
-  if pred[0] != ref[0]:
-    return False
-  kind = ref[0]
-  if kind == "atom":
-    return atom_equal(pred[1], ref[1])
-  if kind == "union":
-    return _match_unordered(pred[1], ref[1], atom_equal)
-  if kind == "seq":
-    if pred[1] != ref[1]:
-      return False
-    return _match_ordered(pred[2], ref[2], atom_equal)
-  if len(pred[1]) != len(ref[1]):  # matrix
-    return False
-  return _all3([_match_ordered(p, r, atom_equal) for p, r in zip(pred[1], ref[1])])
-
-
-def _all3(results) -> bool | None:
-  if any(x is False for x in results):
-    return False
-  return True if all(x is True for x in results) else None
-
-
-def _match_ordered(pred, ref, atom_equal) -> bool | None:
-  if len(pred) != len(ref):
-    return False
-  results = []
-  for p, r in zip(pred, ref):
-    results.append(_match(p, r, atom_equal))
-    if results[-1] is False:
-      return False
-  return _all3(results)
-
-
-def _match_unordered(pred, ref, atom_equal) -> bool | None:
-  # Equivalence is transitive, so greedy matching on definite matches is exact when every pair
-  # is decided; an undecided pair makes a failed greedy match undecided.
-  if len(pred) != len(ref):
-    return False
-  unused = list(pred)
-  undecided = False
-  for r in ref:
-    for k, p in enumerate(unused):
-      result = _match(p, r, atom_equal)
-      if result is True:
-        del unused[k]
-        break
-      undecided |= result is None
-    else:
-      if not undecided:
+def _balanced(s: str) -> bool:
+  """Whether the braces of s (other than `\\{`, `\\}`) pair up."""
+  depth = 0
+  for m in re.finditer(r"\\.|[{}]", s):
+    if m.group() in "{}":
+      depth += 1 if m.group() == "{" else -1
+      if depth < 0:
         return False
-  return True if not unused else (None if undecided else False)
+  return depth == 0
 
 
-def _cheap_equal(pred_norm: str, ref_norm: str) -> bool | None:
-  if pred_norm == ref_norm:
-    return True
-  if not pred_norm or not ref_norm:
-    return False
-  if len(pred_norm) > MAX_ANSWER_CHARS or len(ref_norm) > MAX_ANSWER_CHARS:
-    return False
-  return _match(_structure(pred_norm), _structure(ref_norm), _cheap_atom_equal)
+def _number_list(k: str) -> tuple[str, list[tuple[Fraction, bool]]] | None:
+  """("set" or the brackets, [(value, is_int)]) of a list of plain numbers; None otherwise.
 
-
-# ----------------------------------------------------------------------------------------------
-# Symbolic comparison (worker processes only: imports sympy)
-# ----------------------------------------------------------------------------------------------
-
-_TOKEN_RE = re.compile(
-    r"\s*(?:(?P<num>(?:\d+\.\d*|\.\d+|\d+)(?:e[-+]?\d+(?![A-Za-z0-9]))?)"
-    r"|(?P<macro>\\[A-Za-z]+|\\[{}|])|(?P<word>[A-Za-z]+)"
-    r"|(?P<char>\S))")
-_GREEK = frozenset(
-    "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi "
-    "rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi "
-    "Omega".split())
-_FUNCS = frozenset(
-    "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh ln log exp".split())
-_PLAIN_NAMES = frozenset(_FUNCS | {"sqrt", "pi", "oo", "inf", "infty", "infinity"})
-
-
-class _ParseError(ValueError):
-  pass
-
-
-class _LatexParser:
-  """Recursive-descent parser from normalised LaTeX / plain maths text to a sympy expression.
-
-  Builds sympy objects directly (no eval): numbers are exact rationals, single letters are
-  symbols (`e` is Euler's number, `i` the imaginary unit), adjacent factors multiply.
+  Read as math-verify reads them: `\\{...\\}` and a bare list are sets, `(a, b)`, `[a, b)` ...
+  are ordered (tuples or intervals: the same brackets on both sides compare element-wise).
   """
-
-  def __init__(self, text: str, sp):
-    self.sp = sp
-    self.tokens = []
-    for m in _TOKEN_RE.finditer(text):
-      if m["word"] is not None and m["word"] not in _PLAIN_NAMES:
-        self.tokens += [("letter", c) for c in m["word"]]
-      else:
-        kind = m.lastgroup
-        self.tokens.append(("word" if kind == "word" else kind, m[kind]))
-    self.pos = 0
-    self.depth = 0
-
-  def parse(self):
-    expr = self.sum()
-    if self.pos != len(self.tokens):
-      raise _ParseError(f"unexpected {self.peek()!r}")
-    return expr
-
-  def peek(self):
-    return self.tokens[self.pos][1] if self.pos < len(self.tokens) else None
-
-  def next(self):
-    if self.pos >= len(self.tokens):
-      raise _ParseError("unexpected end")
-    self.pos += 1
-    return self.tokens[self.pos - 1]
-
-  def expect(self, text):
-    if self.next()[1] != text:
-      raise _ParseError(f"expected {text!r}")
-
-  def sum(self):
-    self.depth += 1
-    if self.depth > _MAX_PARSE_DEPTH:
-      raise _ParseError("nested too deeply")
-    expr = self.product()
-    while self.peek() in ("+", "-"):
-      op = self.next()[1]
-      rhs = self.product()
-      expr = expr + rhs if op == "+" else expr - rhs
-    self.depth -= 1
-    return expr
-
-  def starts_factor(self):
-    if self.pos >= len(self.tokens):
-      return False
-    kind, text = self.tokens[self.pos]
-    if kind in ("num", "letter", "word"):
-      return True
-    if kind == "macro":
-      return text not in ("\\cdot", "\\times", "\\div", "\\}", "\\|")
-    return text in ("(", "{", "[")
-
-  def product(self):
-    expr = self.signed()
-    while True:
-      tok = self.peek()
-      if tok in ("*", "\\cdot", "\\times"):
-        self.next()
-        expr = expr * self.signed()
-      elif tok in ("/", "\\div"):
-        self.next()
-        expr = expr / self.signed()
-      elif self.starts_factor():
-        expr = expr * self.power()
-      else:
-        return expr
-
-  def signed(self):
-    if self.peek() == "-":
-      self.next()
-      return -self.signed()
-    if self.peek() == "+":
-      self.next()
-      return self.signed()
-    return self.power()
-
-  def power(self):
-    base = self.postfix()
-    if self.peek() == "^" or self.peek() == "**":
-      self.next()
-      return self.sp.Pow(base, self.exponent())
-    return base
-
-  def exponent(self):
-    if self.peek() == "{":
-      return self.group("{", "}")
-    if self.peek() == "-":
-      self.next()
-      return -self.exponent()
-    return self.power()
-
-  def postfix(self):
-    expr = self.atom()
-    while self.peek() == "!":
-      self.next()
-      expr = self.sp.factorial(expr)
-    return expr
-
-  def group(self, open_, close):
-    self.expect(open_)
-    expr = self.sum()
-    self.expect(close)
-    return expr
-
-  def arg(self):
-    return self.group("{", "}") if self.peek() == "{" else self.atom()
-
-  def subscript(self) -> str:
-    self.expect("_")
-    if self.peek() == "{":
-      self.next()
-      parts = []
-      while self.peek() not in ("}", None):
-        parts.append(self.next()[1])
-      self.expect("}")
-      return "".join(parts)
-    return self.next()[1]
-
-  def atom(self):
-    sp = self.sp
-    kind, text = self.next()
-    if kind == "num":
-      return sp.Rational(text)
-    if kind == "letter":
-      if self.peek() == "_":
-        return sp.Symbol(f"{text}_{self.subscript()}")
-      return {"e": sp.E, "i": sp.I}.get(text) or sp.Symbol(text)
-    if text in ("(", "[", "{"):
-      self.pos -= 1
-      return self.group(text, {"(": ")", "[": "]", "{": "}"}[text])
-    if text == "|":
-      expr = self.sum()
-      self.expect("|")
-      return sp.Abs(expr)
-    name = text.lstrip("\\")
-    if name in ("pi",):
-      return sp.pi
-    if name in ("infty", "inf", "infinity", "oo"):
-      return sp.oo
-    if name in _GREEK:
-      return sp.Symbol(name)
-    if name in ("frac", "cfrac"):
-      num = self.arg()
-      return num / self.arg()
-    if name == "binom":
-      n = self.arg()
-      return sp.binomial(n, self.arg())
-    if name == "sqrt":
-      index = self.group("[", "]") if self.peek() == "[" else None
-      radicand = self.group("(", ")") if kind == "word" and self.peek() == "(" else self.arg()
-      return sp.sqrt(radicand) if index is None else sp.root(radicand, index)
-    if name in _FUNCS:
-      return self.function(name)
-    raise _ParseError(f"unsupported {text!r}")
-
-  def function(self, name):
-    sp = self.sp
-    base = None
-    if name == "log" and self.peek() == "_":
-      base = self.sp.sympify(_LatexParser(self.subscript(), sp).parse())
-    power = None
-    if self.peek() == "^":
-      self.next()
-      power = self.exponent()
-    if self.peek() in ("(", "{", "["):
-      arg = self.atom()
-    else:
-      arg = self.power()
-    funcs = {"ln": sp.log, "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan}
-    f = funcs.get(name) or getattr(sp, name)
-    value = sp.log(arg, base) if base is not None else f(arg)
-    return value if power is None else value ** power
-
-
-def _to_sympy(text: str):
-  import sympy  # pylint: disable=import-outside-toplevel
-  if not text:
-    raise _ParseError("empty")
-  return _LatexParser(text, sympy).parse()
-
-
-def _symbolic_atom_equal(pred: str, ref: str) -> bool:
-  """Equivalence of two normalised atoms with sympy (worker side; may be slow or hang)."""
-  cheap = _cheap_atom_equal(pred, ref)
-  if cheap is not None:
-    return cheap
-  import sympy  # pylint: disable=import-outside-toplevel
-  pred_sides, ref_sides = _split_top(pred, "="), _split_top(ref, "=")
-  if len(pred_sides) != len(ref_sides) or len(ref_sides) > 2:
-    return False
-  try:
-    if len(ref_sides) == 2:  # equations: the same after moving everything to one side
-      dp = _to_sympy(pred_sides[0]) - _to_sympy(pred_sides[1])
-      dr = _to_sympy(ref_sides[0]) - _to_sympy(ref_sides[1])
-      return _exprs_equal(sympy, dp, dr, False) or _exprs_equal(sympy, dp, -dr, False)
-    a, b = _to_sympy(pred), _to_sympy(ref)
-  except (_ParseError, TypeError, ValueError, AttributeError, ZeroDivisionError, RecursionError):
-    return False
-  return _exprs_equal(sympy, a, b, _INT_RE.match(ref) is not None)
-
-
-def _exprs_equal(sympy, a, b, ref_is_int: bool) -> bool:
-  """a == b for sympy expressions; numbers within REL_TOL unless the reference is an integer."""
-  diff = a - b
-  if diff == 0:
-    return True
-  if not a.free_symbols and not b.free_symbols:
-    gap, scale = _complex(diff), _complex(b)
-    if gap is None or scale is None:
-      return _proved_zero(sympy, diff)
-    if ref_is_int or scale == 0:  # an exact match is needed: no numeric tolerance
-      return abs(gap) < 1e-9 and _proved_zero(sympy, diff)
-    return abs(gap) <= float(REL_TOL) * abs(scale)
-  # Functions of symbols: a clear difference at a few positive points settles non-equivalence
-  # cheaply; equivalence needs a proof (expand, then simplify, then sympy's `equals`).
-  symbols = sorted(diff.free_symbols, key=str)
-  for k in range(3):
-    point = {s: sympy.Rational(7 + 3 * k + j, 11 + k) for j, s in enumerate(symbols)}
-    gap = _complex(diff.subs(point))
-    if gap is not None and abs(gap) > 1e-6 * (1 + abs(_complex(b.subs(point)) or 0)):
-      return False
-  return _proved_zero(sympy, diff)
-
-
-def _complex(expr) -> complex | None:
-  """expr evaluated to 30 digits as a finite complex number; None if it is not one."""
-  try:
-    value = complex(expr.evalf(30))
-  except (TypeError, ValueError, OverflowError, AttributeError):
+  if k.startswith("\\{") and k.endswith("\\}"):
+    kind, inner = "set", k[2:-2]
+  elif len(k) > 2 and k[0] in "([" and k[-1] in ")]":
+    kind, inner = k[0] + k[-1], k[1:-1]
+  else:
+    kind, inner = "set", k
+  items = _split_top(inner, ",")
+  if len(items) < 2:
     return None
-  return value if abs(value) < float("inf") and value == value else None
+  values = []
+  for item in items:
+    value = _literal(item)
+    if value is None:
+      return None
+    values.append((value, _INT_RE.match(item) is not None))
+  return kind, values
 
 
-def _proved_zero(sympy, diff) -> bool:
-  return sympy.expand(diff) == 0 or sympy.simplify(diff) == 0 or diff.equals(0) is True
+def _number_lists_equal(pred, ref) -> bool:
+  if ref[0] != "set":
+    return len(pred[1]) == len(ref[1]) and all(
+        _numbers_equal(p, r, r_int) for (p, _), (r, r_int) in zip(pred[1], ref[1]))
+  # Sets: every element has an equal one on the other side (duplicates merge).
+  return (all(any(_numbers_equal(p, r, r_int) for p, _ in pred[1]) for r, r_int in ref[1]) and
+          all(any(_numbers_equal(p, r, r_int) for r, r_int in ref[1]) for p, _ in pred[1]))
 
 
-def _symbolic_equal(pred_norm: str, ref_norm: str) -> bool:
-  result = _match(_structure(pred_norm), _structure(ref_norm), _symbolic_atom_equal)
-  return result is True
+def _cheap_equal(pred: str, ref: str) -> tuple[bool | None, str]:
+  """(decision, rule) without math-verify when possible; (None, "") when it must decide."""
+  kp, kr = _key(pred), _key(ref)
+  if kp == kr:
+    return bool(kp), RULE_EXACT
+  if not kp or not kr or len(pred) > MAX_ANSWER_CHARS or len(ref) > MAX_ANSWER_CHARS:
+    return False, RULE_EXACT
+  if not _balanced(kp):  # cut off ("\\frac{1}{2"): math-verify would repair and accept it
+    return False, RULE_MALFORMED
+  p, r = _literal(kp), _literal(kr)
+  if p is not None and r is not None:
+    return _numbers_equal(p, r, _INT_RE.match(kr) is not None), RULE_NUMERIC
+  lp, lr = _number_list(kp), _number_list(kr)
+  if lp is not None and lr is not None and lp[0] == lr[0]:
+    return _number_lists_equal(lp, lr), RULE_NUMERIC
+  # A decimal comma: "1,22" is 1.22 when the other side is that decimal ("0,111" vs "0.111").
+  for a, b in ((kp, kr), (kr, kp)):
+    if _COMMA_NUMBER_RE.match(a) and re.fullmatch(r"[-+]?\d*\.\d+", b):
+      if Fraction(a.replace(",", ".")) == Fraction(b):
+        return True, RULE_NUMERIC
+  return None, ""
+
+
+# ----------------------------------------------------------------------------------------------
+# math-verify (worker processes only)
+# ----------------------------------------------------------------------------------------------
+
+_MV: dict = {}
+
+
+def _mv_setup() -> None:
+  """Imports math-verify; its own time limits are off (this process is killed instead)."""
+  import logging  # pylint: disable=import-outside-toplevel
+  logging.disable(logging.WARNING)  # "timeout disabled" notices; this process has no console
+  import math_verify  # pylint: disable=import-outside-toplevel
+  _two_stage_parsing()
+  _MV["parse"], _MV["verify"] = math_verify.parse, math_verify.verify
+  _MV["config"] = [math_verify.LatexExtractionConfig(boxed_match_priority=0),
+                   math_verify.ExprExtractionConfig()]
+
+
+def _two_stage_parsing() -> None:
+  """Makes latex2sympy2_extended parse with ANTLR's SLL prediction first, full LL on an error.
+
+  ANTLR documents that SLL prediction returns the same parse tree as LL or reports a syntax
+  error; latex2sympy2_extended raises on any syntax error, so retrying with LL then gives
+  exactly LL's result. SLL avoids LL's full-context prediction, which takes most of the time on
+  comma lists: a tuple such as "(3, \\frac{\\pi}{4})" parses in about 3 ms instead of 60 ms.
+  If the parser's internals are not what this expects, parsing stays as it is.
+  """
+  try:
+    from antlr4.atn.PredictionMode import PredictionMode  # pylint: disable=import-outside-toplevel
+    from latex2sympy2_extended import latex2sympy2  # pylint: disable=import-outside-toplevel
+    cls = latex2sympy2._Latex2Sympy  # pylint: disable=protected-access
+    create_parser, parse = cls.create_parser, cls.parse
+  except (ImportError, AttributeError):
+    return
+
+  def sll_create_parser(self, latex_str):
+    parser = create_parser(self, latex_str)
+    if getattr(self, "_opd_sll", False):
+      parser._interp.predictionMode = PredictionMode.SLL  # pylint: disable=protected-access
+    return parser
+
+  def two_stage_parse(self, latex_str):
+    self._opd_sll = True
+    try:
+      return parse(self, latex_str)
+    except Exception:  # pylint: disable=broad-except
+      self._opd_sll = False
+      return parse(self, latex_str)
+
+  cls.create_parser, cls.parse = sll_create_parser, two_stage_parse
+
+
+def _mv_read(s: str):
+  # The whole prepared answer is one boxed expression: math-verify's extraction must not pick a
+  # part of it (it would read "5 or 7" in `$...$` as the last number).
+  return _MV["parse"]("\\boxed{" + s + "}", _MV["config"], parsing_timeout=None)
+
+
+def _mv_equal(pred: str, ref: str) -> bool:
+  """math-verify's verdict on two prepared answers (may be slow or hang: workers only)."""
+  gold, answer = _mv_read(ref), _mv_read(pred)
+  return bool(gold) and bool(answer) and bool(
+      _MV["verify"](gold, answer, timeout_seconds=None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,7 +638,8 @@ def _worker_main(memory_limit_mb: int) -> None:
       import resource  # pylint: disable=import-outside-toplevel
       limit = memory_limit_mb * 2**20
       resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    _symbolic_equal("x+1", "1+x")  # imports sympy and warms its caches before "ready"
+    _mv_setup()
+    _mv_equal("x+1", "1+x")  # imports sympy and the LaTeX grammar, warms caches before "ready"
   except BaseException as e:  # pylint: disable=broad-except
     protocol.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
     return
@@ -788,9 +647,9 @@ def _worker_main(memory_limit_mb: int) -> None:
   for line in sys.stdin:
     task = json.loads(line)
     try:
-      result = {"id": task["id"], "ok": bool(_symbolic_equal(task["p"], task["r"]))}
+      result = {"id": task["id"], "ok": _mv_equal(task["p"], task["r"])}
     except BaseException as e:  # pylint: disable=broad-except
-      # MemoryError (rlimit), RecursionError or a sympy bug: not equivalent, reported.
+      # MemoryError (rlimit), RecursionError or a parser bug: not equivalent, reported.
       result = {"id": task["id"], "ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
     protocol.write(json.dumps(result) + "\n")
 
@@ -850,14 +709,19 @@ class GradeReport:
 
   Attributes:
     correct: per item, whether the answer is equivalent to the reference.
-    answers: per item, the extracted answer (None: the response gives no answer).
-    timed_out: per item, whether its symbolic comparison hit the time limit (counted incorrect).
+    answers: per item, the answer that was graded (None: the response gives no answer); several
+      boxes read together when the reference has several parts ("3, -5").
+    rules: per item, what decided it: "exact" (equal strings), "numeric" (plain numbers or lists
+      of them), "malformed" (the answer's braces do not pair up), "math-verify" (its verdict, in
+      a worker), "timeout" (the worker hit the time limit and was killed; incorrect), "error"
+      (the worker failed; incorrect), "no answer".
+    timed_out: per item, whether its comparison hit the time limit (counted incorrect).
     num_timeouts: items whose comparison timed out.
     num_no_answer: items without an extractable answer (counted incorrect).
     num_symbolic: distinct (answer, reference) pairs that needed a worker.
     num_errors: distinct pairs whose worker failed (crashed, out of memory; counted incorrect).
     seconds: wall time of the call.
-    workers: worker processes used (0 when every pair was decided without sympy).
+    workers: worker processes used (0 when every pair was decided in this process).
   """
   correct: tuple[bool, ...]
   answers: tuple[str | None, ...]
@@ -868,6 +732,7 @@ class GradeReport:
   num_errors: int
   seconds: float
   workers: int
+  rules: tuple[str, ...] = ()
 
   @property
   def accuracy(self) -> float:
@@ -875,13 +740,25 @@ class GradeReport:
     return sum(self.correct) / len(self.correct) if self.correct else 0.0
 
 
-class Grader:
-  """Grades answers, keeping its sympy worker processes alive between calls.
+def _has_parts(ref: str) -> bool:
+  """Whether a prepared reference lists several parts ("-5, 3", "1 \\pm \\sqrt{2}", "6 and 8")."""
+  if "\\pm" in ref or "\\mp" in ref:
+    return True
+  ref = _key(ref)
+  if ref.startswith("\\{") and ref.endswith("\\}"):  # a set: its elements are the parts
+    ref = ref[2:-2]
+  if any(len(_split_top(ref, sep)) > 1 for sep in (",", ";")):
+    return True
+  return re.search(r"(?<![\\A-Za-z])(?:and|or)(?![A-Za-z])", ref) is not None
 
-  Each symbolic comparison runs in a worker under a hard wall-clock limit; a worker that exceeds
-  it is killed (SIGKILL) and replaced, and the comparison counts as not equivalent. Workers are
-  started on first need and stopped by `close()` (or leaving a `with` block). Thread-safe: calls
-  are serialised.
+
+class Grader:
+  """Grades answers, keeping its math-verify worker processes alive between calls.
+
+  Each comparison that the cheap rules leave open runs in a worker under a hard wall-clock
+  limit; a worker that exceeds it is killed (SIGKILL) and replaced, and the comparison counts as
+  not equivalent. Workers are started on first need and stopped by `close()` (or leaving a
+  `with` block). Thread-safe: calls are serialised.
 
   Args:
     workers: maximum worker processes (default: half the usable CPUs, between 2 and 8).
@@ -918,10 +795,11 @@ class Grader:
     """Grades responses against reference answers.
 
     Args:
-      responses: model responses (answers are extracted with `extract_answer`), or already
-        extracted answers with `extract=False` (None: no answer).
+      responses: model responses (answers are extracted as `extract_answer` does, several boxes
+        read together when the reference has several parts), or already extracted answers with
+        `extract=False` (None: no answer).
       references: reference answers, one per response.
-      timeout_s: hard wall-clock limit per distinct symbolic comparison, in seconds.
+      timeout_s: hard wall-clock limit per distinct math-verify comparison, in seconds.
       extract: whether `responses` are full responses (True) or answers (False).
 
     Returns:
@@ -929,32 +807,39 @@ class Grader:
     """
     start = time.perf_counter()
     _check_grade_args(responses, references, timeout_s)
-    if extract:
-      answers = [None if r is None else extract_answer(r) for r in responses]
-    else:
-      answers = list(responses)
-    correct = [False] * len(answers)
-    timed_out = [False] * len(answers)
+    prepared_refs: dict[str, str] = {}
+    answers: list[str | None] = []
+    correct = [False] * len(responses)
+    rules = [RULE_NO_ANSWER] * len(responses)
     tasks: dict[tuple[str, str], list[int]] = {}
-    for k, (answer, ref) in enumerate(zip(answers, references)):
+    for k, (response, ref) in enumerate(zip(responses, references)):
+      if ref not in prepared_refs:
+        prepared_refs[ref] = normalize_answer(ref)
+      ref_norm = prepared_refs[ref]
+      answer = response
+      if extract and response is not None:
+        found = _extract(response)
+        answer = found.parts if found.parts and _has_parts(ref_norm) else found.answer
+      answers.append(answer)
       if answer is None:
         continue
-      pred_norm, ref_norm = normalize_answer(answer), normalize_answer(ref)
-      decided = _cheap_equal(pred_norm, ref_norm)
+      pred, ref_k = _prepare_pair(normalize_answer(answer), ref_norm)
+      decided, rule = _cheap_equal(pred, ref_k)
       if decided is None:
-        tasks.setdefault((pred_norm, ref_norm), []).append(k)
+        tasks.setdefault((pred, ref_k), []).append(k)
       else:
-        correct[k] = decided
+        correct[k], rules[k] = decided, rule
     statuses, used = self._run(list(tasks), timeout_s) if tasks else ([], 0)
     for status, items in zip(statuses, tasks.values()):
       for k in items:
         correct[k] = status == "true"
-        timed_out[k] = status == "timeout"
+        rules[k] = {"timeout": RULE_TIMEOUT, "error": RULE_ERROR}.get(status, RULE_MATH_VERIFY)
+    timed_out = tuple(r == RULE_TIMEOUT for r in rules)
     return GradeReport(
-        correct=tuple(correct), answers=tuple(answers), timed_out=tuple(timed_out),
+        correct=tuple(correct), answers=tuple(answers), timed_out=timed_out,
         num_timeouts=sum(timed_out), num_no_answer=sum(a is None for a in answers),
         num_symbolic=len(tasks), num_errors=statuses.count("error"),
-        seconds=time.perf_counter() - start, workers=used)
+        seconds=time.perf_counter() - start, workers=used, rules=tuple(rules))
 
   def _run(self, tasks: list[tuple[str, str]], timeout_s: float) -> tuple[list[str], int]:
     """Runs symbolic comparisons; statuses "true" | "false" | "timeout" | "error"."""
@@ -1015,7 +900,7 @@ class Grader:
             elif not w.ready and now > w.started + _STARTUP_TIMEOUT_S:
               raise RuntimeError(
                   f"math grading worker did not start within {_STARTUP_TIMEOUT_S:.0f} s "
-                  f"({sys.executable} importing sympy)")
+                  f"({sys.executable} importing math-verify)")
       except BaseException:
         for w in self._workers:
           w.kill()
@@ -1072,19 +957,19 @@ def grade(responses: Sequence[str | None], references: Sequence[str], *, timeout
           workers: int | None = None, extract: bool = True) -> GradeReport:
   """Grades a batch of responses against reference answers (see `Grader.grade`).
 
-  Pairs whose normalised strings or plain numbers decide the question are graded in this process;
-  the rest (deduplicated) go to fresh sympy worker processes, each comparison under a hard
+  Pairs whose prepared strings or plain numbers decide the question are graded in this process;
+  the rest (deduplicated) go to fresh math-verify worker processes, each comparison under a hard
   `timeout_s` limit, and the workers are stopped before returning. Use a `Grader` to keep them.
 
   Args:
     responses: model responses, or extracted answers with `extract=False` (None: no answer).
     references: reference answers, one per response.
-    timeout_s: hard wall-clock limit per distinct symbolic comparison, in seconds.
+    timeout_s: hard wall-clock limit per distinct math-verify comparison, in seconds.
     workers: maximum worker processes (default: half the usable CPUs, between 2 and 8).
     extract: whether `responses` are full responses (True) or answers (False).
 
   Returns:
-    A GradeReport (per-item correct / answers / timed_out, counters, wall time).
+    A GradeReport (per-item correct / answers / rules / timed_out, counters, wall time).
   """
   with Grader(workers=workers) as grader:
     return grader.grade(responses, references, timeout_s=timeout_s, extract=extract)
@@ -1093,29 +978,31 @@ def grade(responses: Sequence[str | None], references: Sequence[str], *, timeout
 def is_equivalent(prediction: str | None, reference: str, *, timeout_s: float = 5.0) -> bool:
   """Whether an answer is mathematically equivalent to the reference answer.
 
-  Rules, in order: both sides are normalised (`normalize_answer`); equal strings match. Then the
-  structure is compared: tuples and intervals are ordered and their brackets must match
-  ("[1,2)" is not "[1,2]", "(1,2)" is not "(2,1)" nor "[1,2]"); `\\{...\\}` sets and bare comma
-  lists ("1, 2") are unordered and interchangeable (a one-element set equals its element);
-  unions (`\\cup`) are unordered; matrices are compared cell by cell. Atoms: plain numbers are
-  compared as exact fractions ("1/2" = "0.5"); an integer reference needs exactly that integer
-  ("2.0" matches "2", "2.0000001" and "1.99" do not), other numbers match within relative
-  tolerance 1e-6 (so "1/3" vs "0.33" does not); two words are compared case-insensitively
-  ("Monday"); everything else is parsed into sympy (exact rationals, `e` and `i` are the
-  constants, `\\pi`, radicals, trigonometric and log functions, factorial, binomial) and
-  compared: numbers numerically with the same integer / tolerance rule, expressions with
-  symbols by proof (expand, simplify, sympy's `equals`) after a numeric spot check at three
-  points; two equations match when their (left side - right side) agree up to sign. Anything
-  sympy cannot parse (inequalities, text) matches only as an equal string.
+  Rules, in order (`GradeReport.rules` names the one that decided):
+    - both sides are prepared (`normalize_answer`: delimiters, boxes, thousands separators);
+      an answer labelled where the reference is not, or the reverse, is compared by its value
+      ("x = 5" vs "5", "(p,q)=(3,2)" vs "(3,2)", "AB=4, CD=5" vs "4, 5"; "7 = 11a+c" is an
+      equation and keeps both sides);
+    - "exact": equal strings up to whitespace, `\\left`/`\\right` and spacing macros;
+    - "numeric": two plain numbers (integers, decimals, fractions, `\\frac{a}{b}`, scientific
+      notation, mixed numbers) are compared as exact fractions; an integer reference needs
+      exactly that integer ("2.0" is 2, "2.0000001" is not), other numbers match within relative
+      tolerance 1e-6 ("1/3" vs "0.33" does not); "1,22" is 1.22 only against that decimal;
+    - "math-verify": everything else is math-verify's `verify(parse(reference),
+      parse(answer))` on the prepared strings, in a worker process: numbers (rounded to 6
+      decimals), expressions (symbolic equality), sets (unordered; "1, 2" is a set, duplicates
+      merge), tuples and intervals (ordered), matrices, equations and inequalities as relations
+      ("5 \\geq x" is "x \\leq 5", a chain "x = 5+5+1 = 11" is its last side, "\\pm a" is
+      {-a, a}), units, `\\text{}`, percent and degrees.
+  A comparison that exceeds `timeout_s` is killed and is not equivalent ("timeout").
 
-  The sympy step runs in a persistent helper process (started on first need, about a second;
-  shared by all calls) that is killed and replaced when one comparison exceeds `timeout_s`; a
-  timed-out comparison is not equivalent.
+  The worker is a persistent helper process (started on first need, about two seconds; shared
+  by all calls), replaced after a timeout.
 
   Args:
     prediction: the extracted answer (a `\\boxed{}` wrapper is removed); None is not equivalent.
     reference: the reference answer.
-    timeout_s: hard wall-clock limit for the sympy step, in seconds.
+    timeout_s: hard wall-clock limit for the math-verify step, in seconds.
 
   Returns:
     True when equivalent.
@@ -1128,9 +1015,12 @@ def is_equivalent(prediction: str | None, reference: str, *, timeout_s: float = 
 
 def crosscheck_math_verify(predictions: Sequence[str], references: Sequence[str], *,
                            ours: Sequence[bool] | None = None) -> float | None:
-  """Agreement rate between this grader and Hugging Face's math-verify (a cross-check only).
+  """Agreement rate between this grader and Hugging Face's math-verify used end to end.
 
-  math-verify runs in this process with its own (signal-based, main-thread-only) time limits.
+  The comparison inside `grade` is math-verify's already; here math-verify also extracts the
+  answer from the whole response with its own (lenient) rules, so the figure measures mostly
+  where the two extractions differ. math-verify runs in this process with its own
+  (signal-based, main-thread-only) time limits.
 
   Args:
     predictions: model responses (as for `grade` with extract=True).
@@ -1141,14 +1031,14 @@ def crosscheck_math_verify(predictions: Sequence[str], references: Sequence[str]
     The fraction of items on which both graders agree; None for empty inputs.
 
   Raises:
-    ImportError: math-verify is not installed (`pip install -e '.[mathverify]'`).
+    ImportError: math-verify is missing (it is a core dependency: reinstall the package).
   """
   try:
     import math_verify  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(
-        "crosscheck_math_verify needs Hugging Face's math-verify, which is not installed; "
-        "install the mathverify extra: pip install -e '.[mathverify]'") from e
+        "crosscheck_math_verify needs Hugging Face's math-verify, which is not installed; it is "
+        "a core dependency of opd_jax: reinstall the package (pip install -e .)") from e
   _check_grade_args(predictions, references, 1.0)
   if not predictions:
     return None
