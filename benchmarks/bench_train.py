@@ -6,11 +6,11 @@ iteration 8 prompts x 4 rollouts = 32, prompt 64 tokens, exactly 128 new tokens 
 like TRL's min_new_tokens), top-k 50 + top-p 0.9 at temperature 1, one optimizer update
 (opt.minibatch_size = 32).
 
-Our side runs the trainer's own compiled phases in the order of `opd_jax.train.run`'s loop body,
-on a one-device mesh: `sampling.sample` (rollout) -> `steps.score` (teacher scoring) ->
-`steps.make_update` (the update, state donated), with the settings, models and state built the
-trainer's way (`TrainSettings.from_config` of `configs.opd()`, `train.load_model`,
-`steps.init_state` in `steps.train_state_shardings`); the split rollout / scoring / update is
+Our side runs the trainer's own compiled programs (`opd_jax.programs.build`) in the order of
+`opd_jax.train.run`'s loop, on a one-device mesh: `Programs.rollout` -> `Programs.score` (teacher
+scoring) -> `Programs.update` (the state donated), with the settings, models and state built the
+trainer's way (`TrainSettings.from_config` of `configs.opd()`, `programs.load_model`,
+`Programs.init_state`); the split rollout / scoring / update is
 timed at the same points as the trainer's time/* metrics. The splits of the two sides hold
 different work: our scoring also runs the student (its log-probs before the update and the
 top-K diagnostics), and our update ends with one more student forward (the policy/kl_before_after
@@ -55,7 +55,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trl_peer  # noqa: E402  (the shape, the random models and the prompts TRL sees)
 
-from opd_jax import configs, masking, sampling, sharding, steps, train  # noqa: E402
+from opd_jax import configs, masking, programs, sampling, sharding  # noqa: E402
 from opd_jax.settings import TrainSettings  # noqa: E402
 
 ESTIMATORS = ("lsm", "full_rkl")     # the first is the headline
@@ -92,17 +92,11 @@ class OurTrainer:
   def __init__(self, s: TrainSettings, mesh, prompt_ids: np.ndarray):
     self.s, self.mesh = s, mesh
     vocab = trl_peer.qwen2_20m_config().vocab_size
-    self.config = train.model_config_of(s.model, vocab)
-    teacher = train.load_model(s.tasks[0].teacher, vocab, seed=1, mesh=mesh)
+    self.p = programs.build(s, programs.model_config_of(s.model, vocab), vocab, mesh)
+    teacher = programs.load_model(s.tasks[0].teacher, vocab, seed=1, mesh=mesh)
     self.teacher_def, self.teacher_params = nnx.split(teacher)
-    student = train.load_model(s.model, vocab, seed=0, mesh=mesh)
-    total_updates = s.steps * s.minibatches
-    shard = steps.train_state_shardings(self.config, s.opt, total_updates, mesh)
-    self.state = steps.init_state(nnx.split(student)[1], s.opt, total_updates, shard)
-    self.graphdef, _ = steps.split_abstract(self.config)
-    self.shapes = steps.Shapes(vocab=vocab, k=max(s.loss.k, steps.MIN_TEACHER_TOPK), mesh=mesh)
-    self.update = steps.make_update(self.config, s.loss, s.opt, self.shapes, s.minibatches,
-                                    total_updates)
+    student = programs.load_model(s.model, vocab, seed=0, mesh=mesh)
+    self.state = self.p.init_state(nnx.split(student)[1])
     # All prompts are 64 tokens, a bucket length: left-padding to sampling.bucket_length adds none.
     p_len = sampling.bucket_length(prompt_ids.shape[1])
     if p_len != prompt_ids.shape[1]:
@@ -113,7 +107,7 @@ class OurTrainer:
     self.losses: list[float] = []
 
   def _rows(self, *xs):
-    # train._global_rows on one process: the rows split over the mesh's batch axes.
+    # tasks.global_rows on one process: the rows split over the mesh's batch axes.
     return [jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)) for x in xs]
 
   def iteration(self) -> dict[str, float]:
@@ -123,11 +117,7 @@ class OurTrainer:
     key = jax.random.fold_in(self.root, self.step)
     prompt_np, mask_np = self.prompt_np, np.ones(self.prompt_np.shape, bool)
     prompt, prompt_mask = self._rows(prompt_np, mask_np)
-    rollout = sampling.sample(
-        nnx.merge(self.graphdef, self.state.params), prompt, prompt_mask,
-        jax.random.fold_in(key, 0), max_new_tokens=s.rollout.max_new_tokens,
-        temperature=s.rollout.temperature, top_p=s.rollout.top_p, top_k=s.rollout.top_k,
-        banned_token_ids=(), stop_token_ids=(), num_samples=g, mesh=self.mesh)
+    rollout = self.p.rollout(self.state.params, prompt, prompt_mask, jax.random.fold_in(key, 0))
     t_prompt, t_prompt_mask = (np.repeat(x, g, axis=0) for x in (prompt_np, mask_np))
     prompt, prompt_mask = (jnp.repeat(x, g, axis=0) for x in (prompt, prompt_mask))
     response, response_mask = rollout.tokens, rollout.mask
@@ -138,18 +128,16 @@ class OurTrainer:
     loss_mask = masking.special_token_mask(response, (), response_mask)
     batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": response,
              "response_mask": response_mask, "loss_mask": loss_mask}
-    scores, score_metrics = steps.score(
-        self.graphdef, self.state.params, self.teacher_def, self.teacher_params,
+    scores, score_metrics = self.p.score(
+        self.state.params, self.teacher_def, self.teacher_params,
         batch | {"teacher_prompt": t_prompt, "teacher_prompt_mask": t_prompt_mask,
-                 "policy_logprobs": rollout.policy_logprobs},
-        shapes=self.shapes, estimator=s.loss.estimator)
+                 "policy_logprobs": rollout.policy_logprobs})
     jax.device_get(score_metrics)
     jax.block_until_ready(scores)
     t2, c2 = time.perf_counter(), time.process_time()
 
-    ubatch = {k: batch[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
-    ubatch |= train._update_inputs(s.loss.estimator, scores)
-    self.state, update_metrics = self.update(self.state, ubatch, key)
+    self.state, update_metrics = self.p.update(self.state, self.p.update_inputs(batch, scores),
+                                               key)
     values = jax.device_get(update_metrics)
     t3, c3 = time.perf_counter(), time.process_time()
     self.step += 1

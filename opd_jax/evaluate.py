@@ -555,8 +555,7 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
   """
   # pylint: disable=import-outside-toplevel
   from opd_jax import checkpoint as ckpt_lib
-  from opd_jax import steps
-  from opd_jax import train as trainer
+  from opd_jax import programs, steps
   from opd_jax.settings import ModelSource, TrainSettings
   folder = pathlib.Path(checkpoint)
   if not folder.is_dir():
@@ -574,19 +573,20 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
     model, _ = models.load_hf_checkpoint(folder, dtype=jnp.dtype(source.dtype), mesh=mesh)
     model = models.decoder.with_config(model, source.apply_runtime(model.config))
     return model, tok, 0, folder.name
-  ckdir, _ = ckpt_lib.locate(folder, name="--checkpoint")
+  try:
+    ckdir, _ = ckpt_lib.locate(folder, name="--checkpoint")
+  except ValueError as e:
+    raise ValueError(f"--checkpoint={str(checkpoint)!r} is neither a Hugging Face folder "
+                     f"(config.json + *.safetensors) nor a trainer run ({e})") from e
   run = config.copy_and_resolve_references()
   if not run.workdir:
     run.workdir = str(ckdir.parent)
   s = TrainSettings.from_config(run)
-  student_config = trainer.model_config_of(s.model, len(tok))
-  total_updates = s.steps * s.minibatches
-  shard = steps.train_state_shardings(student_config, s.opt, total_updates, mesh)
-  graphdef, params_abstract = steps.split_abstract(student_config)
-  abstract = jax.tree.map(
-      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-      steps.abstract_state(params_abstract, s.opt, total_updates), shard)
-  state, _, chosen = ckpt_lib.restore(folder, abstract, step=step, name="--checkpoint")
+  student_config = programs.model_config_of(s.model, len(tok))
+  p = programs.build(s, student_config, len(tok), mesh)
+  state, _, chosen = ckpt_lib.restore(folder, p.abstract_state, step=step, name="--checkpoint")
+  # The parameters as stored (their own dtype), as a checkpoint's user would read them.
+  graphdef, _ = steps.split_abstract(student_config)
   return nnx.merge(graphdef, state.params), tok, chosen, ckdir.parent.name
 
 

@@ -17,7 +17,6 @@ The trainer runs the same plan on its real mesh at start-up (`mesh.accelerator`,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -203,111 +202,82 @@ def abstract_model(config, mesh):
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
 
-def plan_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int, mesh, *,
+def plan_run(p, teachers: Sequence[tuple[Any, Any]], *,
              log: Callable[[str], None] | None = None) -> dict[str, Phase]:
   """Compiles the trainer's programs for abstract inputs and reads their memory and FLOPs.
 
   Args:
-    s: the run's `settings.TrainSettings` (batch shapes, loss, optimizer, precision).
-    student_config: the student's ModelConfig in its parameters' dtype.
+    p: the run's `programs.Programs` (the very programs the trainer runs).
     teachers: one (graphdef, parameters) per task; the parameters may be arrays or
       ShapeDtypeStructs with shardings (only shapes, dtypes and shardings are read).
-    vocab: the vocabulary shared by student and teachers.
-    mesh: the (data, fsdp, tensor) mesh the programs are compiled for.
     log: where to say each phase's total as soon as it is compiled (None: nowhere).
 
   Returns:
-    {phase: Phase} for "rollout", "scoring" and "update" ("update" alone for the sft estimator).
+    {phase: Phase} for "rollout", "scoring" and "update" ("update" alone for an estimator that
+    trains on reference responses).
   """
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
-  from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec
 
   from opd_jax import sampling, sharding, steps
-  from opd_jax import train as trainer
-  precision = s.model.precision
-  total_updates = s.steps * s.minibatches
-  shapes = steps.Shapes(vocab=vocab, k=max(s.loss.k, steps.MIN_TEACHER_TOPK), mesh=mesh)
+  s, mesh = p.settings, p.mesh
   rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
-  rep = sharding.replicated(mesh)
 
   def arr(shape, dtype, where=rows):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=where)
 
-  teachers = [(d, jax.tree.map(lambda x: arr(x.shape, x.dtype, x.sharding), p))
-              for d, p in teachers]
-  _, param_tree = abstract_model(student_config, mesh)
-  shard = steps.train_state_shardings(student_config, s.opt, total_updates, mesh)
-  state = jax.tree.map(lambda a, sh: arr(a.shape, a.dtype, sh),
-                       steps.abstract_state(param_tree, s.opt, total_updates), shard)
-  cdef, compute = abstract_model(steps.compute_config(student_config, precision), mesh)
+  teachers = [(d, jax.tree.map(lambda x: arr(x.shape, x.dtype, x.sharding), pr))
+              for d, pr in teachers]
+  state = p.abstract_state
+  compute = abstract_model(steps.compute_config(p.student_config, s.model.precision), mesh)[1]
   # Without a mixed policy the sampler and the scoring run on the state's own parameters.
   state_left = [("train state (parameters and AdamW moments)", tree_bytes(state))
-                if precision.mixed else ("train state (AdamW moments)",
-                                         tree_bytes(state) - tree_bytes(state.params))]
-  teacher_bytes = [(f"teacher {i} parameters", tree_bytes(p)) for i, (_, p) in enumerate(teachers)]
-  n_rows, n_prompts = s.rollouts_per_step, s.prompts_per_step
-  p_len = sampling.bucket_length(s.max_prompt_len)
-  n_new = s.rollout.max_new_tokens
+                if s.model.precision.mixed else ("train state (AdamW moments)",
+                                                 tree_bytes(state) - tree_bytes(state.params))]
+  teacher_bytes = [(f"teacher {i} parameters", tree_bytes(t)) for i, (_, t) in enumerate(teachers)]
+  n_rows, p_len, n_new = s.rollouts_per_step, sampling.bucket_length(s.max_prompt_len), \
+      s.rollout.max_new_tokens
   key = jax.eval_shape(lambda: jax.random.key(0))
-  key = arr(key.shape, key.dtype, rep)
+  key = arr(key.shape, key.dtype, sharding.replicated(mesh))
+  tokens = {"prompt": arr((n_rows, p_len), jnp.int32), "prompt_mask": arr((n_rows, p_len), bool),
+            "response": arr((n_rows, n_new), jnp.int32),
+            "response_mask": arr((n_rows, n_new), bool), "loss_mask": arr((n_rows, n_new), bool)}
   phases: dict[str, Phase] = {}
 
   def done(name: str, phase: Phase) -> Phase:
     if log is not None:
       log(f"{name}: {_size(phase.total).strip()} per device, compiled in {phase.compile_s:.1f} s")
+    phases[name] = phase
     return phase
 
-  if s.loss.estimator != "sft":
-    r = s.rollout
-    banned = tuple(range(vocab, student_config.vocab_size))
-
-    def rollout(params, prompts, prompt_mask, rng):
-      return sampling.sample(nnx.merge(cdef, params), prompts, prompt_mask, rng,
-                             max_new_tokens=n_new, temperature=r.temperature, top_p=r.top_p,
-                             top_k=r.top_k, banned_token_ids=banned, num_samples=r.num_samples,
-                             mesh=mesh)
-
-    prompt_args = [arr((n_prompts, p_len), jnp.int32), arr((n_prompts, p_len), bool)]
-    phases["rollout"] = done("rollout", _compile(
-        jax.jit(rollout), [compute] + prompt_args + [key], state_left + teacher_bytes,
-        _named_leaves(compute, "arg student/")))
-
-    batch = {"prompt": arr((n_rows, p_len), jnp.int32), "prompt_mask": arr((n_rows, p_len), bool),
-             "teacher_prompt": arr((n_rows, p_len), jnp.int32),
-             "teacher_prompt_mask": arr((n_rows, p_len), bool),
-             "response": arr((n_rows, n_new), jnp.int32),
-             "response_mask": arr((n_rows, n_new), bool), "loss_mask": arr((n_rows, n_new), bool),
-             "policy_logprobs": arr((n_rows, n_new), jnp.float32)}
-    worst, scores = None, None
+  scores = {}
+  if p.estimator.samples:
+    prompt_args = [arr((s.prompts_per_step, p_len), jnp.int32),
+                   arr((s.prompts_per_step, p_len), bool)]
+    done("rollout", _compile(jax.jit(p.rollout), [compute] + prompt_args + [key],
+                             state_left + teacher_bytes, _named_leaves(compute, "arg student/")))
+    batch = tokens | {"teacher_prompt": arr((n_rows, p_len), jnp.int32),
+                      "teacher_prompt_mask": arr((n_rows, p_len), bool),
+                      "policy_logprobs": arr((n_rows, n_new), jnp.float32)}
+    worst = None
+    score = jax.jit(p.score, static_argnums=(1,))
     for i, (tdef, tparams) in enumerate(teachers):
       if any(tdef == d for d, _ in teachers[:i]):
         continue     # the same architecture and dtype compiles to the same program
-      score = functools.partial(steps.score, shapes=shapes, estimator=s.loss.estimator,
-                                minibatches=s.score_parts)
-      score = jax.jit(score, static_argnums=(0, 2))
-      others = teacher_bytes[:i] + teacher_bytes[i + 1:]
-      phase = _compile(
-          score, [cdef, compute, tdef, tparams, batch], state_left + others,
-          _named_leaves(compute, "arg student/") + _named_leaves(tparams, "arg teacher/"))
+      phase = _compile(score, [compute, tdef, tparams, batch],
+                       state_left + teacher_bytes[:i] + teacher_bytes[i + 1:],
+                       _named_leaves(compute, "arg student/") + _named_leaves(tparams,
+                                                                              "arg teacher/"))
       if worst is None or phase.total > worst.total:
         worst = phase
-        scores = jax.eval_shape(lambda *a, tdef=tdef, score=score: score(
-            cdef, a[0], tdef, a[1], a[2])[0], compute, tparams, batch)
-    phases["scoring"] = done("scoring", worst)
-    ubatch = trainer._update_inputs(s.loss.estimator, scores)  # pylint: disable=protected-access
-    ubatch = {k: arr(v.shape, v.dtype) for k, v in ubatch.items()}
-  else:
-    ubatch = {}
-  ubatch |= {"prompt": arr((n_rows, p_len), jnp.int32), "prompt_mask": arr((n_rows, p_len), bool),
-             "response": arr((n_rows, n_new), jnp.int32),
-             "loss_mask": arr((n_rows, n_new), bool)}
-  update = steps.make_update(student_config, s.loss, s.opt, shapes, s.minibatches, total_updates,
-                             precision)
-  phases["update"] = done("update", _compile(
-      update, [state, ubatch, key], teacher_bytes,
+        scores = jax.eval_shape(lambda *a, tdef=tdef: p.score(a[0], tdef, a[1], a[2])[0],
+                                compute, tparams, batch)
+    done("scoring", worst)
+  ubatch = {k: arr(v.shape, v.dtype) for k, v in p.update_inputs(tokens, scores).items()}
+  done("update", _compile(
+      p.update, [state, ubatch, key], teacher_bytes,
       _named_leaves(state.params, "arg params/") + _named_leaves(state.opt_state,
                                                                  "arg opt_state/")))
   return phases
@@ -367,16 +337,17 @@ def largest_buffers(name: str, phase: Phase) -> str:
                    [f"  {_size(size)}  {what}" for what, size in phase.largest])
 
 
-def check_run(s, student_config, teachers: Sequence[tuple[Any, Any]], vocab: int, mesh, *,
+def check_run(p, teachers: Sequence[tuple[Any, Any]], *,
               log: Callable[[str], None] = print) -> dict[str, Phase]:
-  """The trainer's start-up check: plans the run on its mesh against `s.accelerator`.
+  """The trainer's start-up check: plans the run's programs `p` against its accelerator.
 
   Returns:
     The phases. Raises DoesNotFit (with the report) when a phase exceeds the accelerator.
   """
   from opd_jax import settings  # pylint: disable=import-outside-toplevel
+  s, mesh = p.settings, p.mesh
   budget = settings.memory_budget(s.accelerator, "mesh.accelerator")
-  phases = plan_run(s, student_config, teachers, vocab, mesh)
+  phases = plan_run(p, teachers)
   text = table(phases) + "\n" + verdict(phases, budget, s.accelerator)
   if not fits(phases, budget):
     raise DoesNotFit(f"config.mesh.accelerator={s.accelerator!r}: this run cannot fit "
@@ -401,15 +372,14 @@ def architecture(source, plan_arch: str, field: str, vocab: int | None):
     vocab: the vocabulary a random shape with vocab_size 0 takes (None: none known).
   """
   # pylint: disable=import-outside-toplevel
-  from opd_jax import models
-  from opd_jax import train as trainer
+  from opd_jax import models, programs
   dtype = source.precision.param_dtype
   if source.path or not plan_arch:
     if not source.path and not dict(source.random)["vocab_size"] and not vocab:
       raise ValueError(f"config.{field}: a random shape with vocab_size=0 takes the tokenizer's "
                        f"size, which the plan does not read; set config.{field}.random."
                        f"vocab_size or config.{field}.plan_arch")
-    return trainer.model_config_of(source, vocab or 0)
+    return programs.model_config_of(source, vocab or 0)
   if plan_arch.lower() in ARCHITECTURES:
     hf = ARCHITECTURES[plan_arch.lower()]
   else:
@@ -449,7 +419,9 @@ def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phas
       f"{s.rollouts_per_step} rollouts; prompt {s.max_prompt_len}, response "
       f"{s.rollout.max_new_tokens}; mini-batch {s.opt.minibatch_size}; estimator "
       f"{s.loss.estimator}, K {s.loss.k}")
-  return plan_run(s, student, [abstract_model(t, mesh) for t in teachers], vocab, mesh, log=log)
+  from opd_jax import programs
+  return plan_run(programs.build(s, student, vocab, mesh),
+                  [abstract_model(t, mesh) for t in teachers], log=log)
 
 
 def _describe(config, precision) -> str:

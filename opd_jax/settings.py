@@ -9,10 +9,9 @@ from typing import Any
 
 import ml_collections
 
-from opd_jax import configs
+from opd_jax import configs, estimators
 from opd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelConfig
 
-ESTIMATORS = ("lsm", "sampled_token", "full_rkl", "sft")
 LSM_SUPPORTS = ("teacher", "teacher+sampled")
 TAILS = ("none", "ema_pg")
 SCHEDULES = ("constant", "cosine")
@@ -315,8 +314,8 @@ class TrainSettings:
       _fail("rollout.top_k", r["top_k"], "accepted: an int >= 0 (0 = off)")
     if not 0.0 <= data["retokenize_max_fraction"] <= 1.0:
       _fail("data.retokenize_max_fraction", data["retokenize_max_fraction"], "accepted: [0, 1]")
-    if lo["estimator"] not in ESTIMATORS:
-      _fail("loss.estimator", lo["estimator"], f"accepted: {', '.join(ESTIMATORS)}")
+    if lo["estimator"] not in estimators.names():
+      _fail("loss.estimator", lo["estimator"], f"accepted: {', '.join(estimators.names())}")
     _positive(lo, "k", "loss.")
     if lo["support"] not in LSM_SUPPORTS:
       _fail("loss.support", lo["support"], f"accepted by the fused trainer loss: "

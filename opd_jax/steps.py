@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from opd_jax import losses, models, sharding, topk
+from opd_jax import estimators, models, sharding, topk
 from opd_jax.settings import LossSettings, OptSettings, Precision
 
 Array = jax.Array
@@ -137,7 +137,7 @@ def _join_rows(x: Array) -> Array:
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _score_rows(student, teacher, batch: dict, shapes: Shapes, estimator: str) -> dict:
+def _score_rows(student, teacher, batch: dict, shapes: Shapes, full_logits: bool) -> dict:
   """Per-token scores of some rows: both models' top-k statistics, never [R, N, V]."""
   batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
   resp, rmask = batch["response"], batch["response_mask"]
@@ -150,15 +150,15 @@ def _score_rows(student, teacher, batch: dict, shapes: Shapes, estimator: str) -
             "teacher_logprobs": jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0),
             "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
             "t_sampled": t.sampled_logits, "s_indices": s.indices}
-  if estimator == "full_rkl":
+  if full_logits:
     scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
   return scores
 
 
 @functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "shapes",
-                                             "estimator", "minibatches"))
+                                             "full_logits", "minibatches"))
 def score(student_def, student_params, teacher_def, teacher_params, batch: dict, *,
-          shapes: Shapes, estimator: str, minibatches: int = 1) -> tuple[dict, dict]:
+          shapes: Shapes, full_logits: bool = False, minibatches: int = 1) -> tuple[dict, dict]:
   """Teacher scoring of a rollout batch, plus the student's own log-probs before the update.
 
   Args:
@@ -170,7 +170,8 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
       sampled_mask [R, N], the tokens the sampler drew (default response_mask; an environment
       episode's observation tokens are real response tokens the sampler did not draw).
     shapes: static vocabulary, top-k and mesh.
-    estimator: the loss that will consume the scores.
+    full_logits: also return the teacher's [R, N, V] logits ("teacher_logits"; only for an
+      estimator that reads them, `Estimator.full_teacher_logits`).
     minibatches: score the rows in this many strided parts, one after the other (a divisor of
       R; the update's mini-batches), so that activations of R / minibatches rows are live at a
       time. The scores do not depend on it.
@@ -182,19 +183,19 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
   """
   with sharding.traced_under(shapes.mesh):
     return _score(nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params),
-                  batch, shapes, estimator, minibatches)
+                  batch, shapes, full_logits, minibatches)
 
 
-def _score(student, teacher, batch: dict, shapes: Shapes, estimator: str, minibatches: int
+def _score(student, teacher, batch: dict, shapes: Shapes, full_logits: bool, minibatches: int
            ) -> tuple[dict, dict]:
   resp = batch["response"]
   rmask, lmask = batch["response_mask"], batch["loss_mask"]
   rows = {k: batch[k] for k in ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask",
                                 "response", "response_mask")}
   if minibatches == 1:
-    scores = _score_rows(student, teacher, rows, shapes, estimator)
+    scores = _score_rows(student, teacher, rows, shapes, full_logits)
   else:
-    per_part = jax.lax.map(lambda mb: _score_rows(student, teacher, mb, shapes, estimator),
+    per_part = jax.lax.map(lambda mb: _score_rows(student, teacher, mb, shapes, full_logits),
                            jax.tree.map(lambda x: _split_rows(x, minibatches), rows))
     scores = jax.tree.map(lambda x: _constrain_rows(_join_rows(x), shapes.mesh), per_part)
   s_indices = scores.pop("s_indices")
@@ -221,44 +222,92 @@ def _score(student, teacher, batch: dict, shapes: Shapes, estimator: str, miniba
 # ----------------------------------------------------------------------------------------------
 
 
-def _loss(model, mb: dict, loss: LossSettings, shapes: Shapes) -> tuple[Array, dict]:
-  """The configured estimator on one mini-batch; returns (loss, scalar diagnostics)."""
-  resp, mask = mb["response"], mb["loss_mask"]
-  hidden = _response_hidden(model, mb["prompt"], mb["prompt_mask"], resp)
-  if loss.estimator == "lsm":
-    k = loss.k
-    teacher = topk.TopK(mb["t_indices"][..., :k], mb["t_logits"][..., :k], mb["t_lse"],
-                        mb["t_sampled"])
-    value, aux = topk.topk_reverse_kl_from_hidden(
-        hidden, models.unembedding(model)[:, :shapes.vocab], teacher, mask,
-        support=loss.support, renormalize=loss.renormalize, tail=loss.tail,
-        sampled_tokens=resp, behavior_logprobs=mb["behavior_logprobs"],
-        tail_weight_clip=loss.tail_weight_clip, chunk_tokens=loss.chunk_tokens,
-        chunk_vocab=loss.chunk_vocab, mesh=shapes.mesh)
-    aux = dict(aux)
-    aux["policy/entropy"] = aux.pop("kl/student_entropy")
-    return value, aux
-  # The other estimators need the student's log-softmax over the vocabulary: [m, N, V] float32
-  # logits for one mini-batch.
-  logits = models.logits_from_hidden(model, hidden)[..., :shapes.vocab]
-  logp_all = jax.nn.log_softmax(logits, axis=-1)
-  entropy = _token_mean(-jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1),
-                        mask)
-  if loss.estimator == "sampled_token":
-    logp = losses.token_logprobs(logits, resp)
-    value, aux = losses.sampled_token_opd(
-        logp, mb["teacher_logprobs"], mask, gamma=loss.gamma,
-        behavior_logprobs=mb["behavior_logprobs"], ppo_clip=loss.ppo_clip,
-        advantage_clip=loss.advantage_clip)
-  elif loss.estimator == "full_rkl":
-    value, aux = losses.full_reverse_kl(logits, mb["teacher_logits"], mask)
-    aux = {k: v for k, v in aux.items() if k != "kl/student_entropy"}
-  else:  # sft: cross-entropy on the reference response
-    nll = -losses.token_logprobs(logits, resp)
-    value, aux = _token_mean(nll, mask), {}
-  aux = dict(aux)
-  aux["policy/entropy"] = jax.lax.stop_gradient(entropy)
-  return value, aux
+@dataclasses.dataclass(frozen=True)
+class _Update:
+  """The update's pieces: the estimator's loss on a (micro-)batch, its gradient accumulated
+  over micro-batches, one AdamW step per mini-batch, and the KL to the sampling policy."""
+  estimator: estimators.Estimator
+  loss: LossSettings
+  shapes: Shapes
+  graphdef: Any
+  cast_to: str | None
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  minibatches: int
+  micro: int
+
+  def model(self, params: PyTree):
+    return nnx.merge(self.graphdef, cast_params(params, self.cast_to))
+
+  def constrain(self, tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: _constrain_rows(x, self.shapes.mesh), tree)
+
+  def loss_fn(self, params: PyTree, mb: dict) -> tuple[Array, dict]:
+    model = self.model(params)
+    hidden = _response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"])
+    return self.estimator.loss(model, hidden, mb, self.loss, self.shapes.vocab, self.shapes.mesh)
+
+  def grads(self, params: PyTree, mb: dict):
+    """((loss, aux), grads) of a mini-batch's token-mean loss, one micro-batch at a time."""
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    if self.micro == 1:
+      return grad_fn(params, mb)
+    parts = jax.tree.map(lambda x: _split_rows(x, self.micro), mb)
+    total = jnp.maximum(jnp.sum(mb["loss_mask"]), 1).astype(jnp.float32)
+
+    def add(acc, part):
+      (value_sum, aux_sum), grad_sum = acc
+      (value, aux), grads = grad_fn(params, self.constrain(part))
+      share = jnp.sum(part["loss_mask"]).astype(jnp.float32) / total
+      # Token counts add up; every other diagnostic is a token mean, weighted like the loss.
+      aux_sum = {k: aux_sum[k] + (v if k.endswith("/num_tokens") else share * v)
+                 for k, v in aux.items()}
+      grad_sum = jax.tree.map(lambda a, g: a + share * g, grad_sum, grads)
+      return ((value_sum + share * value, aux_sum), grad_sum), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], parts)))
+    return jax.lax.scan(add, zeros, parts)[0]
+
+  def step(self, carry, mb: dict):
+    """One AdamW step on one mini-batch (a lax.scan body); `carry` ends with the step count
+    of the iteration's first mini-batch plus this one's index."""
+    params, opt_state, j = carry
+    (value, aux), grads = self.grads(params, self.constrain(mb))
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    out = {"loss": value, "opt/grad_norm": optax.tree.norm(grads), "opt/lr": self.schedule(j),
+           **aux}
+    return (params, opt_state, j + 1), out
+
+  def kl_before_after(self, params: PyTree, batch: dict) -> Array:
+    """k1 estimate of KL(π_old ‖ π_new) on the batch's own tokens (rollouts of π_old)."""
+    new = self.model(params)
+
+    def new_logprobs(mb):
+      mb = self.constrain(mb)
+      hidden = _response_hidden(new, mb["prompt"], mb["prompt_mask"], mb["response"])
+      stats = _stats(new, hidden, mb["response"], self.shapes, 1)
+      return stats.sampled_logits - stats.logsumexp
+
+    # One micro-batch at a time, like the steps: a pass over the whole batch would hold
+    # `minibatches * micro` times the activations of a forward pass.
+    parts = jax.tree.map(lambda x: _split_rows(x, self.minibatches * self.micro), batch)
+    new_lp = jax.lax.map(new_logprobs, {k: parts[k] for k in ("prompt", "prompt_mask",
+                                                              "response")})
+    return _token_mean(parts["behavior_logprobs"] - new_lp, parts["loss_mask"])
+
+  def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    batch = self.constrain(batch)
+    mbs = jax.tree.map(lambda x: _split_rows(x, self.minibatches), batch)
+    first = state.step * self.minibatches
+    (params, opt_state, _), per_mb = jax.lax.scan(
+        self.step, (state.params, state.opt_state, first.astype(jnp.int32)), mbs)
+    metrics = jax.tree.map(jnp.mean, per_mb)
+    metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
+    if self.estimator.samples:   # the KL to the policy that sampled the rollouts
+      metrics["policy/kl_before_after"] = self.kl_before_after(params, batch)
+    return TrainState(params, opt_state, state.step + 1), metrics
 
 
 @functools.lru_cache(maxsize=16)
@@ -281,78 +330,19 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   live at a time; diagnostics are weighted the same way (token counts are summed). Metrics
   are means over the mini-batches, plus the KL between the policy before and after the update,
   estimated on the batch's own tokens (k1: E[log π_old − log π_new] over rollouts of π_old).
-  The state is donated; with a mesh, state and batch keep explicit shardings.
+  The state is donated; with a mesh, state and batch keep explicit shardings. The key is part
+  of the update's signature (a stochastic loss would draw from it); no estimator uses it today.
   """
   tx, schedule = make_optimizer(opt, total_updates)
-  micro = opt.microbatches
   graphdef, _ = split_abstract(compute_config(config, precision))
-  cast_to = precision.compute_dtype if precision is not None and precision.mixed else None
+  program = _Update(estimators.get(loss.estimator), loss, shapes, graphdef,
+                    precision.compute_dtype if precision is not None and precision.mixed
+                    else None, tx, schedule, minibatches, opt.microbatches)
 
   def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
+    del key
     with sharding.traced_under(shapes.mesh):
-      return update_rows(state, batch, key)
-
-  def update_rows(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
-    del key  # no randomness in today's update; the key is part of the update's signature
-    batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
-    mbs = jax.tree.map(lambda x: _split_rows(x, minibatches), batch)
-
-    def loss_fn(params, mb):
-      return _loss(nnx.merge(graphdef, cast_params(params, cast_to)), mb, loss, shapes)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def accumulated(params, mb):
-      """value_and_grad of the mini-batch's token-mean loss, one micro-batch at a time."""
-      parts = jax.tree.map(lambda x: _split_rows(x, micro), mb)
-      total = jnp.maximum(jnp.sum(mb["loss_mask"]), 1).astype(jnp.float32)
-
-      def add(acc, part):
-        (value_sum, aux_sum), grad_sum = acc
-        part = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), part)
-        (value, aux), grads = grad_fn(params, part)
-        share = jnp.sum(part["loss_mask"]).astype(jnp.float32) / total
-        # Token counts add up; every other diagnostic is a token mean, weighted like the loss.
-        aux_sum = {k: aux_sum[k] + (v if k.endswith("/num_tokens") else share * v)
-                   for k, v in aux.items()}
-        grad_sum = jax.tree.map(lambda a, g: a + share * g, grad_sum, grads)
-        return ((value_sum + share * value, aux_sum), grad_sum), None
-
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                           jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], parts)))
-      return jax.lax.scan(add, zeros, parts)[0]
-
-    def step(carry, mb):
-      params, opt_state, j = carry
-      mb = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), mb)
-      (value, aux), grads = (grad_fn if micro == 1 else accumulated)(params, mb)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      out = {"loss": value, "opt/grad_norm": optax.tree.norm(grads),
-             "opt/lr": schedule(state.step * minibatches + j), **aux}
-      return (params, opt_state, j + 1), out
-
-    (params, opt_state, _), per_mb = jax.lax.scan(
-        step, (state.params, state.opt_state, jnp.zeros((), jnp.int32)), mbs)
-    metrics = jax.tree.map(jnp.mean, per_mb)
-    metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
-    if loss.estimator != "sft":
-      new = nnx.merge(graphdef, cast_params(params, cast_to))
-
-      def new_logprobs(mb):
-        mb = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), mb)
-        hidden = _response_hidden(new, mb["prompt"], mb["prompt_mask"], mb["response"])
-        stats = _stats(new, hidden, mb["response"], shapes, 1)
-        return stats.sampled_logits - stats.logsumexp
-
-      # One micro-batch at a time, like the steps: a pass over the whole batch would hold
-      # `minibatches * micro` times the activations of a forward pass.
-      parts = jax.tree.map(lambda x: _split_rows(x, minibatches * micro), batch)
-      new_lp = jax.lax.map(new_logprobs, {k: parts[k] for k in ("prompt", "prompt_mask",
-                                                                "response")})
-      metrics["policy/kl_before_after"] = _token_mean(parts["behavior_logprobs"] - new_lp,
-                                                      parts["loss_mask"])
-    return TrainState(params, opt_state, state.step + 1), metrics
+      return program(state, batch)
 
   if shapes.mesh is None:
     return jax.jit(update, donate_argnums=0)

@@ -6,7 +6,6 @@ inside the functions that need them, so a test that only wants a ModelConfig doe
 
 from __future__ import annotations
 
-import pathlib
 
 import numpy as np
 

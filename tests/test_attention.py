@@ -258,7 +258,7 @@ def test_trainer_config_applies_the_attention_choice_to_every_model(tmp_path):
   # pylint: disable=import-outside-toplevel
   import train_helpers
 
-  from opd_jax import settings, train
+  from opd_jax import programs, settings
   bad = train_helpers.tiny_config(tmp_path / "w", tmp_path / "tfds",
                                   **{"teacher.attention": "flash"})
   with pytest.raises(settings.ConfigError, match=r"config.teacher.attention='flash' .*accepted: "
@@ -271,15 +271,15 @@ def test_trainer_config_applies_the_attention_choice_to_every_model(tmp_path):
   c = train_helpers.tiny_config(tmp_path / "w", tmp_path / "tfds",
                                 **{"model.attention": "blockwise", "model.attention_block": 64})
   source = settings.TrainSettings.from_config(c).model
-  config = train.model_config_of(source, 128)                    # random weights of a shape
+  config = programs.model_config_of(source, 128)                    # random weights of a shape
   assert (config.attention_impl, config.attention_block_q, config.attention_block_kv) == \
       ("blockwise", 64, 64)
   folder = tmp_path / "hf"
   models.save_hf_checkpoint(models.init_model(model_helpers.tiny_model_config()),
                             model_helpers.tiny_model_config(), folder)
   from_folder = dataclasses.replace(source, path=str(folder), tokenizer=str(folder))
-  assert train.model_config_of(from_folder, 128).attention_impl == "blockwise"
-  loaded = train.load_model(from_folder, 128, seed=0, mesh=None)   # config.json has no choice
+  assert programs.model_config_of(from_folder, 128).attention_impl == "blockwise"
+  loaded = programs.load_model(from_folder, 128, seed=0, mesh=None)   # config.json has no choice
   assert loaded.config.attention_impl == "blockwise"
 
 

@@ -57,7 +57,7 @@ _PHASES = textwrap.dedent("""
         s_def, s_params, t_def, t_params,
         batch | {"teacher_prompt": batch["prompt"], "teacher_prompt_mask": batch["prompt_mask"],
                  "policy_logprobs": put(np.zeros((b, n), np.float32))},
-        shapes=shapes, estimator="lsm")
+        shapes=shapes)
     jax.block_until_ready(scores)
 
     say("update")

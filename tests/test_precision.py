@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import train_helpers
-from opd_jax import configs, models, settings, sharding, steps, train
+from opd_jax import configs, estimators, models, programs, settings, sharding, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAPER = ("math_lsm", "math_lsm_mask", "math_sampled_opd", "math_sampled_opd_mask", "ablation_k",
@@ -101,9 +101,10 @@ def test_bfloat16_compute_update_is_close_to_float32_and_keeps_float32_state(est
     # As the trainer does: the scoring (behaviour log-probs) runs on the compute copy.
     s_def = steps.split_abstract(steps.compute_config(CONFIG, precision))[0]
     scores, _ = steps.score(s_def, steps.compute_params(params, precision), t_def, t_params,
-                            placed, shapes=shapes, estimator=estimator)
+                            placed, shapes=shapes,
+                            full_logits=estimators.get(estimator).full_teacher_logits)
     ubatch = {k: placed[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
-    ubatch |= train._update_inputs(estimator, scores)  # pylint: disable=protected-access
+    ubatch |= {k: scores[k] for k in estimators.get(estimator).score_keys}
     state = steps.init_state(params, opt, 10, shard)
     update = steps.make_update(CONFIG, loss, opt, shapes, 2, 10, precision)
     # The lowered update really computes in bfloat16 (its matrix products take bf16 operands).
@@ -144,7 +145,7 @@ def test_compute_copy_casts_and_keeps_shardings_teacher_loads_in_bfloat16(tmp_pa
   c = train_helpers.tiny_config(tmp_path, tmp_path, **{"teacher.dtype": "bfloat16",
                                                       "teacher.random.vocab_size": 16})
   teacher = settings.TrainSettings.from_config(c).tasks[0].teacher
-  model = train.load_model(teacher, 16, seed=0, mesh=mesh)
+  model = programs.load_model(teacher, 16, seed=0, mesh=mesh)
   assert _dtypes(nnx.state(model)) == {"bfloat16"}
 
 
@@ -158,7 +159,7 @@ def test_trainer_keeps_float32_state_while_computing_in_bfloat16(tmp_path, tiny_
   assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
   from opd_jax import checkpoint  # pylint: disable=import-outside-toplevel
   s = settings.TrainSettings.from_config(c)
-  config = train.model_config_of(s.model, 14)
+  config = programs.model_config_of(s.model, 14)
   assert config.dtype == "float32"
   ckpt = checkpoint.Checkpointer(tmp_path / "w" / "checkpoints", save_every=1, keep=3,
                                  async_save=False)

@@ -313,11 +313,11 @@ def test_load_names_a_missing_layer_tensor(tmp_path):
 
 
 def test_trainer_remat_setting_reaches_the_student_config():
-  from opd_jax import configs, settings, train  # pylint: disable=import-outside-toplevel
+  from opd_jax import configs, programs, settings  # pylint: disable=import-outside-toplevel
   m = configs.model_fields()
   m.remat = "full"
   source = settings.ModelSource.from_config(m, "model")
-  assert train.model_config_of(source, 32).remat == "full"
+  assert programs.model_config_of(source, 32).remat == "full"
   m.remat = "all"
   with pytest.raises(settings.ConfigError, match=r"config.model.remat='all' is not accepted; "
                                                  r"accepted: none, dots, full"):

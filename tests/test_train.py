@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import train_helpers
-from opd_jax import models, settings, sharding, steps, train
+from opd_jax import estimators, models, settings, sharding, steps, train
 from opd_jax.data import order, tiny_arith
 from opd_jax.settings import ConfigError
 
@@ -220,10 +220,10 @@ def test_update_on_a_2x2x2_mesh_matches_one_device(estimator):
     if mesh not in scored:   # the micro-batched update reuses the mesh's scores
       t_def, t_params = nnx.split(models.init_model(config, seed=1, mesh=mesh, std=0.3))
       scored[mesh] = steps.score(s_def, s_params, t_def, t_params, placed, shapes=shapes,
-                                 estimator=estimator)[0]
+                                 full_logits=estimators.get(estimator).full_teacher_logits)[0]
     scores = scored[mesh]
     ubatch = {k: placed[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
-    ubatch |= train._update_inputs(estimator, scores)  # pylint: disable=protected-access
+    ubatch |= {k: scores[k] for k in estimators.get(estimator).score_keys}
     shard = steps.train_state_shardings(config, opt, 10, mesh)
     state = steps.init_state(s_params, opt, 10, shard)
     update = steps.make_update(config, loss, opt, shapes, 2, 10)
@@ -252,7 +252,7 @@ def test_scoring_in_minibatches_gives_the_same_scores():
   t_def, t_params = nnx.split(models.init_model(config, seed=1, mesh=mesh, std=0.3))
   shapes = steps.Shapes(vocab=16, k=4, mesh=mesh)
   whole, split = (jax.device_get(steps.score(s_def, s_params, t_def, t_params, placed,
-                                             shapes=shapes, estimator="lsm", minibatches=n))
+                                             shapes=shapes, minibatches=n))
                   for n in (1, 2))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), whole, split)
 
