@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, environments, masking, metrics, models, plan, sampling,
-                     settings, sharding, steps)
+from opd_jax import (checkpoint, environments, masking, metrics, models, pages, plan,
+                     sampling, settings, sharding, steps)
 from opd_jax.data import order, prompts, registry
 from opd_jax.settings import ConfigError, ModelSource, Task, TrainSettings
 
@@ -283,27 +283,6 @@ def _rollout_metrics(response_mask: np.ndarray, budget: int, stopped: np.ndarray
           "rollout/truncated_fraction": float(np.mean((lengths == budget) & ~stopped))}
 
 
-def _samples_page(path: pathlib.Path, tokenizer, batch: dict, scores: dict, count: int,
-                  prompts_text: Sequence[str]) -> None:
-  host = {k: batch[k] for k in ("response", "response_mask", "loss_mask")} | {
-      k: scores[k] for k in ("teacher_logprobs", "behavior_logprobs", "t_indices", "t_logits",
-                             "t_lse")}
-  views = []
-  for r in range(min(count, host["response"].shape[0])):
-    n = int(host["response_mask"][r].sum())
-    ids = host["response"][r, :n].tolist()
-    top_ids = host["t_indices"][r, :n, :3]
-    top_p = np.exp(host["t_logits"][r, :n, :3] - host["t_lse"][r, :n, None])
-    views.append(metrics.RolloutView(
-        prompt=prompts_text[r], tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
-        gaps=tuple(float(g) for g in (host["teacher_logprobs"][r, :n]
-                                      - host["behavior_logprobs"][r, :n])),
-        teacher_top=tuple(tuple(zip(tokenizer.convert_ids_to_tokens(t.tolist()),
-                                    (float(x) for x in p))) for t, p in zip(top_ids, top_p)),
-        mask=tuple(bool(c) for c in host["loss_mask"][r, :n])))
-  metrics.write_rollouts_html(path, views)
-
-
 # ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
@@ -482,8 +461,8 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       if samples_due and primary:
         texts = (episodes.prompt_texts if episodes is not None else
                  [str(e.prompt_text) for e in enc for _ in range(s.rollout.num_samples)])
-        _samples_page(workdir / "samples" / f"step_{done}.html", tokenizer, page_batch,
-                      page_scores, s.samples_count, texts)
+        pages.write_samples_page(workdir / "samples" / f"step_{done}.html", tokenizer,
+                                 page_batch, page_scores, s.samples_count, texts)
       if done % s.log_every == 0 or done == s.steps or any(k.startswith("eval/")
                                                             for k in values):
         writer.write(done, values)
