@@ -1,25 +1,14 @@
 """The shared defaults of the experiment files: opd(), the paper's settings, variant arguments."""
 
-import importlib.util
-import pathlib
-
 import ml_collections
 import pytest
 
 from opd_jax import configs, settings
+from test_experiments import FILES, load
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-FILES = sorted((ROOT / "experiments").glob("*.py"))
 # The groups of settings the trainer reads (opd_jax.settings.TrainSettings.from_config).
 GROUPS = ("model", "teacher", "data", "rollout", "loss", "opt", "mesh", "checkpoint", "eval",
           "log")
-
-
-def _load(path, arg=None):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def test_opd_has_every_group_the_trainer_reads():
@@ -39,7 +28,7 @@ def test_opd_has_every_group_the_trainer_reads():
 @pytest.mark.parametrize("arg", [None, "smoke"])
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 def test_experiment_files_keep_the_type_of_every_default(path, arg):
-  c = settings.plain(_load(path, arg))
+  c = settings.plain(load(path, arg)[1])
   if c["experiment"] in ("opd", "opd_eval", "tiny_arith"):
     c.pop("demo", None)   # the demo's own group; the rest is the trainer's config
     settings.check_keys(c, settings.plain(configs.opd()))
