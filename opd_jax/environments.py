@@ -345,92 +345,144 @@ def rollout(model, envs: Sequence[Environment], seeds: Sequence[int], renderer: 
   Returns:
     An EpisodeBatch of len(envs) rows.
   """
-  n, budget = len(envs), settings.episode_tokens
-  if len(seeds) != n:
-    raise ValueError(f"got {len(seeds)} seeds for {n} environments; give one seed per row")
-  if settings.max_turns < 1 or settings.turn_tokens < 1 or budget < 1:
+  if len(seeds) != len(envs):
+    raise ValueError(f"got {len(seeds)} seeds for {len(envs)} environments; give one seed per "
+                     "row")
+  if settings.max_turns < 1 or settings.turn_tokens < 1 or settings.episode_tokens < 1:
     raise ValueError(f"episode settings {settings} need max_turns, turn_tokens and "
                      "episode_tokens >= 1")
+  firsts, prompt_ids = _first_observations(envs, seeds, renderer, max_prompt_len)
+  episodes = _Episodes.start(prompt_ids)
+  for turn in range(settings.max_turns):
+    active = episodes.active()
+    if not active:
+      break
+    response = _sample_turn(model, episodes, active, jax.random.fold_in(rng, turn), settings,
+                            mesh=mesh, row_multiple=row_multiple)
+    for j, i in enumerate(active):
+      _play_response(episodes, i, [x[j] for x in response], envs[i], renderer, settings)
+  return episodes.batch(settings.episode_tokens, firsts)
+
+
+def _first_observations(envs: Sequence[Environment], seeds: Sequence[int], renderer: Renderer,
+                        max_prompt_len: int | None) -> tuple[list[str], list[np.ndarray]]:
+  """Resets each environment with its row's seed; returns the first observations (texts) and
+  their prompt ids, checked against `max_prompt_len`."""
   firsts = [env.reset(int(seed)) for env, seed in zip(envs, seeds)]
   prompt_ids = [np.asarray(renderer.prompt(t), np.int32) for t in firsts]
   for t, ids in zip(firsts, prompt_ids):
     if not len(ids) or (max_prompt_len and len(ids) > max_prompt_len):
       raise ValueError(f"the first observation {t!r:.100} renders as {len(ids)} tokens; "
                        f"accepted: 1 to max_prompt_len={max_prompt_len}")
-  # Per row: the episode's ids after the prompt, whose they are, and the sampler's log-probs.
-  tokens = [[] for _ in range(n)]
-  student = [[] for _ in range(n)]
-  policy_lp = [[] for _ in range(n)]
-  sample_lp = [[] for _ in range(n)]
-  turns = np.zeros(n, np.int32)
-  success = np.zeros(n, bool)
-  reward = np.zeros(n, np.float32)
-  ended = np.full(n, -1, np.int32)
-  stops = set(settings.stop_token_ids)
+  return firsts, prompt_ids
 
-  def extend(i, ids, mine, plp=None, slp=None):
-    tokens[i].extend(int(x) for x in ids)
-    student[i].extend([mine] * len(ids))
+
+@dataclasses.dataclass
+class _Episodes:
+  """The episodes being played. Per row: the prompt ids, the episode's ids after the prompt,
+  whose they are (True: the student's), the sampler's log-probs (0 on observations), and the
+  counters of EpisodeBatch (`ended` is -1 while the episode goes on)."""
+  prompt_ids: list[np.ndarray]
+  tokens: list[list[int]]
+  student: list[list[bool]]
+  policy_lp: list[list[float]]
+  sample_lp: list[list[float]]
+  turns: np.ndarray
+  success: np.ndarray
+  reward: np.ndarray
+  ended: np.ndarray
+
+  @classmethod
+  def start(cls, prompt_ids: list[np.ndarray]) -> _Episodes:
+    """Episodes with nothing after their prompts yet."""
+    n = len(prompt_ids)
+    return cls(prompt_ids=prompt_ids, tokens=[[] for _ in range(n)],
+               student=[[] for _ in range(n)], policy_lp=[[] for _ in range(n)],
+               sample_lp=[[] for _ in range(n)], turns=np.zeros(n, np.int32),
+               success=np.zeros(n, bool), reward=np.zeros(n, np.float32),
+               ended=np.full(n, -1, np.int32))
+
+  def active(self) -> list[int]:
+    """The rows whose episode has not ended."""
+    return [i for i in range(len(self.tokens)) if self.ended[i] < 0]
+
+  def extend(self, i: int, ids, mine: bool, plp=None, slp=None) -> None:
+    """Appends `ids` to row i: the student's (with the sampler's log-probs) or observed."""
+    self.tokens[i].extend(int(x) for x in ids)
+    self.student[i].extend([mine] * len(ids))
     zeros = [0.0] * len(ids)
-    policy_lp[i].extend(zeros if plp is None else (float(x) for x in plp))
-    sample_lp[i].extend(zeros if slp is None else (float(x) for x in slp))
+    self.policy_lp[i].extend(zeros if plp is None else (float(x) for x in plp))
+    self.sample_lp[i].extend(zeros if slp is None else (float(x) for x in slp))
 
-  for turn in range(settings.max_turns):
-    active = [i for i in range(n) if ended[i] < 0]
-    if not active:
-      break
-    room = max(budget - len(tokens[i]) for i in active)
-    new = min(settings.turn_tokens, _pow2_at_least(room))
-    rows = _row_bucket(len(active), row_multiple, n)
-    picked = active + [active[0]] * (rows - len(active))   # padding rows are discarded
-    context = [np.concatenate([prompt_ids[i], np.asarray(tokens[i], np.int32)]) for i in picked]
-    ctx, ctx_mask = prompts.left_pad(context, 0, sampling.bucket_length(max(map(len, context))))
-    out = sampling.sample(
-        model, ctx, ctx_mask, jax.random.fold_in(rng, turn), max_new_tokens=new,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        banned_token_ids=settings.banned_token_ids, stop_token_ids=settings.stop_token_ids,
-        mesh=mesh)
-    toks, live, plp, slp = (sharding.to_host(x) for x in (
-        out.tokens, out.mask, out.policy_logprobs, out.sample_logprobs))
-    for j, i in enumerate(active):
-      length = int(live[j].sum())
-      left = budget - len(tokens[i])
-      keep = min(length, left)
-      ids = toks[j, :keep]
-      extend(i, ids, True, plp[j, :keep], slp[j, :keep])
-      stopped = bool(keep) and int(ids[-1]) in stops
-      if not stopped and keep < settings.turn_tokens:
-        # Neither stopped nor out of its turn budget: cut by the episode budget (the sampler's
-        # budget this turn is at most the room left), so the action is incomplete: not played.
-        ended[i] = BUDGET
-        continue
-      turns[i] += 1
-      result = envs[i].step(renderer.decode(ids))
-      reward[i] += result.reward
-      if result.done:
-        ended[i], success[i] = DONE, bool(result.success)
-        continue
-      if turns[i] == settings.max_turns:
-        ended[i] = TURNS
-        continue
-      obs = renderer.observation(result.observation, stopped)
-      if len(tokens[i]) + len(obs) >= budget:   # no room left for another response
-        ended[i] = BUDGET
-        continue
-      extend(i, obs, False)
+  def batch(self, budget: int, prompt_texts: list[str]) -> EpisodeBatch:
+    """The episodes in the trainer's layout: rows right-padded to the episode budget."""
+    prompt, prompt_mask = prompts.left_pad(self.prompt_ids, 0, sampling.bucket_length(
+        max(map(len, self.prompt_ids))))
 
-  prompt, prompt_mask = prompts.left_pad(prompt_ids, 0, sampling.bucket_length(
-      max(map(len, prompt_ids))))
+    def right(rows, dtype):
+      out = np.zeros((len(rows), budget), dtype)
+      for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+      return out
 
-  def right(rows, dtype):
-    out = np.zeros((n, budget), dtype)
-    for i, row in enumerate(rows):
-      out[i, :len(row)] = row
-    return out
+    return EpisodeBatch(
+        prompt=prompt, prompt_mask=prompt_mask, response=right(self.tokens, np.int32),
+        response_mask=right([[True] * len(t) for t in self.tokens], bool),
+        loss_mask=right(self.student, bool), policy_logprobs=right(self.policy_lp, np.float32),
+        sample_logprobs=right(self.sample_lp, np.float32), turns=self.turns,
+        success=self.success, reward=self.reward, ended=self.ended, prompt_texts=prompt_texts)
 
-  response_mask = right([[True] * len(t) for t in tokens], bool)
-  return EpisodeBatch(
-      prompt=prompt, prompt_mask=prompt_mask, response=right(tokens, np.int32),
-      response_mask=response_mask, loss_mask=right(student, bool),
-      policy_logprobs=right(policy_lp, np.float32), sample_logprobs=right(sample_lp, np.float32),
-      turns=turns, success=success, reward=reward, ended=ended, prompt_texts=firsts)
+
+def _sample_turn(model, episodes: _Episodes, active: list[int], key: jax.Array,
+                 settings: EpisodeSettings, *, mesh, row_multiple: int
+                 ) -> tuple[np.ndarray, ...]:
+  """Samples the next response of every active episode from its prompt and episode so far.
+
+  Returns:
+    Host arrays (tokens, mask, policy log-probs, sample log-probs), row j for `active[j]`.
+  """
+  budget = settings.episode_tokens
+  room = max(budget - len(episodes.tokens[i]) for i in active)
+  new = min(settings.turn_tokens, _pow2_at_least(room))
+  rows = _row_bucket(len(active), row_multiple, len(episodes.tokens))
+  picked = active + [active[0]] * (rows - len(active))   # padding rows are discarded
+  context = [np.concatenate([episodes.prompt_ids[i], np.asarray(episodes.tokens[i], np.int32)])
+             for i in picked]
+  ctx, ctx_mask = prompts.left_pad(context, 0, sampling.bucket_length(max(map(len, context))))
+  out = sampling.sample(
+      model, ctx, ctx_mask, key, max_new_tokens=new, temperature=settings.temperature,
+      top_p=settings.top_p, top_k=settings.top_k, banned_token_ids=settings.banned_token_ids,
+      stop_token_ids=settings.stop_token_ids, mesh=mesh)
+  return tuple(sharding.to_host(x) for x in (
+      out.tokens, out.mask, out.policy_logprobs, out.sample_logprobs))
+
+
+def _play_response(episodes: _Episodes, i: int, response: Sequence[np.ndarray],
+                   env: Environment, renderer: Renderer, settings: EpisodeSettings) -> None:
+  """Appends row i's sampled response (tokens, mask, log-probs), cut at the episode budget,
+  and plays it: the environment's answer ends the episode or appends its observation."""
+  toks, live, plp, slp = response
+  budget = settings.episode_tokens
+  keep = min(int(live.sum()), budget - len(episodes.tokens[i]))
+  ids = toks[:keep]
+  episodes.extend(i, ids, True, plp[:keep], slp[:keep])
+  stopped = bool(keep) and int(ids[-1]) in settings.stop_token_ids
+  if not stopped and keep < settings.turn_tokens:
+    # Neither stopped nor out of its turn budget: cut by the episode budget (the sampler's
+    # budget this turn is at most the room left), so the action is incomplete: not played.
+    episodes.ended[i] = BUDGET
+    return
+  episodes.turns[i] += 1
+  result = env.step(renderer.decode(ids))
+  episodes.reward[i] += result.reward
+  if result.done:
+    episodes.ended[i], episodes.success[i] = DONE, bool(result.success)
+    return
+  if episodes.turns[i] == settings.max_turns:
+    episodes.ended[i] = TURNS
+    return
+  obs = renderer.observation(result.observation, stopped)
+  if len(episodes.tokens[i]) + len(obs) >= budget:   # no room left for another response
+    episodes.ended[i] = BUDGET
+    return
+  episodes.extend(i, obs, False)

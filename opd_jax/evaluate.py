@@ -281,20 +281,10 @@ def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int
     Flat metrics {"math500/pass@1": ..., "avg/pass@1": ..., "math500/mean_length": ...}.
   """
   benchmarks = tuple(benchmarks)
-  for b in benchmarks:
-    if b not in BENCHMARKS:
-      raise ValueError(f"benchmark {b!r} is not accepted; accepted: {', '.join(BENCHMARKS)}")
-  for name, value in (("k", k), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"evaluate: {name}={value!r} is not accepted; a positive int")
-  sources = dict(sources or {})
-  mesh = _mesh_of(model)
-  ways = sharding.batch_divisor(mesh) if mesh is not None else 1
-  rows = -(-batch_size // ways) * ways
-  stop_ids = tuple(masking.ids_for_strings(tokenizer, stop_strings))
-  vocab = model.config.vocab_size
-  banned = tuple(masking.ids_for_strings(tokenizer, banned_strings)) + tuple(
-      range(min(len(tokenizer), vocab), vocab))
+  _check_arguments(benchmarks, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size)
+  draws = _Draws.of(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_p=top_p, stop_strings=stop_strings,
+                    banned_strings=banned_strings)
   encode = registry.encoder(benchmarks[0], tokenizer, tokenizer, chat_template=chat_template,
                             max_prompt_len=max_prompt_len)
   root = jax.random.key(seed)
@@ -303,73 +293,151 @@ def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int
   texts: list[dict[str, Any]] = []
   with math_grading.Grader(workers=grade_workers or None) as grader:
     for name in benchmarks:
-      problems = load_benchmark(name, data_dir=data_dir, source=sources.get(name), limit=limit)
-      # Row r is sample r % k of problem r // k. Rows are sampled batch_size at a time (one
-      # shape per call: the last call is padded with copies of its first row), each row with
-      # its own draws, so a problem's k samples need not share a call.
-      encoded = [encode(p).prompt for p in problems]
-      queued = [encoded[r // k] for r in range(len(problems) * k)]
-      responses: list[list[int]] = []
-      stopped: list[bool] = []
-      bkey = jax.random.fold_in(root, BENCHMARKS.index(name))
-      for c, start in enumerate(range(0, len(queued), rows)):
-        chunk = queued[start:start + rows]
-        padded = chunk + [chunk[0]] * (rows - len(chunk))
-        p_len = sampling.bucket_length(max(len(p) for p in padded))
-        tokens, mask = prompts.left_pad(padded, 0, p_len)
-        out = sampling.sample(
-            model, tokens, mask, jax.random.fold_in(bkey, c), max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, banned_token_ids=banned,
-            stop_token_ids=stop_ids, num_samples=1, mesh=mesh)
-        resp, resp_mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
-        for r in range(len(chunk)):
-          ids = resp[r, :int(resp_mask[r].sum())].tolist()
-          responses.append(ids)
-          stopped.append(bool(ids) and ids[-1] in stop_ids)
+      problems = load_benchmark(name, data_dir=data_dir, source=(sources or {}).get(name),
+                                limit=limit)
+      responses, stopped = _sample_responses(
+          model, [encode(p).prompt for p in problems], k,
+          jax.random.fold_in(root, BENCHMARKS.index(name)), draws)
       decoded = [_decode(tokenizer, ids, stop_strings) for ids in responses]
       refs = [p["answer"] for p in problems for _ in range(k)]
       report = grader.grade(decoded, refs, timeout_s=grade_timeout_s)
-      n = len(problems)
-      correct = np.asarray(report.correct, bool).reshape(n, k)
-      lengths = np.asarray([len(r) for r in responses]).reshape(n, k)
-      truncated = (lengths == max_new_tokens) & ~np.asarray(stopped).reshape(n, k)
-      m = accuracy_metrics(correct)
-      m["mean_length"] = float(lengths.mean())
-      m["truncated_fraction"] = float(truncated.mean())
-      m["no_answer_fraction"] = report.num_no_answer / len(decoded)
-      m["grade_timeouts"] = float(report.num_timeouts)
+      m, items = _benchmark_metrics(problems, responses, stopped, report, k=k,
+                                    max_new_tokens=max_new_tokens)
       if math_verify:
-        try:
-          m["math_verify_agreement"] = math_grading.crosscheck_math_verify(
-              decoded, refs, ours=report.correct)
-        except ImportError as e:
-          log(f"eval: config.eval.math_verify is set but math-verify is missing ({e}); no "
-              "agreement rate reported")
+        m.update(_math_verify_agreement(decoded, refs, report, log))
       flat.update({f"{name}/{key}": v for key, v in m.items()})
-      details[name] = dict(m, problems=n, items=[
-          {"id": p["id"], "answer": p["answer"],
-           "extracted": list(report.answers[i * k:(i + 1) * k]),
-           "correct": correct[i].tolist(), "length": lengths[i].tolist(),
-           "truncated": truncated[i].tolist()} for i, p in enumerate(problems)])
+      details[name] = dict(m, problems=len(problems), items=items)
       texts += [{"benchmark": name, "id": p["id"], "sample": j, "response": decoded[i * k + j]}
                 for i, p in enumerate(problems) for j in range(k)]
-  for key in ["pass@1"] + ([f"avg@{k}", f"pass@{k}"] if k > 1 else []):
-    flat[f"avg/{key}"] = float(np.mean([flat[f"{b}/{key}"] for b in benchmarks]))
+  flat.update(_benchmark_means(flat, benchmarks, k))
   settings = dict(benchmarks=list(benchmarks), samples=k, max_new_tokens=max_new_tokens,
                   top_p=top_p, temperature=temperature, limit=limit, seed=seed,
                   chat_template=chat_template)
+  record = {"step": step, "label": label, "settings": settings, "metrics": flat,
+            "benchmarks": details}
+  _write_results(record, texts, workdir=workdir, log=log)
+  return flat
+
+
+def _check_arguments(benchmarks: tuple[str, ...], **counts: int) -> None:
+  """Raises ValueError for an unknown benchmark or a count (k, budget, batch) below 1."""
+  for b in benchmarks:
+    if b not in BENCHMARKS:
+      raise ValueError(f"benchmark {b!r} is not accepted; accepted: {', '.join(BENCHMARKS)}")
+  for name, value in counts.items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"evaluate: {name}={value!r} is not accepted; a positive int")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Draws:
+  """What every sampler call of one evaluation shares."""
+  mesh: Any                     # the model's mesh (None: one device)
+  rows: int                     # rows per call: batch_size rounded up to the mesh's batch ways
+  max_new_tokens: int
+  temperature: float
+  top_p: float
+  stop_ids: tuple[int, ...]
+  banned_ids: tuple[int, ...]   # the banned strings' ids and the embedding's padding rows
+
+  @classmethod
+  def of(cls, model, tokenizer, *, batch_size: int, max_new_tokens: int, temperature: float,
+         top_p: float, stop_strings: Sequence[str], banned_strings: Sequence[str]) -> _Draws:
+    """The sampler settings of `evaluate`'s arguments for `model` and its tokenizer."""
+    mesh = _mesh_of(model)
+    ways = sharding.batch_divisor(mesh) if mesh is not None else 1
+    stop_ids = tuple(masking.ids_for_strings(tokenizer, stop_strings))
+    vocab = model.config.vocab_size
+    banned = tuple(masking.ids_for_strings(tokenizer, banned_strings)) + tuple(
+        range(min(len(tokenizer), vocab), vocab))
+    return cls(mesh=mesh, rows=-(-batch_size // ways) * ways, max_new_tokens=max_new_tokens,
+               temperature=temperature, top_p=top_p, stop_ids=stop_ids, banned_ids=banned)
+
+
+def _sample_responses(model, encoded: Sequence[Sequence[int]], k: int, key: jax.Array,
+                      draws: _Draws) -> tuple[list[list[int]], list[bool]]:
+  """k responses per prompt; returns per row (sample r % k of prompt r // k) its response ids,
+  stop token included, and whether it ended on a stop token."""
+  # Rows are sampled draws.rows at a time (one shape per call: the last call is padded with
+  # copies of its first row), each row with its own draws, so a problem's k samples need not
+  # share a call.
+  queued = [encoded[r // k] for r in range(len(encoded) * k)]
+  responses: list[list[int]] = []
+  stopped: list[bool] = []
+  for c, start in enumerate(range(0, len(queued), draws.rows)):
+    chunk = queued[start:start + draws.rows]
+    padded = chunk + [chunk[0]] * (draws.rows - len(chunk))
+    p_len = sampling.bucket_length(max(len(p) for p in padded))
+    tokens, mask = prompts.left_pad(padded, 0, p_len)
+    out = sampling.sample(
+        model, tokens, mask, jax.random.fold_in(key, c), max_new_tokens=draws.max_new_tokens,
+        temperature=draws.temperature, top_p=draws.top_p, banned_token_ids=draws.banned_ids,
+        stop_token_ids=draws.stop_ids, num_samples=1, mesh=draws.mesh)
+    resp, resp_mask = sharding.to_host(out.tokens), sharding.to_host(out.mask)
+    for r in range(len(chunk)):
+      ids = resp[r, :int(resp_mask[r].sum())].tolist()
+      responses.append(ids)
+      stopped.append(bool(ids) and ids[-1] in draws.stop_ids)
+  return responses, stopped
+
+
+def _benchmark_metrics(problems: Sequence[Mapping[str, str]], responses: Sequence[Sequence[int]],
+                       stopped: Sequence[bool], report: math_grading.GradeReport, *, k: int,
+                       max_new_tokens: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """One benchmark's metrics (accuracy, lengths, truncation, no answer, timeouts) and its
+  per-problem items (id, answer, and per sample the extracted answer, correctness, length,
+  truncation)."""
+  n = len(problems)
+  correct = np.asarray(report.correct, bool).reshape(n, k)
+  lengths = np.asarray([len(r) for r in responses]).reshape(n, k)
+  truncated = (lengths == max_new_tokens) & ~np.asarray(stopped).reshape(n, k)
+  m = accuracy_metrics(correct)
+  m["mean_length"] = float(lengths.mean())
+  m["truncated_fraction"] = float(truncated.mean())
+  m["no_answer_fraction"] = report.num_no_answer / len(responses)
+  m["grade_timeouts"] = float(report.num_timeouts)
+  items = [{"id": p["id"], "answer": p["answer"],
+            "extracted": list(report.answers[i * k:(i + 1) * k]),
+            "correct": correct[i].tolist(), "length": lengths[i].tolist(),
+            "truncated": truncated[i].tolist()} for i, p in enumerate(problems)]
+  return m, items
+
+
+def _math_verify_agreement(decoded: Sequence[str], refs: Sequence[str],
+                           report: math_grading.GradeReport,
+                           log: Callable[[str], None]) -> dict[str, float]:
+  """{"math_verify_agreement": rate} of math-verify with our grades; {} (logged) without it."""
+  try:
+    return {"math_verify_agreement": math_grading.crosscheck_math_verify(
+        decoded, refs, ours=report.correct)}
+  except ImportError as e:
+    log(f"eval: config.eval.math_verify is set but math-verify is missing ({e}); no "
+        "agreement rate reported")
+    return {}
+
+
+def _benchmark_means(flat: Mapping[str, float], benchmarks: Sequence[str],
+                     k: int) -> dict[str, float]:
+  """The "avg/" metrics: the unweighted mean over the benchmarks (the paper's Avg column)."""
+  return {f"avg/{key}": float(np.mean([flat[f"{b}/{key}"] for b in benchmarks]))
+          for key in ["pass@1"] + ([f"avg@{k}", f"pass@{k}"] if k > 1 else [])}
+
+
+def _write_results(record: Mapping[str, Any], texts: Sequence[Mapping[str, Any]], *,
+                   workdir: str | pathlib.Path | None, log: Callable[[str], None]) -> None:
+  """Writes eval/step_N.json and eval/step_N_responses.jsonl (process 0, with a workdir) and
+  logs the table: every step of the workdir, else this evaluation's row alone."""
+  step, settings = record["step"], record["settings"]
   if workdir is not None and jax.process_index() == 0:
     folder = pathlib.Path(workdir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"step": step, "label": label, "settings": settings, "metrics": flat,
-              "benchmarks": details}
     (folder / f"step_{step}.json").write_text(json.dumps(record, indent=1))
     with open(folder / f"step_{step}_responses.jsonl", "w", encoding="utf-8") as f:
       f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
     log(table_from_workdir(workdir))
   else:
-    log(format_table([(f"{label} step {step}", flat)], benchmarks, metric=headline(k)))
-  return flat
+    log(format_table([(f"{record['label']} step {step}", record["metrics"])],
+                     settings["benchmarks"], metric=headline(settings["samples"])))
 
 
 def _benchmark_dir(e: EvalSettings, workdir: str | pathlib.Path | None) -> pathlib.Path:

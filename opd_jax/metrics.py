@@ -1,9 +1,7 @@
-"""Run outputs: metrics.jsonl + TensorBoard (process 0), a progress line, rollout HTML pages."""
+"""Run outputs: metrics.jsonl + TensorBoard (process 0), config.json, a progress line."""
 
 from __future__ import annotations
 
-import dataclasses
-import html
 import itertools
 import json
 import logging
@@ -142,7 +140,7 @@ class MetricsWriter:
         path = os.path.join(self._workdir, f"config.resumed_{i}.json")
       logging.warning("config differs from %s/%s in %s; keeping the original and writing %s",
                       self._workdir, CONFIG_FILE, changed, path)
-    _write_atomically(path, json.dumps(new, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_atomically(path, json.dumps(new, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return path
 
   def truncate_after(self, step: int) -> None:
@@ -175,7 +173,7 @@ class MetricsWriter:
                          f"{line[:200]!r}") from e
       if row_step <= step:
         kept.append(line + "\n")
-    _write_atomically(self.metrics_path, "".join(kept))
+    write_atomically(self.metrics_path, "".join(kept))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs `metrics` at `step`: one JSON line and one TensorBoard scalar per key.
@@ -241,8 +239,13 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
              for k, v in json.loads(line).items()} for line in f if line.strip()]
 
 
-def _write_atomically(path: str, text: str) -> None:
-  """Writes via a temporary file and a rename, so a crash never leaves a half-written file."""
+def write_atomically(path: str, text: str) -> None:
+  """Writes `text` via a temporary file and a rename, so a crash never leaves a half-written file.
+
+  Args:
+    path: the file to write (its folder must exist); `path + ".tmp"` is used on the way.
+    text: the whole content.
+  """
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(text)
@@ -338,121 +341,3 @@ class Progress:
       self._stream.write("\n")
       self._stream.flush()
       self._last_width = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutView:
-  """One rollout as the HTML page shows it, token by token (all per-token fields equally long).
-
-  prompt: the prompt text.
-  tokens: the response's tokens as strings.
-  gaps: per token, log p_teacher(token) - log p_student(token) in nats (the OPD reward).
-  teacher_top: per token, the teacher's top tokens as (token string, probability), best first.
-  mask: per token, whether it counts in the loss (False: shown greyed).
-  """
-  prompt: str
-  tokens: Sequence[str]
-  gaps: Sequence[float]
-  teacher_top: Sequence[Sequence[tuple[str, float]]]
-  mask: Sequence[bool]
-
-  def __post_init__(self):
-    n = len(self.tokens)
-    lengths = {"gaps": len(self.gaps), "teacher_top": len(self.teacher_top),
-               "mask": len(self.mask)}
-    bad = {k: v for k, v in lengths.items() if v != n}
-    if bad:
-      raise ValueError(f"RolloutView has {n} tokens but per-token fields of other lengths: {bad}")
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-.legend { display: flex; align-items: center; gap: .6em; margin: .5em 0 1.5em; }
-.scale { width: 18em; height: 1em; border: 1px solid #999;
-         background: linear-gradient(to right, rgb(214,39,40), #fff, rgb(31,119,180)); }
-.rollout { border-top: 1px solid #ccc; padding: .8em 0; }
-.prompt { white-space: pre-wrap; background: #f4f4f4; padding: .4em; font-size: .9em; }
-.response { white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7; }
-.tok { border-radius: 2px; }
-.tok:hover { outline: 1px solid #000; }
-.masked { background: #e0e0e0; color: #999; }
-.stats { color: #555; font-size: .85em; }
-"""
-
-
-def _style(gap: float, scale: float) -> str:
-  """Diverging scale: red for gap < 0 (teacher finds the token less likely), blue for gap > 0."""
-  t = max(-1.0, min(1.0, gap / scale))
-  end = (214, 39, 40) if t < 0 else (31, 119, 180)
-  rgb = [round(255 + abs(t) * (c - 255)) for c in end]
-  text = ";color:#fff" if abs(t) > 0.6 else ""   # keep dark backgrounds readable
-  return f"background:rgb({rgb[0]},{rgb[1]},{rgb[2]}){text}"
-
-
-def _visible(token: str) -> str:
-  """Token text for display: newlines and tabs shown as symbols (and kept), then HTML-escaped."""
-  return html.escape(token.replace("\n", "\u21b5\n").replace("\t", "\u2192\t"))
-
-
-def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
-                        title: str = "Rollouts", scale: float | None = None) -> None:
-  """Writes a self-contained HTML page showing `rows` token by token.
-
-  Each counted token's background encodes its teacher-student log-prob gap on a diverging
-  scale from -scale (red) through 0 (white) to +scale (blue); hovering shows the gap and the
-  teacher's top tokens with probabilities; uncounted tokens are grey. All text is escaped.
-
-  Args:
-    path: the .html file to write (parent folders are created).
-    rows: the rollouts.
-    title: the page title.
-    scale: the |gap| in nats that gets the full colour; None: the largest finite |gap| of the
-      counted tokens on the page.
-  """
-  rows = list(rows)
-  if scale is None:
-    finite = [abs(float(g)) for r in rows for g, m in zip(r.gaps, r.mask)
-              if m and math.isfinite(float(g))]
-    scale = max(finite, default=1.0) or 1.0
-  if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-    raise ValueError(f"write_rollouts_html scale={scale!r} is not accepted; give a positive "
-                     "finite number of nats")
-  out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-         f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-         f"<h1>{html.escape(title)}</h1>",
-         '<div class="legend"><span>gap = log p<sub>teacher</sub>(token) &minus; '
-         "log p<sub>student</sub>(token), nats:</span>"
-         f"<span>&minus;{scale:.3g}</span>"
-         '<span class="scale" title="diverging colour scale"></span>'
-         f"<span>+{scale:.3g}</span>"
-         '<span class="tok masked">&nbsp;not counted&nbsp;</span></div>'
-         '<div class="stats">Red: the teacher finds the sampled token less likely than the '
-         "student does (negative reward); blue: more likely. Hover a token for its gap and the "
-         "teacher's top tokens with probabilities.</div>"]
-  for i, row in enumerate(rows):
-    counted = [float(g) for g, m in zip(row.gaps, row.mask) if m]
-    mean = sum(counted) / len(counted) if counted else float("nan")
-    out.append('<div class="rollout">')
-    out.append(f'<div class="stats">rollout {i}: {len(row.tokens)} tokens, {len(counted)} '
-               f"counted, mean gap {mean:+.4f} nats</div>")
-    out.append(f'<div class="prompt">{html.escape(row.prompt)}</div>')
-    spans = []
-    for token, gap, top, counted_token in zip(row.tokens, row.gaps, row.teacher_top, row.mask):
-      gap = float(gap)
-      top_text = ", ".join(f"{t!r} {float(p):.3f}" for t, p in top)
-      tip = f"gap {gap:+.4f} nats\nteacher top: {top_text}"
-      if not counted_token:
-        tip = "not counted\n" + tip
-        style, cls = "", "tok masked"
-      elif not math.isfinite(gap):
-        style, cls = ' style="outline:1px dashed #000"', "tok"
-      else:
-        style, cls = f' style="{_style(gap, scale)}"', "tok"
-      spans.append(f'<span class="{cls}"{style} title="{html.escape(tip, quote=True)}">'
-                   f"{_visible(token)}</span>")
-    out.append('<div class="response">' + "".join(spans) + "</div>")
-    out.append("</div>")
-  out += ["</body>", "</html>"]
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  _write_atomically(path, "\n".join(out) + "\n")

@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, masking, metrics, plan, programs, settings, sharding, steps,
-                     tasks)
+from opd_jax import (checkpoint, masking, metrics, pages, plan, programs, settings, sharding,
+                     steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
 
@@ -179,24 +179,6 @@ def _report(values: dict, tokens: int, times: list[float], task: tasks.TaskRunti
   return values
 
 
-def _samples_page(path: pathlib.Path, tokenizer, batch: dict, scores: dict, count: int,
-                  prompts_text) -> None:
-  views = []
-  for r in range(min(count, batch["response"].shape[0])):
-    n = int(batch["response_mask"][r].sum())
-    ids = batch["response"][r, :n].tolist()
-    top_ids = scores["t_indices"][r, :n, :3]
-    top_p = np.exp(scores["t_logits"][r, :n, :3] - scores["t_lse"][r, :n, None])
-    views.append(metrics.RolloutView(
-        prompt=prompts_text[r], tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
-        gaps=tuple(float(g) for g in (scores["teacher_logprobs"][r, :n]
-                                      - scores["behavior_logprobs"][r, :n])),
-        teacher_top=tuple(tuple(zip(tokenizer.convert_ids_to_tokens(t.tolist()),
-                                    (float(x) for x in p))) for t, p in zip(top_ids, top_p)),
-        mask=tuple(bool(c) for c in batch["loss_mask"][r, :n])))
-  metrics.write_rollouts_html(path, views)
-
-
 # ----------------------------------------------------------------------------------------------
 # periodic actions
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +224,8 @@ class Actions:
     if self.evaluator is not None and self.due(s.eval_every, done):
       values.update(self.evaluate(done, state.params))
     if page is not None and self.primary:
-      _samples_page(pathlib.Path(s.workdir) / "samples" / f"step_{done}.html", self.tokenizer,
-                    *page, s.samples_count, texts)
+      pages.write_samples_page(pathlib.Path(s.workdir) / "samples" / f"step_{done}.html",
+                               self.tokenizer, *page, s.samples_count, texts)
     if self.due(s.log_every, done) or any(k.startswith("eval/") for k in values):
       self.writer.write(done, values)
     if self.progress is not None:

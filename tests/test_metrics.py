@@ -1,7 +1,6 @@
-"""Metrics writer (jsonl, config, TensorBoard), progress line and the rollout HTML page."""
+"""Metrics writer (jsonl, config, TensorBoard) and the progress line."""
 
 import glob
-import html.parser
 import io
 import json
 import math
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from opd_jax.metrics import MetricsWriter, Progress, RolloutView, write_rollouts_html
+from opd_jax.metrics import MetricsWriter, Progress
 
 
 def _read_events(workdir):
@@ -186,65 +185,3 @@ def test_progress_defaults_to_plain_lines_on_a_non_terminal():
   assert stream.getvalue().count("\n") == 2 and "\r" not in stream.getvalue()
   with pytest.raises(ValueError, match="total_steps=0"):
     Progress(0)
-
-
-class _TagChecker(html.parser.HTMLParser):
-  """Records tag nesting errors and the text of every element with a title."""
-  VOID = {"meta", "br", "hr", "img", "input", "link"}
-
-  def __init__(self):
-    super().__init__()
-    self.stack, self.errors, self.titles, self.tags = [], [], [], []
-
-  def handle_starttag(self, tag, attrs):
-    self.tags.append(tag)
-    attrs = dict(attrs)
-    if "title" in attrs:
-      self.titles.append(attrs["title"])
-    if tag not in self.VOID:
-      self.stack.append(tag)
-
-  def handle_endtag(self, tag):
-    if not self.stack or self.stack.pop() != tag:
-      self.errors.append(tag)
-
-
-def _rows():
-  return [
-      RolloutView(prompt="What is 1 < 2 & 3?", tokens=["<script>", "alert(1)", "</script>",
-                                                       " \"ok\"\n", "<eos>"],
-                  gaps=[-1.25, 0.5, 0.0, 2.0, -3.0],
-                  teacher_top=[[("<b>", 0.6), ("a", 0.3), ("c", 0.1)]] * 5,
-                  mask=[True, True, True, True, False]),
-      RolloutView(prompt="p2", tokens=["x"], gaps=[float("nan")], teacher_top=[[("x", 1.0)]],
-                  mask=[True]),
-  ]
-
-
-def test_rollouts_html_escapes_and_shows_gaps_and_top_tokens(tmp_path):
-  path = tmp_path / "samples" / "step_10.html"
-  write_rollouts_html(path, _rows())
-  text = path.read_text()
-  assert "<script" not in text.lower()
-  assert "&lt;script&gt;" in text and "1 &lt; 2 &amp; 3" in text
-  checker = _TagChecker()
-  checker.feed(text)
-  checker.close()
-  assert not checker.errors and not checker.stack
-  assert "script" not in checker.tags and "b" not in checker.tags
-  # Gaps and the teacher's top-3 with probabilities, per token, in the hover text.
-  assert checker.titles[1] == "gap -1.2500 nats\nteacher top: '<b>' 0.600, 'a' 0.300, 'c' 0.100"
-  assert any(t.startswith("not counted\ngap -3.0000") for t in checker.titles)
-  assert any(t.startswith("gap +nan") for t in checker.titles)
-  # Default scale = largest counted |gap| (2.0; the masked -3 is ignored): full colours there.
-  assert "background:rgb(31,119,180)" in text       # the +2.0 token, full blue
-  assert "background:rgb(255,255,255)" in text      # gap 0
-  assert "&minus;2" in text and "+2" in text and "nats" in text
-  assert "mean gap +0.3125 nats" in text             # (-1.25 + 0.5 + 0 + 2) / 4
-
-
-def test_rollouts_html_bad_input(tmp_path):
-  with pytest.raises(ValueError, match="'mask': 1"):
-    RolloutView(prompt="", tokens=["a", "b"], gaps=[0.0, 0.0], teacher_top=[[], []], mask=[1])
-  with pytest.raises(ValueError, match="scale=0"):
-    write_rollouts_html(tmp_path / "x.html", _rows(), scale=0)
