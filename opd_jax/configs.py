@@ -82,95 +82,136 @@ def opd() -> ml_collections.ConfigDict:
   # with its own prompts and teacher. Empty: one task from `data` and `teacher` above.
   c.tasks = ()
 
-  c.data = dataset_fields()
-  c.data.prompts_per_step = 16     # prompts per iteration (global, over all hosts)
-  c.data.max_prompt_len = 2048     # longer prompts are an error (the sampler pads to a bucket)
-  c.data.chat_template = True      # wrap the problem in the tokenizer's chat template
-  c.data.retokenize_max_fraction = 0.01  # error above this fraction of response tokens that
-  #                                        re-tokenise differently under the teacher's tokenizer
+  c.data = data_fields()
+  c.rollout = rollout_fields()
+  c.loss = loss_fields()
+  c.opt = opt_fields()
+  c.mesh = mesh_fields()
+  c.checkpoint = checkpoint_fields()
+  c.eval = eval_fields()
+  c.log = log_fields()
+  return c
 
-  c.rollout = ml_collections.ConfigDict()
-  c.rollout.num_samples = 8        # G rollouts per prompt (group size)
-  c.rollout.max_new_tokens = 16384  # response budget N
-  c.rollout.temperature = 1.0      # sampling temperature
-  c.rollout.top_p = 0.9            # nucleus mass in (0, 1] (the paper: 0.9 for LSM, 1 baseline)
-  c.rollout.top_k = 0              # keep the k most likely tokens before top-p (0 = off)
-  c.rollout.stop_strings = ("<|im_end|>", "<|endoftext|>")  # tokens that end a response
-  c.rollout.banned_strings = ()    # tokens never sampled
 
-  c.loss = ml_collections.ConfigDict()
-  c.loss.estimator = "lsm"         # lsm (top-K local support matching) | sampled_token | full_rkl
-  #                                  | sft (cross-entropy on the dataset's reference answers)
-  c.loss.k = 32                    # support size K of lsm
-  c.loss.support = "teacher"       # lsm support: teacher | teacher+sampled
-  c.loss.renormalize = True        # lsm: renormalise both distributions inside the support
-  c.loss.tail = "none"             # lsm: none | ema_pg (sampled-token tail correction)
-  c.loss.tail_weight_clip = 0.0    # lsm ema_pg: cap on the tail importance weight (0 = none)
-  c.loss.gamma = 0.0               # sampled_token: future-reward coupling γ in [0, 1]
-  c.loss.ppo_clip = 0.2            # sampled_token: PPO clip ε (0 = no clipping)
-  c.loss.advantage_clip = 0.0      # sampled_token: clamp the return to [-c, c] (0 = none)
-  c.loss.mask_strings = ()         # special tokens whose first occurrence per response is masked
-  c.loss.chunk_tokens = 1024       # lsm: tokens per block of the fused top-K loss
-  c.loss.chunk_vocab = 8192        # lsm: vocabulary entries per block of the fused top-K loss
+def data_fields() -> ml_collections.ConfigDict:
+  """config.data: the dataset (dataset_fields()) and the prompts of each iteration."""
+  g = dataset_fields()
+  g.prompts_per_step = 16     # prompts per iteration (global, over all hosts)
+  g.max_prompt_len = 2048     # longer prompts are an error (the sampler pads to a bucket)
+  g.chat_template = True      # wrap the problem in the tokenizer's chat template
+  g.retokenize_max_fraction = 0.01  # error above this fraction of response tokens that
+  #                                   re-tokenise differently under the teacher's tokenizer
+  return g
 
-  c.opt = ml_collections.ConfigDict()
-  c.opt.minibatch_size = 64        # rollouts per optimizer step (batch / this = steps per iter)
-  c.opt.microbatch_size = 0        # rows per forward/backward pass, gradients summed over a
-  #                                  mini-batch's micro-batches (0: the whole mini-batch at once)
-  c.opt.lr = 2e-6                  # AdamW peak learning rate
-  c.opt.warmup_steps = 0           # linear warm-up, in optimizer steps
-  c.opt.schedule = "constant"      # constant | cosine (decay to 0 over all optimizer steps)
-  c.opt.b1 = 0.9                   # AdamW β1
-  c.opt.b2 = 0.999                 # AdamW β2
-  c.opt.eps = 1e-8                 # AdamW ε
-  c.opt.weight_decay = 0.01        # AdamW decoupled weight decay
-  c.opt.grad_clip = 1.0            # global-norm gradient clipping (0 = none)
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                 # data-parallel axis size (-1: all devices left)
-  c.mesh.fsdp = 1                  # fully-sharded axis size (parameters and batch)
-  c.mesh.tensor = 1                # tensor-parallel axis size (heads, MLP, vocabulary)
-  c.mesh.distributed = False       # call jax.distributed.initialize() (multi-host runs)
+def rollout_fields() -> ml_collections.ConfigDict:
+  """config.rollout: how the student samples its rollouts."""
+  g = ml_collections.ConfigDict()
+  g.num_samples = 8        # G rollouts per prompt (group size)
+  g.max_new_tokens = 16384  # response budget N
+  g.temperature = 1.0      # sampling temperature
+  g.top_p = 0.9            # nucleus mass in (0, 1] (the paper: 0.9 for LSM, 1 baseline)
+  g.top_k = 0              # keep the k most likely tokens before top-p (0 = off)
+  g.stop_strings = ("<|im_end|>", "<|endoftext|>")  # tokens that end a response
+  g.banned_strings = ()    # tokens never sampled
+  return g
+
+
+def loss_fields() -> ml_collections.ConfigDict:
+  """config.loss: the estimator and its options."""
+  g = ml_collections.ConfigDict()
+  g.estimator = "lsm"         # lsm (top-K local support matching) | sampled_token | full_rkl
+  #                             | sft (cross-entropy on the dataset's reference answers)
+  g.k = 32                    # support size K of lsm
+  g.support = "teacher"       # lsm support: teacher | teacher+sampled
+  g.renormalize = True        # lsm: renormalise both distributions inside the support
+  g.tail = "none"             # lsm: none | ema_pg (sampled-token tail correction)
+  g.tail_weight_clip = 0.0    # lsm ema_pg: cap on the tail importance weight (0 = none)
+  g.gamma = 0.0               # sampled_token: future-reward coupling γ in [0, 1]
+  g.ppo_clip = 0.2            # sampled_token: PPO clip ε (0 = no clipping)
+  g.advantage_clip = 0.0      # sampled_token: clamp the return to [-c, c] (0 = none)
+  g.mask_strings = ()         # special tokens whose first occurrence per response is masked
+  g.chunk_tokens = 1024       # lsm: tokens per block of the fused top-K loss
+  g.chunk_vocab = 8192        # lsm: vocabulary entries per block of the fused top-K loss
+  return g
+
+
+def opt_fields() -> ml_collections.ConfigDict:
+  """config.opt: AdamW, its schedule and the mini-/micro-batches."""
+  g = ml_collections.ConfigDict()
+  g.minibatch_size = 64        # rollouts per optimizer step (batch / this = steps per iter)
+  g.microbatch_size = 0        # rows per forward/backward pass, gradients summed over a
+  #                              mini-batch's micro-batches (0: the whole mini-batch at once)
+  g.lr = 2e-6                  # AdamW peak learning rate
+  g.warmup_steps = 0           # linear warm-up, in optimizer steps
+  g.schedule = "constant"      # constant | cosine (decay to 0 over all optimizer steps)
+  g.b1 = 0.9                   # AdamW β1
+  g.b2 = 0.999                 # AdamW β2
+  g.eps = 1e-8                 # AdamW ε
+  g.weight_decay = 0.01        # AdamW decoupled weight decay
+  g.grad_clip = 1.0            # global-norm gradient clipping (0 = none)
+  return g
+
+
+def mesh_fields() -> ml_collections.ConfigDict:
+  """config.mesh: the device mesh and the start-up memory check."""
+  g = ml_collections.ConfigDict()
+  g.data = -1                 # data-parallel axis size (-1: all devices left)
+  g.fsdp = 1                  # fully-sharded axis size (parameters and batch)
+  g.tensor = 1                # tensor-parallel axis size (heads, MLP, vocabulary)
+  g.distributed = False       # call jax.distributed.initialize() (multi-host runs)
   # Memory plan at start-up (opd_jax.plan): refuse a run whose per-device memory exceeds this
   # accelerator: "" = no check | h100 | h200 | tpu_v5p | tpu_v5e | a size such as "40GB".
-  c.mesh.accelerator = ""
+  g.accelerator = ""
+  return g
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 50          # save every this many iterations (and at the end)
-  c.checkpoint.keep = 3            # keep the newest this many checkpoints
-  c.checkpoint.async_save = True   # save in the background (Orbax async checkpointing)
-  c.checkpoint.init = ""           # another run to start from: its workdir, its checkpoints/
-  #                                  folder or one step's folder ("" = none); parameters only
-  c.checkpoint.init_step = -1      # which step of checkpoint.init (-1: the step folder's own,
-  #                                  else the latest complete one)
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every = 0                 # evaluate every this many iterations, at 0 and at the end
-  #                                  (0 = never; the runner supplies the evaluation)
+def checkpoint_fields() -> ml_collections.ConfigDict:
+  """config.checkpoint: Orbax checkpoints and where a run starts from."""
+  g = ml_collections.ConfigDict()
+  g.every = 50          # save every this many iterations (and at the end)
+  g.keep = 3            # keep the newest this many checkpoints
+  g.async_save = True   # save in the background (Orbax async checkpointing)
+  g.init = ""           # another run to start from: its workdir, its checkpoints/
+  #                       folder or one step's folder ("" = none); parameters only
+  g.init_step = -1      # which step of checkpoint.init (-1: the step folder's own,
+  #                       else the latest complete one)
+  return g
+
+
+def eval_fields() -> ml_collections.ConfigDict:
+  """config.eval: evaluation during training and standalone (opd_jax.evaluate)."""
+  g = ml_collections.ConfigDict()
+  g.every = 0                 # evaluate every this many iterations, at 0 and at the end
+  #                             (0 = never; the runner supplies the evaluation)
   # Math evaluation (opd_jax.evaluate; the "opd_eval" runner and the standalone entry point).
-  c.eval.benchmarks = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
-  c.eval.samples = 1               # k responses per problem: 1 = pass@1 (Table 1), 32 = avg@32
-  c.eval.max_new_tokens = 16384    # response budget of an evaluation sample
-  c.eval.top_p = 0.9               # the paper evaluates at top-p 0.9 ...
-  c.eval.temperature = 1.0         # ... and temperature 1
-  c.eval.batch_size = 128          # responses per sampler call (the KV cache's batch)
-  c.eval.limit = 0                 # 0 = every problem; N > 0 = the first N per benchmark (smoke)
-  c.eval.math_verify = False       # also report agreement with math-verify (if installed)
-  c.eval.grade_timeout_s = 5.0     # limit of one symbolic comparison of the grader
-  c.eval.grade_workers = 0         # grader processes (0 = half the CPUs, 2 to 8)
-  c.eval.data_dir = ""             # TFDS folder of the benchmark builds ("" = data.data_dir,
-  #                                  else workdir/tfds)
+  g.benchmarks = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
+  g.samples = 1               # k responses per problem: 1 = pass@1 (Table 1), 32 = avg@32
+  g.max_new_tokens = 16384    # response budget of an evaluation sample
+  g.top_p = 0.9               # the paper evaluates at top-p 0.9 ...
+  g.temperature = 1.0         # ... and temperature 1
+  g.batch_size = 128          # responses per sampler call (the KV cache's batch)
+  g.limit = 0                 # 0 = every problem; N > 0 = the first N per benchmark (smoke)
+  g.math_verify = False       # also report agreement with math-verify (if installed)
+  g.grade_timeout_s = 5.0     # limit of one symbolic comparison of the grader
+  g.grade_workers = 0         # grader processes (0 = half the CPUs, 2 to 8)
+  g.data_dir = ""             # TFDS folder of the benchmark builds ("" = data.data_dir,
+  #                             else workdir/tfds)
   # Published file or folder each benchmark is built from the first time ("" = already built,
   # or <data_dir>/downloads/manual/<name>/).
-  c.eval.sources = ml_collections.ConfigDict(dict(
+  g.sources = ml_collections.ConfigDict(dict(
       math500="", aime24="", aime25="", minerva_math="", olympiadbench=""))
+  return g
 
-  c.log = ml_collections.ConfigDict()
-  c.log.every = 1                  # metrics line every this many iterations
-  c.log.samples_every = 50         # workdir/samples/step_N.html every this many (0 = never)
-  c.log.samples_count = 4          # rollouts shown per samples page
-  c.log.tensorboard = True         # also write TensorBoard event files
-  return c
+
+def log_fields() -> ml_collections.ConfigDict:
+  """config.log: metrics lines, TensorBoard and the rollout samples pages."""
+  g = ml_collections.ConfigDict()
+  g.every = 1                  # metrics line every this many iterations
+  g.samples_every = 50         # workdir/samples/step_N.html every this many (0 = never)
+  g.samples_count = 4          # rollouts shown per samples page
+  g.tensorboard = True         # also write TensorBoard event files
+  return g
 
 
 # The paper's math runs (experiments/math_*.py, ablation_*.py, multitask_*.py) share these.

@@ -75,6 +75,12 @@ class EvalSettings:
   seed: int
 
   @classmethod
+  def of(cls, **overrides) -> "EvalSettings":
+    """The trainer's default evaluation settings (configs.opd()) with `overrides`."""
+    from opd_jax import configs  # pylint: disable=import-outside-toplevel
+    return dataclasses.replace(cls.from_config(configs.opd()), **overrides)
+
+  @classmethod
   def from_config(cls, config: Mapping) -> "EvalSettings":
     """Checks `config.eval` (one ValueError naming the first bad setting) and freezes it."""
     c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
@@ -236,83 +242,66 @@ def load_benchmark(name: str, *, data_dir: str | pathlib.Path, source: str | Non
   return list(split[:n])
 
 
-def evaluate(model, tokenizer, benchmarks: Sequence[str] = BENCHMARKS, *, k: int = 1,
-             max_new_tokens: int = 16384, top_p: float = 0.9, temperature: float = 1.0,
-             batch_size: int = 64, seed: int = 0, workdir: str | pathlib.Path | None = None,
-             step: int = 0, data_dir: str | pathlib.Path, chat_template: bool = True,
-             sources: Mapping[str, str] | None = None, limit: int = 0,
-             max_prompt_len: int = 2048,
-             stop_strings: Sequence[str] = ("<|im_end|>", "<|endoftext|>"),
-             banned_strings: Sequence[str] = (), math_verify: bool = False,
-             grade_timeout_s: float = 5.0, grade_workers: int | None = None,
-             label: str = "model", log: Callable[[str], None] = print) -> dict[str, float]:
+def evaluate(model, tokenizer, e: EvalSettings, *, data_dir: str | pathlib.Path,
+             workdir: str | pathlib.Path | None = None, step: int = 0, label: str = "model",
+             log: Callable[[str], None] = print) -> dict[str, float]:
   """Samples k responses per problem of each benchmark, grades them and reports the scores.
 
   Args:
     model: an `opd_jax.models.Decoder` (its parameters' mesh, if any, shards the sampling rows).
     tokenizer: the model's tokenizer (prompts use its chat template, responses are decoded by it).
-    benchmarks: names among BENCHMARKS.
-    k: samples per problem.
-    max_new_tokens: response budget in tokens.
-    top_p, temperature: sampling settings (the paper: 0.9 and 1).
-    batch_size: responses sampled per sampler call (rounded up to a multiple of the mesh's
-      batch ways): what bounds the KV cache's memory, batch_size x (prompt + max_new_tokens)
-      tokens. Every call has this shape, so one program is compiled per prompt-length bucket.
-    seed: the draws of benchmark b, call c come from fold_in(fold_in(key(seed), b), c), the same
-      at every training step (common random numbers make steps comparable).
+    e: the evaluation settings (`EvalSettings.from_config(config)`; `EvalSettings.of(...)`
+      overrides the trainer's defaults). Among them: `samples` k per problem; `batch_size`
+      responses per sampler call (rounded up to a multiple of the mesh's batch ways), what bounds
+      the KV cache's memory, batch_size x (prompt + max_new_tokens) tokens, one program per
+      prompt-length bucket; `seed`: the draws of benchmark b, call c come from
+      fold_in(fold_in(key(seed), b), c), the same at every training step (common random numbers
+      make steps comparable); `banned_strings`: ids past the tokenizer's vocabulary (embedding
+      padding) are always banned too; `math_verify`: also report the agreement rate with
+      math-verify.
+    data_dir: TFDS data folder of the benchmark builds.
     workdir: where `eval/step_N.json` (scores and per-problem results) and
       `eval/step_N_responses.jsonl` (the texts) go; None writes nothing.
     step: the training step (names the files and the table row).
-    data_dir: TFDS data folder of the benchmark builds.
-    chat_template: wrap problems in the tokenizer's chat template (else plain text).
-    sources: optional {benchmark: published file or folder} for the first build.
-    limit: 0 = every problem; N > 0 = the first N of each benchmark (smoke runs).
-    max_prompt_len: longer prompts are an error.
-    stop_strings: single tokens that end a response.
-    banned_strings: single tokens never sampled (ids past the tokenizer's vocabulary, i.e.
-      embedding padding, are always banned).
-    math_verify: also report the agreement rate with math-verify (when it is installed).
-    grade_timeout_s: limit of one symbolic comparison.
-    grade_workers: grader processes (None: the grader's default).
     label: the row label of the printed table.
     log: where the table and notes go.
 
   Returns:
     Flat metrics {"math500/pass@1": ..., "avg/pass@1": ..., "math500/mean_length": ...}.
   """
-  benchmarks = tuple(benchmarks)
-  _check_arguments(benchmarks, k=k, max_new_tokens=max_new_tokens, batch_size=batch_size)
-  draws = _Draws.of(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, stop_strings=stop_strings,
-                    banned_strings=banned_strings)
-  encode = registry.encoder(benchmarks[0], tokenizer, tokenizer, chat_template=chat_template,
-                            max_prompt_len=max_prompt_len)
-  root = jax.random.key(seed)
+  benchmarks, k = e.benchmarks, e.samples
+  _check_arguments(benchmarks, k=k, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+  draws = _Draws.of(model, tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                    temperature=e.temperature, top_p=e.top_p, stop_strings=e.stop_strings,
+                    banned_strings=e.banned_strings)
+  encode = registry.encoder(benchmarks[0], tokenizer, tokenizer, chat_template=e.chat_template,
+                            max_prompt_len=e.max_prompt_len)
+  root = jax.random.key(e.seed)
   flat: dict[str, float] = {}
   details: dict[str, Any] = {}
   texts: list[dict[str, Any]] = []
-  with math_grading.Grader(workers=grade_workers or None) as grader:
+  with math_grading.Grader(workers=e.grade_workers or None) as grader:
     for name in benchmarks:
-      problems = load_benchmark(name, data_dir=data_dir, source=(sources or {}).get(name),
-                                limit=limit)
+      problems = load_benchmark(name, data_dir=data_dir, source=dict(e.sources).get(name),
+                                limit=e.limit)
       responses, stopped = _sample_responses(
           model, [encode(p).prompt for p in problems], k,
           jax.random.fold_in(root, BENCHMARKS.index(name)), draws)
-      decoded = [_decode(tokenizer, ids, stop_strings) for ids in responses]
+      decoded = [_decode(tokenizer, ids, e.stop_strings) for ids in responses]
       refs = [p["answer"] for p in problems for _ in range(k)]
-      report = grader.grade(decoded, refs, timeout_s=grade_timeout_s)
+      report = grader.grade(decoded, refs, timeout_s=e.grade_timeout_s)
       m, items = _benchmark_metrics(problems, responses, stopped, report, k=k,
-                                    max_new_tokens=max_new_tokens)
-      if math_verify:
+                                    max_new_tokens=e.max_new_tokens)
+      if e.math_verify:
         m.update(_math_verify_agreement(decoded, refs, report, log))
       flat.update({f"{name}/{key}": v for key, v in m.items()})
       details[name] = dict(m, problems=len(problems), items=items)
       texts += [{"benchmark": name, "id": p["id"], "sample": j, "response": decoded[i * k + j]}
                 for i, p in enumerate(problems) for j in range(k)]
   flat.update(_benchmark_means(flat, benchmarks, k))
-  settings = dict(benchmarks=list(benchmarks), samples=k, max_new_tokens=max_new_tokens,
-                  top_p=top_p, temperature=temperature, limit=limit, seed=seed,
-                  chat_template=chat_template)
+  settings = dict(benchmarks=list(benchmarks), samples=k, max_new_tokens=e.max_new_tokens,
+                  top_p=e.top_p, temperature=e.temperature, limit=e.limit, seed=e.seed,
+                  chat_template=e.chat_template)
   record = {"step": step, "label": label, "settings": settings, "metrics": flat,
             "benchmarks": details}
   _write_results(record, texts, workdir=workdir, log=log)
@@ -506,14 +495,8 @@ def evaluate_with_config(model, tokenizer, config: ml_collections.ConfigDict, *,
   e = EvalSettings.from_config(config)
   check_benchmarks(e, workdir)
   data_dir = _benchmark_dir(e, workdir)
-  return evaluate(
-      model, tokenizer, e.benchmarks, k=e.samples, max_new_tokens=e.max_new_tokens,
-      top_p=e.top_p, temperature=e.temperature, batch_size=e.batch_size, seed=e.seed,
-      workdir=workdir, step=step, data_dir=data_dir, chat_template=e.chat_template,
-      sources=dict(e.sources), limit=e.limit, max_prompt_len=e.max_prompt_len,
-      stop_strings=e.stop_strings, banned_strings=e.banned_strings, math_verify=e.math_verify,
-      grade_timeout_s=e.grade_timeout_s, grade_workers=e.grade_workers or None, label=label,
-      log=log)
+  return evaluate(model, tokenizer, e, data_dir=data_dir, workdir=workdir, step=step,
+                  label=label, log=log)
 
 
 def make_evaluator(config: ml_collections.ConfigDict, tokenizer, *,

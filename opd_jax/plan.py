@@ -237,7 +237,7 @@ def plan_run(p, teachers: Sequence[tuple[Any, Any]], *,
                 if s.model.precision.mixed else ("train state (AdamW moments)",
                                                  tree_bytes(state) - tree_bytes(state.params))]
   teacher_bytes = [(f"teacher {i} parameters", tree_bytes(t)) for i, (_, t) in enumerate(teachers)]
-  n_rows, p_len, n_new = s.rollouts_per_step, sampling.bucket_length(s.max_prompt_len), \
+  n_rows, p_len, n_new = s.rollouts_per_step, sampling.bucket_length(s.data.max_prompt_len), \
       s.rollout.max_new_tokens
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = arr(key.shape, key.dtype, sharding.replicated(mesh))
@@ -254,8 +254,8 @@ def plan_run(p, teachers: Sequence[tuple[Any, Any]], *,
 
   scores = {}
   if p.estimator.samples:
-    prompt_args = [arr((s.prompts_per_step, p_len), jnp.int32),
-                   arr((s.prompts_per_step, p_len), bool)]
+    prompt_args = [arr((s.data.prompts_per_step, p_len), jnp.int32),
+                   arr((s.data.prompts_per_step, p_len), bool)]
     done("rollout", _compile(jax.jit(p.rollout), [compute] + prompt_args + [key],
                              state_left + teacher_bytes, _named_leaves(compute, "arg student/")))
     batch = tokens | {"teacher_prompt": arr((n_rows, p_len), jnp.int32),
@@ -346,11 +346,11 @@ def check_run(p, teachers: Sequence[tuple[Any, Any]], *,
   """
   from opd_jax import settings  # pylint: disable=import-outside-toplevel
   s, mesh = p.settings, p.mesh
-  budget = settings.memory_budget(s.accelerator, "mesh.accelerator")
+  budget = settings.memory_budget(s.mesh.accelerator, "mesh.accelerator")
   phases = plan_run(p, teachers)
-  text = table(phases) + "\n" + verdict(phases, budget, s.accelerator)
+  text = table(phases) + "\n" + verdict(phases, budget, s.mesh.accelerator)
   if not fits(phases, budget):
-    raise DoesNotFit(f"config.mesh.accelerator={s.accelerator!r}: this run cannot fit "
+    raise DoesNotFit(f"config.mesh.accelerator={s.mesh.accelerator!r}: this run cannot fit "
                      f"(plan on mesh {dict(mesh.shape)}):\n{text}\nShrink the batch or the "
                      "lengths, add devices, or set config.mesh.accelerator='' to skip the check")
   log(f"memory plan on mesh {dict(mesh.shape)}:\n{text}")
@@ -405,7 +405,7 @@ def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phas
   for task in run.tasks:
     task.data.dataset = task.data.dataset or "unused-by-the-plan"
   s = settings.TrainSettings.from_config(run)
-  mesh = sharding.make_mesh(*s.mesh)
+  mesh = sharding.make_mesh(*s.mesh.shape)
   fields = ([(t.teacher, f"tasks[{i}].teacher") for i, t in enumerate(run.tasks)] if run.tasks
             else [(run.teacher, "teacher")])
   student = architecture(s.model, run.model.plan_arch, "model", None)
@@ -415,8 +415,8 @@ def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phas
   log(f"mesh {dict(mesh.shape)}; student {_describe(student, s.model.precision)}")
   for (_, name), t in zip(fields, teachers):
     log(f"{name}: {_describe(t, None)}")
-  log(f"rows: {s.prompts_per_step} prompts x {s.rollout.num_samples} samples = "
-      f"{s.rollouts_per_step} rollouts; prompt {s.max_prompt_len}, response "
+  log(f"rows: {s.data.prompts_per_step} prompts x {s.rollout.num_samples} samples = "
+      f"{s.rollouts_per_step} rollouts; prompt {s.data.max_prompt_len}, response "
       f"{s.rollout.max_new_tokens}; mini-batch {s.opt.minibatch_size}; estimator "
       f"{s.loss.estimator}, K {s.loss.k}")
   from opd_jax import programs

@@ -1,4 +1,4 @@
-"""The trainer's compiled programs, built once from the settings: what train, plan and evaluate share.
+"""The trainer's compiled programs, built once from the settings: shared by train, plan, evaluate.
 
 `build(settings, student_config, vocab, mesh)` gives a `Programs` bundle: the run's estimator and
 static shapes, the sharded abstract train state (for restores and the memory plan), and the three

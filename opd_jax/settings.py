@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -195,8 +196,52 @@ class Task:
   env: EnvironmentSource | None = None
 
 
+def _from_group(cls, group: Mapping, **derived):
+  """One group dataclass from its ConfigDict group: every field of `cls` by keyword, from the
+  group's key of the same name (`derived` overrides: values computed from several keys). Floats
+  given as ints become floats; a field marked `zero_is_none` maps 0 to None ("off")."""
+  hints = typing.get_type_hints(cls)
+  values = {}
+  for f in dataclasses.fields(cls):
+    if f.name in derived:
+      values[f.name] = derived[f.name]
+      continue
+    value = group[f.name]
+    if f.metadata.get("zero_is_none") and value == 0:
+      value = None
+    elif hints[f.name] in (float, float | None) and isinstance(value, int) \
+        and not isinstance(value, bool):
+      value = float(value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    values[f.name] = value
+  return cls(**values)
+
+
+def _off_when_zero():
+  return dataclasses.field(metadata={"zero_is_none": True})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """config.data (less the dataset's own DatasetSource fields)."""
+  prompts_per_step: int
+  max_prompt_len: int
+  chat_template: bool
+  retokenize_max_fraction: float
+
+  @classmethod
+  def from_config(cls, d: Mapping) -> "DataSettings":
+    for key in ("prompts_per_step", "max_prompt_len"):
+      _positive(d, key, "data.")
+    if not 0.0 <= d["retokenize_max_fraction"] <= 1.0:
+      _fail("data.retokenize_max_fraction", d["retokenize_max_fraction"], "accepted: [0, 1]")
+    return _from_group(cls, d)
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
+  """config.rollout."""
   num_samples: int
   max_new_tokens: int
   temperature: float
@@ -205,25 +250,61 @@ class RolloutSettings:
   stop_strings: tuple[str, ...]
   banned_strings: tuple[str, ...]
 
+  @classmethod
+  def from_config(cls, r: Mapping) -> "RolloutSettings":
+    for key in ("num_samples", "max_new_tokens"):
+      _positive(r, key, "rollout.")
+    if not 0.0 < r["top_p"] <= 1.0:
+      _fail("rollout.top_p", r["top_p"], "accepted: a float in (0, 1]")
+    if r["temperature"] < 0:
+      _fail("rollout.temperature", r["temperature"], "accepted: >= 0 (0 = greedy)")
+    if r["top_k"] < 0:
+      _fail("rollout.top_k", r["top_k"], "accepted: an int >= 0 (0 = off)")
+    return _from_group(cls, r)
+
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-  """Static settings of the update's loss (hashable: part of the compiled program's key)."""
+  """config.loss: static settings of the update's loss (hashable: part of the compiled
+  program's key). The clips are None when off (0 in the config)."""
   estimator: str
   k: int
   support: str
   renormalize: bool
   tail: str
-  tail_weight_clip: float | None
+  tail_weight_clip: float | None = _off_when_zero()
   gamma: float
-  ppo_clip: float | None
-  advantage_clip: float | None
+  ppo_clip: float | None = _off_when_zero()
+  advantage_clip: float | None = _off_when_zero()
   chunk_tokens: int
   chunk_vocab: int
+  # Special tokens masked at their first occurrence per response (the trainer's batch masks).
+  mask_strings: tuple[str, ...] = ()
+
+  @classmethod
+  def from_config(cls, lo: Mapping) -> "LossSettings":
+    if lo["estimator"] not in estimators.names():
+      _fail("loss.estimator", lo["estimator"], f"accepted: {', '.join(estimators.names())}")
+    _positive(lo, "k", "loss.")
+    if lo["support"] not in LSM_SUPPORTS:
+      _fail("loss.support", lo["support"], f"accepted by the fused trainer loss: "
+            f"{', '.join(LSM_SUPPORTS)} (student supports need the teacher's full logits: use "
+            "opd_jax.losses.topk_reverse_kl on materialised logits)")
+    if lo["tail"] not in TAILS:
+      _fail("loss.tail", lo["tail"], f"accepted: {', '.join(TAILS)}")
+    if not 0.0 <= lo["gamma"] <= 1.0:
+      _fail("loss.gamma", lo["gamma"], "accepted: a float in [0, 1]")
+    if not 0.0 <= lo["ppo_clip"] < 1.0:
+      _fail("loss.ppo_clip", lo["ppo_clip"], "accepted: [0, 1) (0 = no clipping)")
+    for key in ("tail_weight_clip", "advantage_clip", "chunk_tokens", "chunk_vocab"):
+      if lo[key] < 0:
+        _fail(f"loss.{key}", lo[key], "accepted: >= 0")
+    return _from_group(cls, lo)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptSettings:
+  """config.opt (the grad clip None when off)."""
   minibatch_size: int
   lr: float
   warmup_steps: int
@@ -232,13 +313,98 @@ class OptSettings:
   b2: float
   eps: float
   weight_decay: float
-  grad_clip: float | None
+  grad_clip: float | None = _off_when_zero()
   microbatch_size: int = 0     # rows per forward/backward pass (0: the whole mini-batch)
 
   @property
   def microbatches(self) -> int:
     """Forward/backward passes per optimizer step, their gradients summed before the step."""
     return self.minibatch_size // self.microbatch_size if self.microbatch_size else 1
+
+  @classmethod
+  def from_config(cls, o: Mapping, rollouts: int, counted: str) -> "OptSettings":
+    """`rollouts` per step, and how they are counted (for the mini-batch message)."""
+    if o["schedule"] not in SCHEDULES:
+      _fail("opt.schedule", o["schedule"], f"accepted: {', '.join(SCHEDULES)}")
+    _positive(o, "minibatch_size", "opt.")
+    if o["lr"] <= 0:
+      _fail("opt.lr", o["lr"], "accepted: > 0")
+    if rollouts % o["minibatch_size"]:
+      _fail("opt.minibatch_size", o["minibatch_size"],
+            f"the {rollouts} rollouts per step ({counted}) must split into whole mini-batches")
+    if o["microbatch_size"] < 0 or (o["microbatch_size"] and
+                                    o["minibatch_size"] % o["microbatch_size"]):
+      _fail("opt.microbatch_size", o["microbatch_size"],
+            f"accepted: 0 (the whole mini-batch) or a divisor of opt.minibatch_size="
+            f"{o['minibatch_size']}")
+    return _from_group(cls, o)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """config.mesh."""
+  data: int
+  fsdp: int
+  tensor: int
+  distributed: bool
+  accelerator: str          # memory plan checked at start-up against this ("" = no check)
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `sharding.make_mesh`."""
+    return self.data, self.fsdp, self.tensor
+
+  @classmethod
+  def from_config(cls, m: Mapping) -> "MeshSettings":
+    if m["accelerator"]:
+      memory_budget(m["accelerator"], "mesh.accelerator")
+    return _from_group(cls, m)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  """config.checkpoint (`init_step` None: the init folder's own step, else its latest)."""
+  every: int
+  keep: int
+  async_save: bool
+  init: str
+  init_step: int | None
+
+  @classmethod
+  def from_config(cls, ck: Mapping) -> "CheckpointSettings":
+    for key in ("every", "keep"):
+      _positive(ck, key, "checkpoint.")
+    if ck["init"] and not os.path.isdir(ck["init"]):
+      _fail("checkpoint.init", ck["init"], "expected an existing folder: a run's workdir, its "
+            "checkpoints/ folder or one step's folder")
+    if not isinstance(ck["init_step"], int) or ck["init_step"] < -1:
+      _fail("checkpoint.init_step", ck["init_step"], "accepted: -1 (the latest, or the step "
+            "of a step folder) or a step >= 0")
+    return _from_group(cls, ck, init_step=None if ck["init_step"] < 0 else ck["init_step"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+  """config.log."""
+  every: int
+  samples_every: int
+  samples_count: int
+  tensorboard: bool
+
+  @classmethod
+  def from_config(cls, lg: Mapping) -> "LogSettings":
+    _positive(lg, "every", "log.")
+    for key in ("samples_every", "samples_count"):
+      if lg[key] < 0:
+        _fail(f"log.{key}", lg[key], "accepted: an int >= 0")
+    return _from_group(cls, lg)
+
+
+# Config groups -> the dataclasses that read them (every key of a group is read by one of them;
+# tests/test_settings.py checks that against configs.opd(), so the two never drift apart).
+GROUPS = {"data": (DataSettings, DatasetSource), "rollout": (RolloutSettings,),
+          "loss": (LossSettings,), "opt": (OptSettings,), "mesh": (MeshSettings,),
+          "checkpoint": (CheckpointSettings,), "log": (LogSettings,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,31 +415,18 @@ class TrainSettings:
   steps: int
   model: ModelSource
   tasks: tuple[Task, ...]
-  prompts_per_step: int
-  max_prompt_len: int
-  chat_template: bool
-  retokenize_max_fraction: float
+  data: DataSettings
   rollout: RolloutSettings
   loss: LossSettings
   opt: OptSettings
-  mesh: tuple[int, int, int]
-  distributed: bool
-  accelerator: str          # memory plan checked at start-up against this ("" = no check)
-  mask_strings: tuple[str, ...]
+  mesh: MeshSettings
+  checkpoint: CheckpointSettings
+  log: LogSettings
   eval_every: int
-  checkpoint_every: int
-  checkpoint_keep: int
-  checkpoint_async: bool
-  checkpoint_init: str
-  checkpoint_init_step: int | None   # None: the init folder's own step, else its latest
-  log_every: int
-  samples_every: int
-  samples_count: int
-  tensorboard: bool
 
   @property
   def rollouts_per_step(self) -> int:
-    return self.prompts_per_step * self.rollout.num_samples
+    return self.data.prompts_per_step * self.rollout.num_samples
 
   @property
   def minibatches(self) -> int:
@@ -293,101 +446,29 @@ class TrainSettings:
       _fail("workdir", c["workdir"], "the trainer needs a folder for checkpoints and metrics "
             "(--config.workdir=DIR)")
     _positive(c, "steps")
-    data, r, lo, o, lg, ck = (c["data"], c["rollout"], c["loss"], c["opt"], c["log"],
-                              c["checkpoint"])
     tasks = tuple(_task(t, i) for i, t in enumerate(c["tasks"]))
     if not tasks:
-      tasks = (Task(data["dataset"], DatasetSource.from_config(data, "data"),
+      tasks = (Task(c["data"]["dataset"], DatasetSource.from_config(c["data"], "data"),
                     ModelSource.from_config(c["teacher"], "teacher", trained=False)),)
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
       _fail("tasks", names, "task names (or datasets) must be distinct")
-    for key in ("prompts_per_step", "max_prompt_len"):
-      _positive(data, key, "data.")
-    for key in ("num_samples", "max_new_tokens"):
-      _positive(r, key, "rollout.")
-    if not 0.0 < r["top_p"] <= 1.0:
-      _fail("rollout.top_p", r["top_p"], "accepted: a float in (0, 1]")
-    if r["temperature"] < 0:
-      _fail("rollout.temperature", r["temperature"], "accepted: >= 0 (0 = greedy)")
-    if r["top_k"] < 0:
-      _fail("rollout.top_k", r["top_k"], "accepted: an int >= 0 (0 = off)")
-    if not 0.0 <= data["retokenize_max_fraction"] <= 1.0:
-      _fail("data.retokenize_max_fraction", data["retokenize_max_fraction"], "accepted: [0, 1]")
-    if lo["estimator"] not in estimators.names():
-      _fail("loss.estimator", lo["estimator"], f"accepted: {', '.join(estimators.names())}")
-    _positive(lo, "k", "loss.")
-    if lo["support"] not in LSM_SUPPORTS:
-      _fail("loss.support", lo["support"], f"accepted by the fused trainer loss: "
-            f"{', '.join(LSM_SUPPORTS)} (student supports need the teacher's full logits: use "
-            "opd_jax.losses.topk_reverse_kl on materialised logits)")
-    if lo["tail"] not in TAILS:
-      _fail("loss.tail", lo["tail"], f"accepted: {', '.join(TAILS)}")
-    if not 0.0 <= lo["gamma"] <= 1.0:
-      _fail("loss.gamma", lo["gamma"], "accepted: a float in [0, 1]")
-    if not 0.0 <= lo["ppo_clip"] < 1.0:
-      _fail("loss.ppo_clip", lo["ppo_clip"], "accepted: [0, 1) (0 = no clipping)")
-    for key in ("tail_weight_clip", "advantage_clip", "chunk_tokens", "chunk_vocab"):
-      if lo[key] < 0:
-        _fail(f"loss.{key}", lo[key], "accepted: >= 0")
-    if o["schedule"] not in SCHEDULES:
-      _fail("opt.schedule", o["schedule"], f"accepted: {', '.join(SCHEDULES)}")
-    _positive(o, "minibatch_size", "opt.")
-    if o["lr"] <= 0:
-      _fail("opt.lr", o["lr"], "accepted: > 0")
-    rollouts = data["prompts_per_step"] * r["num_samples"]
-    if rollouts % o["minibatch_size"]:
-      _fail("opt.minibatch_size", o["minibatch_size"],
-            f"the {rollouts} rollouts per step (data.prompts_per_step={data['prompts_per_step']} "
-            f"x rollout.num_samples={r['num_samples']}) must split into whole mini-batches")
-    if o["microbatch_size"] < 0 or (o["microbatch_size"] and
-                                    o["minibatch_size"] % o["microbatch_size"]):
-      _fail("opt.microbatch_size", o["microbatch_size"],
-            f"accepted: 0 (the whole mini-batch) or a divisor of opt.minibatch_size="
-            f"{o['minibatch_size']}")
-    m = c["mesh"]
-    if m["accelerator"]:
-      memory_budget(m["accelerator"], "mesh.accelerator")
-    for key in ("every", "keep"):
-      _positive(ck, key, "checkpoint.")
-    if ck["init"] and not os.path.isdir(ck["init"]):
-      _fail("checkpoint.init", ck["init"], "expected an existing folder: a run's workdir, its "
-            "checkpoints/ folder or one step's folder")
-    if not isinstance(ck["init_step"], int) or ck["init_step"] < -1:
-      _fail("checkpoint.init_step", ck["init_step"], "accepted: -1 (the latest, or the step "
-            "of a step folder) or a step >= 0")
-    _positive(lg, "every", "log.")
-    for name, value in (("eval.every", c["eval"]["every"]), ("log.samples_every",
-                        lg["samples_every"]), ("log.samples_count", lg["samples_count"])):
-      if value < 0:
-        _fail(name, value, "accepted: an int >= 0")
-    none_if_zero = lambda x: None if x == 0 else float(x)
-    return cls(
-        seed=c["seed"], workdir=c["workdir"], steps=c["steps"],
-        model=ModelSource.from_config(c["model"], "model"), tasks=tasks,
-        prompts_per_step=data["prompts_per_step"], max_prompt_len=data["max_prompt_len"],
-        chat_template=data["chat_template"],
-        retokenize_max_fraction=float(data["retokenize_max_fraction"]),
-        rollout=RolloutSettings(r["num_samples"], r["max_new_tokens"], float(r["temperature"]),
-                                float(r["top_p"]), r["top_k"], tuple(r["stop_strings"]),
-                                tuple(r["banned_strings"])),
-        loss=LossSettings(lo["estimator"], lo["k"], lo["support"], lo["renormalize"], lo["tail"],
-                          none_if_zero(lo["tail_weight_clip"]), float(lo["gamma"]),
-                          none_if_zero(lo["ppo_clip"]), none_if_zero(lo["advantage_clip"]),
-                          lo["chunk_tokens"], lo["chunk_vocab"]),
-        opt=OptSettings(o["minibatch_size"], float(o["lr"]), o["warmup_steps"], o["schedule"],
-                        float(o["b1"]), float(o["b2"]), float(o["eps"]),
-                        float(o["weight_decay"]), none_if_zero(o["grad_clip"]),
-                        o["microbatch_size"]),
-        mesh=(m["data"], m["fsdp"], m["tensor"]), distributed=m["distributed"],
-        accelerator=m["accelerator"],
-        mask_strings=tuple(lo["mask_strings"]), eval_every=c["eval"]["every"],
-        checkpoint_every=ck["every"], checkpoint_keep=ck["keep"],
-        checkpoint_async=ck["async_save"], checkpoint_init=ck["init"],
-        checkpoint_init_step=None if ck["init_step"] < 0 else ck["init_step"],
-        log_every=lg["every"],
-        samples_every=lg["samples_every"], samples_count=lg["samples_count"],
-        tensorboard=lg["tensorboard"])
+    data = DataSettings.from_config(c["data"])
+    rollout = RolloutSettings.from_config(c["rollout"])
+    loss = LossSettings.from_config(c["loss"])
+    opt = OptSettings.from_config(
+        c["opt"], data.prompts_per_step * rollout.num_samples,
+        f"data.prompts_per_step={data.prompts_per_step} x rollout.num_samples="
+        f"{rollout.num_samples}")
+    mesh = MeshSettings.from_config(c["mesh"])
+    checkpoint = CheckpointSettings.from_config(c["checkpoint"])
+    log = LogSettings.from_config(c["log"])
+    if c["eval"]["every"] < 0:
+      _fail("eval.every", c["eval"]["every"], "accepted: an int >= 0")
+    return cls(seed=c["seed"], workdir=c["workdir"], steps=c["steps"],
+               model=ModelSource.from_config(c["model"], "model"), tasks=tasks, data=data,
+               rollout=rollout, loss=loss, opt=opt, mesh=mesh, checkpoint=checkpoint, log=log,
+               eval_every=c["eval"]["every"])
 
 
 def _task(t: Mapping, i: int) -> Task:

@@ -105,7 +105,7 @@ def open_task(task: Task, index: int, s: TrainSettings, workdir: pathlib.Path, t
               mesh, samples: bool) -> TaskRuntime:
   """Loads task `index`'s teacher and data (or environments); `samples`: the estimator trains
   on the student's rollouts (else on the dataset's reference responses)."""
-  special_ids = tuple(masking.ids_for_strings(tokenizer, s.mask_strings))
+  special_ids = tuple(masking.ids_for_strings(tokenizer, s.loss.mask_strings))
   if task.env is not None:
     return _open_environment_task(task, index, s, tokenizer, mesh, samples, special_ids)
   teacher_tok = registry.tokenizer_for(task.teacher.tokenizer, task.data.dataset, workdir)
@@ -113,7 +113,8 @@ def open_task(task: Task, index: int, s: TrainSettings, workdir: pathlib.Path, t
                                 mesh=mesh)
   examples = registry.open_split(task.data, workdir)
   encode = registry.encoder(task.data.dataset, tokenizer, teacher_tok,
-                            chat_template=s.chat_template, max_prompt_len=s.max_prompt_len)
+                            chat_template=s.data.chat_template,
+                            max_prompt_len=s.data.max_prompt_len)
   teacher_def, teacher_params = nnx.split(teacher)
   collect = functools.partial(_collect_rollouts if samples else _collect_references, s=s,
                               index=index, name=task.name, examples=examples, encode=encode,
@@ -135,7 +136,7 @@ def _open_environment_task(task: Task, index: int, s: TrainSettings, tokenizer, 
                  else tokenizer)
   teacher = programs.load_model(task.teacher, len(teacher_tok), seed=s.seed + 1000 + index,
                                 mesh=mesh)
-  if s.chat_template:
+  if s.data.chat_template:
     # The teacher's renderer only renders the first observation (its prompt): the rest of an
     # episode is the student's ids, with the student's end-of-turn marker.
     system = task.env.system_prompt or None
@@ -180,7 +181,7 @@ def _collect_rollouts(p: programs.Programs, params, step: int, key: jax.Array, *
   """prompts_per_step prompts of the dataset, rollout.num_samples rollouts each."""
   del name
   enc, (prompt, prompt_mask), (t_prompt, t_prompt_mask) = _encoded_prompts(
-      s, index, examples, encode, step, s.prompts_per_step)
+      s, index, examples, encode, step, s.data.prompts_per_step)
   prompt, prompt_mask = global_rows(p.mesh, prompt, prompt_mask)
   g = s.rollout.num_samples
   rollout = p.rollout(params, prompt, prompt_mask, jax.random.fold_in(key, 0))
@@ -233,7 +234,7 @@ def _collect_episodes(p: programs.Programs, params, step: int, key: jax.Array, *
       banned_token_ids=p.banned_ids, stop_token_ids=p.stop_ids)
   episodes = environments.rollout(
       p.student(params), envs, seeds, renderer, jax.random.fold_in(key, 0), limits, mesh=p.mesh,
-      row_multiple=sharding.batch_divisor(p.mesh), max_prompt_len=s.max_prompt_len)
+      row_multiple=sharding.batch_divisor(p.mesh), max_prompt_len=s.data.max_prompt_len)
   # Observations are encoded, not sampled: their ids must lie in the vocabulary the student
   # and the teacher share (the sampler's bans keep the student's own tokens there).
   outside = episodes.response[episodes.response_mask] >= p.vocab

@@ -51,13 +51,13 @@ def _check_layout(s: TrainSettings, mesh, p_vocab: int, estimator) -> None:
       ("opt.minibatch_size", s.opt.minibatch_size, ""),
       ("opt.microbatch_size", s.opt.microbatch_size,
        ", so that every device has rows in every micro-batch"),
-      ("data.prompts_per_step", s.prompts_per_step, " (the prompts are split over them before "
+      ("data.prompts_per_step", s.data.prompts_per_step, " (the prompts are split over them before "
        "sampling)")):
     if value % ways:
       raise ConfigError(f"config.{name}={value} must be a multiple of the mesh's batch ways "
                         f"data*fsdp={ways} (mesh {dict(mesh.shape)}){why}")
-  if s.prompts_per_step % jax.process_count():
-    raise ConfigError(f"config.data.prompts_per_step={s.prompts_per_step} must be a multiple "
+  if s.data.prompts_per_step % jax.process_count():
+    raise ConfigError(f"config.data.prompts_per_step={s.data.prompts_per_step} must be a multiple "
                       f"of the process count {jax.process_count()}")
   try:
     estimator.check(s.loss, p_vocab)
@@ -69,7 +69,7 @@ def setup(s: TrainSettings, log: Callable[[str], None]
           ) -> tuple[programs.Programs, list[tasks.TaskRuntime], Any]:
   """The run's programs, its tasks (teachers loaded) and the student's tokenizer."""
   from opd_jax import estimators  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(*s.mesh)
+  mesh = sharding.make_mesh(*s.mesh.shape)
   workdir = pathlib.Path(s.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   estimator = estimators.get(s.loss.estimator)
@@ -83,7 +83,7 @@ def setup(s: TrainSettings, log: Callable[[str], None]
       s, student_config, vocab, mesh,
       banned_ids=tuple(masking.ids_for_strings(tokenizer, s.rollout.banned_strings)),
       stop_ids=tuple(masking.ids_for_strings(tokenizer, s.rollout.stop_strings)))
-  if s.accelerator:  # the three programs' memory per device, before any weights of the student
+  if s.mesh.accelerator:  # the three programs' memory per device, before any weights of the student
     plan.check_run(p, [(t.teacher_def, t.teacher_params) for t in opened], log=log)
   return p, opened, tokenizer
 
@@ -100,14 +100,14 @@ def _initial_state(p: programs.Programs, ckpt: checkpoint.Checkpointer, log
     else:
       log(f"resumed from step {latest} of {s.steps} ({ckpt.directory}/{latest})")
     return state, latest
-  if s.checkpoint_init:
+  if s.checkpoint.init:
     try:
       restored, _, step = checkpoint.restore(
-          s.checkpoint_init, p.abstract_state, step=s.checkpoint_init_step,
+          s.checkpoint.init, p.abstract_state, step=s.checkpoint.init_step,
           name="config.checkpoint.init")
     except ValueError as e:
       raise ConfigError(str(e)) from e
-    log(f"started from {s.checkpoint_init} step {step} (parameters only)")
+    log(f"started from {s.checkpoint.init} step {step} (parameters only)")
     params = restored.params
   else:
     model = programs.load_model(s.model, p.vocab, seed=s.seed, mesh=p.mesh)
@@ -154,7 +154,7 @@ def _host_metrics(p: programs.Programs, task: tasks.TaskRuntime, tokenizer,
     ids = prompts.unpad(host_response, host_mask)
     values.update(prompts.check_retokenization(
         ids, prompts.retokenize(ids, tokenizer, task.teacher_tokenizer),
-        p.settings.retokenize_max_fraction).metrics())
+        p.settings.data.retokenize_max_fraction).metrics())
   values.update(batch.metrics)
   stopped = (batch.stopped if batch.stopped is not None
              else np.isin(host_response, p.stop_ids).any(axis=1))
@@ -210,7 +210,7 @@ class Actions:
     """Host copies for the samples page of iteration `done`, gathered before the update (every
     process takes part in the gather; process 0 writes the page once the step is finite)."""
     s = self.p.settings
-    if not (self.p.estimator.samples and s.samples_every and done % s.samples_every == 0):
+    if not (self.p.estimator.samples and s.log.samples_every and done % s.log.samples_every == 0):
       return None
     keys = ("teacher_logprobs", "behavior_logprobs", "t_indices", "t_logits", "t_lse")
     return ({k: sharding.to_host(getattr(batch, k)) for k in
@@ -225,8 +225,8 @@ class Actions:
       values.update(self.evaluate(done, state.params))
     if page is not None and self.primary:
       pages.write_samples_page(pathlib.Path(s.workdir) / "samples" / f"step_{done}.html",
-                               self.tokenizer, *page, s.samples_count, texts)
-    if self.due(s.log_every, done) or any(k.startswith("eval/") for k in values):
+                               self.tokenizer, *page, s.log.samples_count, texts)
+    if self.due(s.log.every, done) or any(k.startswith("eval/") for k in values):
       self.writer.write(done, values)
     if self.progress is not None:
       self.progress.update(done, values)
@@ -255,15 +255,15 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
     The metrics of the iterations this call ran, one dict per iteration.
   """
   s = TrainSettings.from_config(config)
-  sharding.initialize_distributed(s.distributed)
+  sharding.initialize_distributed(s.mesh.distributed)
   primary = jax.process_index() == 0
   say = log if primary else (lambda _: None)
   p, task_list, tokenizer = setup(s, say)
-  writer = metrics.MetricsWriter(s.workdir, tensorboard=s.tensorboard, primary=primary)
+  writer = metrics.MetricsWriter(s.workdir, tensorboard=s.log.tensorboard, primary=primary)
   writer.write_config(settings.plain(config))
   ckpt = checkpoint.Checkpointer(pathlib.Path(s.workdir) / "checkpoints",
-                                 save_every=s.checkpoint_every, keep=s.checkpoint_keep,
-                                 async_save=s.checkpoint_async)
+                                 save_every=s.checkpoint.every, keep=s.checkpoint.keep,
+                                 async_save=s.checkpoint.async_save)
   state, start = _initial_state(p, ckpt, say)
   # Rows after the restored step were logged by the interrupted run; a fresh start (no
   # checkpoint yet) logs everything again, its step-0 evaluation included.

@@ -1,6 +1,7 @@
 """Math evaluation: score arithmetic, the paper-layout table, eval/step_N.json, the trainer hook,
 and the standalone entry on Hugging Face folders and trainer checkpoints."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -120,7 +121,8 @@ def test_scores_lengths_and_files_with_a_scripted_sampler(assets, tmp_path, monk
   lines = []
   k = 3
   out = evaluate.evaluate(
-      model, tok, ("math500", "aime24"), k=k, max_new_tokens=N_TOKENS, batch_size=6,
+      model, tok, evaluate.EvalSettings.of(benchmarks=("math500", "aime24"), samples=k,
+                                           max_new_tokens=N_TOKENS, batch_size=6),
       data_dir=assets["tfds"], workdir=tmp_path, step=7, label="scripted", log=lines.append)
   # 3 problems x 3 samples in calls of 6 rows, rounded up to the mesh's 8 batch ways.
   assert [c["rows"] for c in calls] == [8, 8] * 2
@@ -174,12 +176,13 @@ def test_math_verify_agreement_is_reported_on_request(assets, monkeypatch):
       model_type="qwen2", vocab_size=eval_helpers.MODEL_VOCAB, hidden_size=16,
       intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8))
   monkeypatch.setattr(evaluate.sampling, "sample", _fake_sample(tok, []))
-  kwargs = dict(k=3, max_new_tokens=N_TOKENS, batch_size=9, data_dir=assets["tfds"],
-                workdir=None, log=lambda _: None)
-  plain = evaluate.evaluate(model, tok, ("aime25",), **kwargs)
+  e = evaluate.EvalSettings.of(benchmarks=("aime25",), samples=3, max_new_tokens=N_TOKENS,
+                               batch_size=9)
+  kwargs = dict(data_dir=assets["tfds"], workdir=None, log=lambda _: None)
+  plain = evaluate.evaluate(model, tok, e, **kwargs)
   assert "aime25/math_verify_agreement" not in plain
   monkeypatch.setattr(evaluate.sampling, "sample", _fake_sample(tok, []))
-  checked = evaluate.evaluate(model, tok, ("aime25",), math_verify=True, **kwargs)
+  checked = evaluate.evaluate(model, tok, dataclasses.replace(e, math_verify=True), **kwargs)
   # Integer answers in \boxed{}: both graders decide every item alike.
   assert checked["aime25/math_verify_agreement"] == 1.0
   assert {k: v for k, v in checked.items() if "math_verify" not in k} == plain

@@ -123,7 +123,7 @@ def test_every_variant_and_its_smoke_size_validate_with_paths_set(assets, tmp_pa
     s = TrainSettings.from_config(c)
     evaluate.EvalSettings.from_config(c)
     ways = c.mesh.fsdp * (c.mesh.data if c.mesh.data > 0 else 8 // c.mesh.fsdp)
-    assert s.opt.minibatch_size % ways == 0 and s.prompts_per_step % ways == 0
+    assert s.opt.minibatch_size % ways == 0 and s.data.prompts_per_step % ways == 0
     if variant and "smoke" in variant:
       assert s.steps == 2 and s.rollout.max_new_tokens <= 16 and c.eval.limit <= 4
 

@@ -53,7 +53,7 @@ def test_update_numbers_agree_with_memory_analysis_and_shard_sizes(planned):
   c, out, _ = planned
   c = c.copy_and_resolve_references()
   s = settings.TrainSettings.from_config(c)
-  mesh = sharding.make_mesh(*s.mesh)
+  mesh = sharding.make_mesh(*s.mesh.shape)
   config = plan.architecture(s.model, "", "model", None)
   _, params = plan.abstract_model(config, mesh)
   shard = steps.train_state_shardings(config, s.opt, s.steps * s.minibatches, mesh)
