@@ -646,6 +646,8 @@ def main(argv, flags) -> dict[str, float]:
   del argv
   # pylint: disable=import-outside-toplevel
   from opd_jax import checkpoint as ckpt_lib
+  if not pathlib.Path(flags.checkpoint).is_dir():
+    raise ValueError(f"--checkpoint={flags.checkpoint!r} is not an existing folder")
   config = flags.config if flags.config is not None else run_config(flags.checkpoint)
   if config is None:
     raise ValueError(f"--checkpoint={flags.checkpoint!r} is not a trainer run with a "

@@ -270,8 +270,8 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
   writer.truncate_after(start if start else -1)
   progress = metrics.Progress(s.steps, start_step=start) if primary else None
   actions = Actions(p, evaluator, writer, ckpt, progress, tokenizer, primary)
-  if start == 0 and s.eval_every and evaluator is not None:
-    writer.write(0, actions.evaluate(0, state.params))
+  if start == 0 and s.eval_every and (first := actions.evaluate(0, state.params)):
+    writer.write(0, first)
   root, history = jax.random.key(s.seed), []
   try:
     for step in range(start, s.steps):

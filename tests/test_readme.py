@@ -180,7 +180,8 @@ def _substitute(args: list[str], assets: dict, tmp: pathlib.Path) -> list[str]:
       key, value = a.split("=", 1)
       value = str(assets[PLACEHOLDERS[value]]) if value in PLACEHOLDERS else value
       if re.match(r"(runs|workdir)/", value):
-        value = str(tmp / value)
+        # A step's folder names a step of the 2-step ':smoke' run.
+        value = str(tmp / re.sub(r"(checkpoints/)\d+$", r"\g<1>2", value))
       a = f"{key}={value}"
     out.append(a)
   return out
