@@ -173,9 +173,13 @@ def real(tmp_path_factory):
   return folder, torch_model, torch_tok
 
 
-def _chat_batch(tok):
+@pytest.fixture(scope="module")
+def ours(real):
+  """(our tokenizer, our model, the left-padded chat batch of CONVERSATIONS) of the folder."""
+  tok = models.load_tokenizer(real[0])
   ids = [prompts.encode_prompt(c, tok) for c in CONVERSATIONS]
-  return prompts.left_pad(ids, tok.pad_token_id)   # pad id == eos id: the mask decides
+  tokens, mask = prompts.left_pad(ids, tok.pad_token_id)   # pad id == eos id: the mask decides
+  return tok, models.load_hf_checkpoint(real[0])[0], tokens, mask
 
 
 @pytest.mark.slow
@@ -200,30 +204,26 @@ def test_real_tokenizer_and_chat_template_match_transformers(real):
 
 @pytest.mark.slow
 @needs_model
-def test_real_forward_matches_transformers_on_left_padded_chat_prompts(real):
-  folder, torch_model, _ = real
-  tok = models.load_tokenizer(folder)
-  tokens, mask = _chat_batch(tok)
+def test_real_forward_matches_transformers_on_left_padded_chat_prompts(real, ours):
+  _, model, tokens, mask = ours
   assert not mask.all()              # the batch is padded, with the pad id = eos id
-  model, config = models.load_hf_checkpoint(folder)
+  config = model.config
   assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
           config.head_dim, config.vocab_size, config.rope_theta, config.tie_word_embeddings) == (
               30, 576, 9, 3, 64, 49152, 1e5, True)
-  ours = np.asarray(nnx.jit(models.forward)(model, tokens, mask))
-  ref = mh.torch_logits(torch_model, tokens, mask)
+  logits = np.asarray(nnx.jit(models.forward)(model, tokens, mask))
+  ref = mh.torch_logits(real[1], tokens, mask)
   assert np.abs(ref[mask]).max() > 20          # real logits, not a degenerate model
-  np.testing.assert_allclose(ours[mask], ref[mask], rtol=0, atol=2e-4)
+  np.testing.assert_allclose(logits[mask], ref[mask], rtol=0, atol=2e-4)
 
 
 @pytest.mark.slow
 @needs_model
-def test_real_greedy_decoding_matches_transformers(real):
+def test_real_greedy_decoding_matches_transformers(real, ours):
   import torch  # pylint: disable=import-outside-toplevel
-  folder, torch_model, _ = real
-  tok = models.load_tokenizer(folder)
-  tokens, mask = _chat_batch(tok)
+  torch_model = real[1]
+  tok, model, tokens, mask = ours
   tokens, mask = tokens[:2], mask[:2]
-  model, _ = models.load_hf_checkpoint(folder)
   steps = 24
   out = sampling.sample(model, tokens, mask, jax.random.key(0), max_new_tokens=steps,
                         temperature=0.0, stop_token_ids=(tok.eos_token_id,))
@@ -243,11 +243,8 @@ def test_real_greedy_decoding_matches_transformers(real):
 
 @pytest.mark.slow
 @needs_model
-def test_real_samples_decode_to_text_and_keep_the_final_end_of_turn(real):
-  folder = real[0]
-  tok = models.load_tokenizer(folder)
-  tokens, mask = _chat_batch(tok)
-  model, _ = models.load_hf_checkpoint(folder)
+def test_real_samples_decode_to_text_and_keep_the_final_end_of_turn(ours):
+  tok, model, tokens, mask = ours
   stop = masking.ids_for_strings(tok, ["<|im_end|>", "<|endoftext|>"])
   out = sampling.sample(model, tokens, mask, jax.random.key(1), max_new_tokens=48,
                         temperature=1.0, top_p=0.9, stop_token_ids=tuple(stop), num_samples=2)
@@ -271,17 +268,15 @@ def test_real_samples_decode_to_text_and_keep_the_final_end_of_turn(real):
 
 @pytest.mark.slow
 @needs_model
-def test_real_pruned_student_matches_transformers(real, tmp_path):
+def test_real_pruned_student_matches_transformers(real, ours, tmp_path):
   import transformers  # pylint: disable=import-outside-toplevel
-  folder = real[0]
-  student = smollm.pruned_folder(folder, tmp_path / "student", smollm.DEFAULT_DROPPED_LAYERS,
+  student = smollm.pruned_folder(real[0], tmp_path / "student", smollm.DEFAULT_DROPPED_LAYERS,
                                  log=lambda _: None)
-  tok = models.load_tokenizer(student)
-  tokens, mask = _chat_batch(tok)
+  _, _, tokens, mask = ours
   model, config = models.load_hf_checkpoint(student)
   assert config.num_layers == 24
   torch_model = transformers.AutoModelForCausalLM.from_pretrained(
       str(student), attn_implementation="eager").eval()
-  ours = np.asarray(nnx.jit(models.forward)(model, tokens, mask))
-  np.testing.assert_allclose(ours[mask], mh.torch_logits(torch_model, tokens, mask)[mask],
+  logits = np.asarray(nnx.jit(models.forward)(model, tokens, mask))
+  np.testing.assert_allclose(logits[mask], mh.torch_logits(torch_model, tokens, mask)[mask],
                              rtol=0, atol=2e-4)
