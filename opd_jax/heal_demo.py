@@ -130,31 +130,42 @@ def greedy(model, prompt, mask, tok, max_new_tokens: int, stop: tuple[int, ...])
   return _texts(tok, out, keep_special=True)
 
 
-@functools.partial(jax.jit, static_argnames=("student_def", "teacher_def"))
+@functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "k"))
 def _kl_and_ends(student_def, student_params, teacher_def, teacher_params, prompt, prompt_mask,
-                 response, response_mask, end_id):
-  """Full reverse KL (token mean) on [prompt | response], and which rows end with `end_id`."""
+                 response, response_mask, end_id, k):
+  """On [prompt | response]: the full reverse KL (token mean), the part of it and the student's
+  mass outside the teacher's top-k (what LSM does not see), and which rows end with `end_id`."""
   p = prompt.shape[1]
   tokens = jnp.concatenate([prompt, response], axis=1)
   mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
   sl = models.forward(nnx.merge(student_def, student_params), tokens, mask)[:, p - 1:-1]
   tl = models.forward(nnx.merge(teacher_def, teacher_params), tokens, mask)[:, p - 1:-1]
   kl = losses.full_reverse_kl(sl, tl, response_mask)[0]
+  logp, logq = jax.nn.log_softmax(sl), jax.nn.log_softmax(tl)
+  outside = tl < jax.lax.top_k(tl, k)[0][..., -1:]      # [B, T, V]: not in the teacher's top-k
+  prob = jnp.where(outside, jnp.exp(logp), 0.0)
+  n = jnp.maximum(response_mask.sum(), 1)
+  tail_kl = jnp.sum(jnp.where(response_mask, jnp.sum(prob * (logp - logq), -1), 0.0)) / n
+  tail_mass = jnp.sum(jnp.where(response_mask, jnp.sum(prob, -1), 0.0)) / n
   last = jnp.take_along_axis(response, jnp.maximum(response_mask.sum(1) - 1, 0)[:, None], 1)
-  return kl, (last[:, 0] == end_id) & response_mask.any(1)
+  return kl, tail_kl, tail_mass, (last[:, 0] == end_id) & response_mask.any(1)
 
 
 def sampled_kl(model, teacher, prompt, mask, *, samples: int, max_new_tokens: int,
-               stop: tuple[int, ...], end_id: int, seed: int) -> tuple[float, float]:
-  """(reverse KL to the teacher per response token, fraction ending with `end_id`) on the
-  student's own samples (temperature 1, top-p 1), the final end-of-turn token included."""
+               stop: tuple[int, ...], end_id: int, seed: int, k: int) -> dict[str, float]:
+  """On the student's own samples (temperature 1, top-p 1), the final end-of-turn token
+  included: the reverse KL to the teacher per response token ("reverse_kl"), its part outside
+  the teacher's top-k ("tail_kl") and the student's mass there ("tail_mass"), and the fraction
+  of samples ending with `end_id` ("end_fraction")."""
   out = sampling.sample(model, prompt, mask, jax.random.key(seed), temperature=1.0,
                         max_new_tokens=max_new_tokens, stop_token_ids=stop, num_samples=samples)
   s_def, s_params = nnx.split(model)
   t_def, t_params = nnx.split(teacher)
-  kl, ends = _kl_and_ends(s_def, s_params, t_def, t_params, jnp.repeat(prompt, samples, 0),
-                          jnp.repeat(mask, samples, 0), out.tokens, out.mask, end_id)
-  return float(kl), float(np.mean(np.asarray(ends)))
+  kl, tail_kl, tail_mass, ends = _kl_and_ends(
+      s_def, s_params, t_def, t_params, jnp.repeat(prompt, samples, 0),
+      jnp.repeat(mask, samples, 0), out.tokens, out.mask, end_id, k)
+  return {"reverse_kl": float(kl), "tail_kl": float(tail_kl), "tail_mass": float(tail_mass),
+          "end_fraction": float(np.mean(np.asarray(ends)))}
 
 
 def _teacher_assets(workdir: pathlib.Path, h, teacher, tok, train_rows, heldout, stop, end_id,
@@ -174,9 +185,9 @@ def _teacher_assets(workdir: pathlib.Path, h, teacher, tok, train_rows, heldout,
   prompt, mask = _encode(heldout, tok)
   # The teacher's own end-of-turn fraction under the student's evaluation (same draw): what a
   # healed student can reach within the token budget.
-  _, ended = sampled_kl(teacher, teacher, prompt, mask, samples=h.eval_samples,
-                        max_new_tokens=h.max_new_tokens, stop=stop, end_id=end_id,
-                        seed=h.seed + 1)
+  ended = sampled_kl(teacher, teacher, prompt, mask, samples=h.eval_samples,
+                     max_new_tokens=h.max_new_tokens, stop=stop, end_id=end_id, seed=h.seed + 1,
+                     k=1)["end_fraction"]
   answers = {"greedy": greedy(teacher, prompt, mask, tok, h.max_new_tokens, stop),
              "end_fraction": ended}
   prompt, mask = _encode(train_rows, tok)
@@ -184,8 +195,11 @@ def _teacher_assets(workdir: pathlib.Path, h, teacher, tok, train_rows, heldout,
                         max_new_tokens=h.max_new_tokens, stop_token_ids=stop,
                         num_samples=h.kd_samples)
   targets = _texts(tok, out, keep_special=True)
-  lines = [json.dumps({"prompt": train_rows[i // h.kd_samples]["prompt"], "target": target})
-           for i, target in enumerate(targets)]
+  # The exact sampled ids: re-encoding the text gave one of 156 samples 49 tokens, past the
+  # 48-token budget that the trainer pads reference responses to.
+  ids = prompt_lib.unpad(out.tokens, out.mask)
+  lines = [json.dumps({"prompt": train_rows[i // h.kd_samples]["prompt"], "target": target,
+                       "target_ids": ids[i]}) for i, target in enumerate(targets)]
   kd_file.write_text("\n".join(lines) + "\n")
   cache.write_text(json.dumps({"key": key, "teacher": answers}))
   log(f"teacher: greedy answers to {len(heldout)} held-out prompts, {len(targets)} samples for "
@@ -253,20 +267,22 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if step == 0 and first:   # every method starts from the same student: evaluate it once
       return dict(first["eval"])
     model = jax.device_put(model, jax.devices()[0])
-    kl, ended = sampled_kl(model, teacher, h_prompt, h_mask, samples=h.eval_samples,
-                           max_new_tokens=h.max_new_tokens, stop=stop, end_id=end_id,
-                           seed=h.seed + 1)
+    out = sampled_kl(model, teacher, h_prompt, h_mask, samples=h.eval_samples,
+                     max_new_tokens=h.max_new_tokens, stop=stop, end_id=end_id, seed=h.seed + 1,
+                     k=config.loss.k)
     texts = greedy(model, h_prompt, h_mask, tok, h.max_new_tokens, stop)
     numbers = [last_number(texts[i]) for i in arith]
-    out = {"reverse_kl": kl, "end_fraction": ended,
-           "exact_match": float(np.mean([a == b for a, b in zip(numbers, teacher_numbers)])),
-           "correct": float(np.mean([n == heldout[i]["answer"] for n, i in zip(numbers, arith)]))}
+    out |= {"exact_match": float(np.mean([a == b for a, b in zip(numbers, teacher_numbers)])),
+            "correct": float(np.mean([n == heldout[i]["answer"]
+                                      for n, i in zip(numbers, arith)]))}
     responses[f"{method} step {step}"] = texts
     if step == 0:
       first["eval"] = out
       responses["student before"] = responses.pop(f"{method} step 0")
-    log(f"  eval {method} step {step}: reverse KL {kl:.3f}, ends with {END_OF_TURN} "
-        f"{ended:.2f}, arithmetic exact match vs teacher {out['exact_match']:.2f}")
+    log(f"  eval {method} step {step}: reverse KL {out['reverse_kl']:.3f} (outside the "
+        f"teacher's top-{config.loss.k}: {out['tail_kl']:.3f}, student mass there "
+        f"{out['tail_mass']:.3f}), ends with {END_OF_TURN} {out['end_fraction']:.2f}, "
+        f"arithmetic exact match vs teacher {out['exact_match']:.2f}")
     return out
 
   for method in h.methods:
@@ -280,10 +296,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     t = time.perf_counter()
     log(f"{LABELS[method]}: {c.steps} iterations")
-    history = train.run(c, evaluator=evaluator, log=lambda m: log(f"  {m}"))
+    train.run(c, evaluator=evaluator, log=lambda m: log(f"  {m}"))
+    # From the run's metrics file, so that a run resumed from its checkpoints (an interrupted
+    # demo started again) reports its earlier iterations and evaluations too.
+    history = [json.loads(line) for line in
+               (pathlib.Path(c.workdir) / "metrics.jsonl").read_text().splitlines()]
+    for x in history:
+      logged = {k.removeprefix("eval/"): v for k, v in x.items() if k.startswith("eval/")}
+      if logged and x["step"] not in evals:
+        evals[x["step"]] = logged
+    history = [x for x in history if "loss" in x]
     step_times = [x["time/step"] for x in history if "time/step" in x]
     # The first iteration compiles the rollout, scoring and update programs.
-    timing[method] = {"seconds": time.perf_counter() - t,
+    timing[method] = {"seconds": time.perf_counter() - t, "train_seconds": sum(step_times),
                       "first_iteration": step_times[0] if step_times else float("nan"),
                       "per_iteration": float(np.median(step_times[1:] or step_times or [np.nan])),
                       "loss": [x.get("loss") for x in history]}
@@ -304,12 +329,14 @@ def run(config: ml_collections.ConfigDict) -> dict:
 def _print_table(summary: dict, log) -> None:
   log(f"\nteacher: greedy arithmetic answers correct {summary['teacher_correct']:.2f}; its "
       f"held-out samples ending with {END_OF_TURN} {summary['teacher_end_fraction']:.2f}")
-  log(f"{'method':>30s} {'reverse KL':>16s} {'ends <|im_end|>':>16s} {'exact match':>12s} "
-      f"{'s/iter':>7s}")
+  log(f"{'method':>30s} {'reverse KL':>16s} {'outside top-K':>16s} {'ends <|im_end|>':>16s} "
+      f"{'exact match':>12s} {'s/iter':>7s}")
   for method, evals in summary["results"].items():
     a, b = evals[min(evals)], evals[max(evals)]
     change = (b["reverse_kl"] - a["reverse_kl"]) / a["reverse_kl"]
-    log(f"{LABELS[method]:>30s} {a['reverse_kl']:6.3f} -> {b['reverse_kl']:5.3f} "
+    tail = (f"{a['tail_kl']:6.3f} -> {b['tail_kl']:5.3f}" if "tail_kl" in a and "tail_kl" in b
+            else f"{'-':>15s}")
+    log(f"{LABELS[method]:>30s} {a['reverse_kl']:6.3f} -> {b['reverse_kl']:5.3f} {tail} "
         f"{a['end_fraction']:7.2f} -> {b['end_fraction']:4.2f} "
         f"{a['exact_match']:5.2f} -> {b['exact_match']:4.2f} "
         f"{summary['timing'][method]['per_iteration']:7.1f}   ({change:+.0%} reverse KL)")

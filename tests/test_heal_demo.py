@@ -44,9 +44,10 @@ def test_chat_prompts_dataset_renders_one_user_turn(tmp_path):
   tok = mh.make_tokenizer(tmp_path / "tok")
   source = tmp_path / "p.jsonl"
   source.write_text(json.dumps({"prompt": "What is 2 + 3?", "answer": "5"}) + "\n\n" +
-                    json.dumps({"prompt": "Hi", "target": "Hello<|im_end|>"}) + "\n")
+                    json.dumps({"prompt": "Hi", "target": "Hello<|im_end|>"}) + "\n" +
+                    json.dumps({"prompt": "Hi", "target": "Hello", "target_ids": [5, 6]}) + "\n")
   rows = registry.read_chat_prompts(source)
-  assert [r["answer"] for r in rows] == ["5", ""] and rows[0]["target"] is None
+  assert [r["answer"] for r in rows] == ["5", "", ""] and rows[0]["target"] is None
   encode = registry.encoder(registry.CHAT_PROMPTS, tok, tok, chat_template=True,
                             max_prompt_len=64)
   first, second = encode(rows[0]), encode(rows[1])
@@ -56,9 +57,13 @@ def test_chat_prompts_dataset_renders_one_user_turn(tmp_path):
   assert first.target is None and first.prompt_text == "What is 2 + 3?"
   assert second.target.tolist() == tok.encode("Hello<|im_end|>", add_special_tokens=False)
   assert second.target[-1] == tok.eos_token_id    # the end of turn is part of the reference
+  assert encode(rows[2]).target.tolist() == [5, 6]  # exact ids win over the text
   assert registry.is_text(registry.CHAT_PROMPTS)
   (tmp_path / "bad.jsonl").write_text('{"text": "no prompt key"}\n')
   with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object"):
+    registry.read_chat_prompts(tmp_path / "bad.jsonl")
+  (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "target_ids": ["a"]}\n')
+  with pytest.raises(ValueError, match="'target_ids' must be a list of ints"):
     registry.read_chat_prompts(tmp_path / "bad.jsonl")
   with pytest.raises(ValueError, match="needs data.source"):
     registry.read_chat_prompts("")
@@ -91,3 +96,6 @@ def test_heal_smoke_runs_on_the_real_model(tmp_path, capsys):
   assert "student before" in page and "teacher" in page
   kd = [json.loads(line) for line in (tmp_path / "kd.jsonl").read_text().splitlines()]
   assert all(isinstance(r["target"], str) and r["target"] for r in kd)
+  assert all(0 < len(r["target_ids"]) <= config.rollout.max_new_tokens for r in kd)
+  for evals in results.values():
+    assert all(0 <= e["tail_mass"] <= 1 for e in evals.values())

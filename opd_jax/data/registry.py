@@ -12,8 +12,10 @@ import numpy as np
 from opd_jax.data import math_datasets, prompts, tiny_arith
 
 # chat_prompts: user prompts in a local JSONL file (data.source), one {"prompt": str, "answer":
-# str (optional), "target": str (optional reference response, end-of-turn token included)} per
-# line, sent as one user turn without an instruction of our own (opd_jax.heal_demo writes them).
+# str (optional), "target": str (optional reference response, end-of-turn token included),
+# "target_ids": [int] (optional: the response's exact ids under the student's tokenizer, used
+# instead of encoding "target": sampled ids rarely re-encode to the same, or as many, tokens)}
+# per line, sent as one user turn without an instruction of our own (opd_jax.heal_demo).
 CHAT_PROMPTS = "chat_prompts"
 DATASETS = ("tiny_arith", CHAT_PROMPTS) + math_datasets.NAMES
 
@@ -79,8 +81,11 @@ def read_chat_prompts(path) -> list[dict]:
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
       raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty string 'prompt'; "
                        f"got {line[:100]!r}")
+    ids = row.get("target_ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+      raise ValueError(f"{path}:{n}: 'target_ids' must be a list of ints; got {ids!r:.100}")
     rows.append({"prompt": row["prompt"], "answer": str(row.get("answer", "")),
-                 "target": row.get("target")})
+                 "target": row.get("target"), "target_ids": ids})
   if not rows:
     raise ValueError(f"{path} holds no prompts")
   return rows
@@ -147,9 +152,12 @@ def encoder(dataset: str, tokenizer, teacher_tokenizer, *, chat_template: bool,
       else:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         teacher_ids = teacher_tokenizer.encode(prompt, add_special_tokens=False)
-      target = example.get("target")
-      target_ids = None if target is None else np.asarray(
-          tokenizer.encode(text(target), add_special_tokens=False), np.int32)
+      target, target_ids = example.get("target"), example.get("target_ids")
+      if target_ids is not None:
+        target_ids = np.asarray(target_ids, np.int32)
+      elif target is not None:
+        target_ids = np.asarray(tokenizer.encode(text(target), add_special_tokens=False),
+                                np.int32)
       return Encoded(checked(ids), checked(teacher_ids), target_ids, text(example["answer"]),
                      prompt)
     return encode_chat
