@@ -79,6 +79,9 @@ def test_heal_smoke_runs_on_the_real_model(tmp_path, capsys):
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
   config.workdir = str(tmp_path)
+  # The tests fake 8 CPU devices: replicated on each (data = 8), the student, its AdamW moments
+  # and the teacher took 23 GB and the run was killed; fsdp = 8 holds one copy in all.
+  config.mesh.data, config.mesh.fsdp = 1, -1
   # sampled-token OPD runs in tests/test_train.py; LSM and the control keep this shorter.
   config.heal.methods = ("lsm", "seq_kd")
   results = main.run_experiment(config)
