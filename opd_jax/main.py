@@ -17,6 +17,7 @@ RUNNERS = {
     "estimator_table": "opd_jax.estimator_table:run",
     "opd": "opd_jax.train:run",
     "opd_eval": "opd_jax.evaluate:train",   # the trainer with the math evaluator
+    "smollm_heal": "opd_jax.heal_demo:run",  # make real-demo: a pruned SmolLM2 healed by OPD
     "tiny_arith": "opd_jax.arith_demo:run",
     "toy_variance": "opd_jax.toy.study:run",
     "toy_exact": "opd_jax.toy.exact:run",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Callable, Mapping
 
@@ -10,7 +11,13 @@ import numpy as np
 
 from opd_jax.data import math_datasets, prompts, tiny_arith
 
-DATASETS = ("tiny_arith",) + math_datasets.NAMES
+# chat_prompts: user prompts in a local JSONL file (data.source), one {"prompt": str, "answer":
+# str (optional), "target": str (optional reference response, end-of-turn token included),
+# "target_ids": [int] (optional: the response's exact ids under the student's tokenizer, used
+# instead of encoding "target": sampled ids rarely re-encode to the same, or as many, tokens)}
+# per line, sent as one user turn without an instruction of our own (opd_jax.heal_demo).
+CHAT_PROMPTS = "chat_prompts"
+DATASETS = ("tiny_arith", CHAT_PROMPTS) + math_datasets.NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +58,37 @@ def open_split(source, workdir: pathlib.Path):
   _check(source.dataset)
   if source.dataset == "tiny_arith":
     return tiny_arith.load(data_dir(source, workdir), source.split)
+  if source.dataset == CHAT_PROMPTS:
+    return read_chat_prompts(source.source)
   split = math_datasets.DATASETS[source.dataset].split
   if source.split != split:
     raise ValueError(f"dataset {source.dataset!r} has only the split {split!r}, got "
                      f"split={source.split!r}")
   return math_datasets.load_split(source.dataset, source=source.source or None,
                                   data_dir=data_dir(source, workdir))
+
+
+def read_chat_prompts(path) -> list[dict]:
+  """The examples of a chat_prompts JSONL file (see `CHAT_PROMPTS`), checked line by line."""
+  if not path:
+    raise ValueError(f"dataset {CHAT_PROMPTS!r} needs data.source: a local JSONL file of "
+                     '{"prompt": ...} lines')
+  rows = []
+  for n, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    row = json.loads(line)
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+      raise ValueError(f"{path}:{n}: expected a JSON object with a non-empty string 'prompt'; "
+                       f"got {line[:100]!r}")
+    ids = row.get("target_ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+      raise ValueError(f"{path}:{n}: 'target_ids' must be a list of ints; got {ids!r:.100}")
+    rows.append({"prompt": row["prompt"], "answer": str(row.get("answer", "")),
+                 "target": row.get("target"), "target_ids": ids})
+  if not rows:
+    raise ValueError(f"{path} holds no prompts")
+  return rows
 
 
 def tokenizer_for(folder: str, dataset: str, workdir: pathlib.Path):
@@ -109,5 +141,25 @@ def encoder(dataset: str, tokenizer, teacher_tokenizer, *, chat_template: bool,
       ids = tokenizer.encode(body, add_special_tokens=False)
       teacher_ids = teacher_tokenizer.encode(body, add_special_tokens=False)
     return Encoded(checked(ids), checked(teacher_ids), None, text(example["answer"]), problem)
+
+  if dataset == CHAT_PROMPTS:
+    def encode_chat(example: Mapping) -> Encoded:
+      prompt = text(example["prompt"])
+      if chat_template:
+        messages = prompts.prompt_messages(prompt, instruction="")
+        ids = prompts.encode_prompt(messages, tokenizer)
+        teacher_ids = prompts.encode_prompt(messages, teacher_tokenizer)
+      else:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        teacher_ids = teacher_tokenizer.encode(prompt, add_special_tokens=False)
+      target, target_ids = example.get("target"), example.get("target_ids")
+      if target_ids is not None:
+        target_ids = np.asarray(target_ids, np.int32)
+      elif target is not None:
+        target_ids = np.asarray(tokenizer.encode(text(target), add_special_tokens=False),
+                                np.int32)
+      return Encoded(checked(ids), checked(teacher_ids), target_ids, text(example["answer"]),
+                     prompt)
+    return encode_chat
 
   return encode_math

@@ -354,3 +354,61 @@ def load_tokenizer(path):
                           "tokenizer_config.json")
   import transformers  # pylint: disable=import-outside-toplevel  (slow import, only needed here)
   return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                    "special_tokens_map.json", "generation_config.json")
+
+
+def drop_layers(src, dst, layers) -> dict:
+  """Copies a checkpoint folder without some of its decoder layers (a pruned model).
+
+  The kept layers are renumbered 0.. in their order, config.json's num_hidden_layers shrinks,
+  every other tensor and the tokenizer files are copied unchanged.
+
+  Args:
+    src: a Hugging Face folder `load_hf_checkpoint` reads.
+    dst: the output folder (created; its model*.safetensors are replaced).
+    layers: indices of the layers to remove (distinct, each in [0, num_hidden_layers)).
+
+  Returns:
+    The config.json dict written.
+  """
+  folder, out = pathlib.Path(src), pathlib.Path(dst)
+  config = _read_config(folder, "float32")
+  drop = sorted({int(i) for i in layers})
+  if len(drop) != len(list(layers)) or any(not 0 <= i < config.num_layers for i in drop):
+    raise ValueError(f"layers={list(layers)} must be distinct indices in [0, "
+                     f"{config.num_layers}) (the checkpoint's layers)")
+  if len(drop) == config.num_layers:
+    raise ValueError(f"layers={list(layers)} removes every layer of {folder}")
+  renumber = {old: new for new, old in enumerate(i for i in range(config.num_layers)
+                                                 if i not in drop)}
+  files = _tensor_files(folder)
+  tensors = {}
+  for file in files:
+    with _open(folder / file) as f:
+      for name in f.keys():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+          old = int(parts[2])
+          if old not in renumber:
+            continue
+          name_out = ".".join(parts[:2] + [str(renumber[old])] + parts[3:])
+        else:
+          name_out = name
+        tensors[name_out] = f.get_tensor(name)
+  out.mkdir(parents=True, exist_ok=True)
+  for old in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+    if old.is_file():
+      old.unlink()
+  save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt"})
+  hf = json.loads((folder / "config.json").read_text())
+  hf["num_hidden_layers"] = len(renumber)
+  if isinstance(hf.get("layer_types"), list):   # per-layer settings follow their layers
+    hf["layer_types"] = [hf["layer_types"][i] for i in renumber]
+  (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+  for name in _TOKENIZER_FILES:
+    if (folder / name).is_file():
+      (out / name).write_bytes((folder / name).read_bytes())
+  return hf
