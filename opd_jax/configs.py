@@ -211,6 +211,9 @@ def log_fields() -> ml_collections.ConfigDict:
   g.samples_every = 50         # workdir/samples/step_N.html every this many (0 = never)
   g.samples_count = 4          # rollouts shown per samples page
   g.tensorboard = True         # also write TensorBoard event files
+  # Diagnostic passes (the student's scores when the estimator reads none, the post-update KL)
+  # run every this many iterations and at the last one (0 = never).
+  g.diagnostics_every = 10
   return g
 
 

@@ -61,6 +61,12 @@ class Estimator:
     """Raises EstimatorError for settings this estimator cannot use (vocab: the shared size)."""
     del loss, vocab
 
+  def reads_student_scores(self, loss: Any) -> bool:
+    """Whether the loss reads the scoring phase's student log-probs ("behavior_logprobs"); when
+    it does not, scoring runs the student only on diagnostic iterations."""
+    del loss
+    return False
+
   def loss(self, model, hidden: Array, mb: dict, loss: Any, vocab: int, mesh: Mesh | None
            ) -> tuple[Array, dict]:
     """(token-mean loss, scalar diagnostics incl. "policy/entropy") of one mini-batch.
@@ -104,6 +110,9 @@ class LocalSupportMatching(Estimator):
       raise EstimatorError(f"config.loss.k={loss.k} exceeds the shared vocabulary of {vocab} "
                            "tokens; accepted: 1 <= k <= vocabulary size")
 
+  def reads_student_scores(self, loss):
+    return loss.tail != "none"   # the tail's importance weight reads the behaviour log-probs
+
   def loss(self, model, hidden, mb, loss, vocab, mesh):
     k = loss.k
     teacher = topk.TopK(mb["t_indices"][..., :k], mb["t_logits"][..., :k], mb["t_lse"],
@@ -124,6 +133,9 @@ class SampledToken(Estimator):
   """The sampled-token OPD baseline (Eq. 5; ĝ_γ of Eq. 3) with PPO clipping."""
   name = "sampled_token"
   score_keys = ("behavior_logprobs", "teacher_logprobs")
+
+  def reads_student_scores(self, loss):
+    return True
 
   def loss(self, model, hidden, mb, loss, vocab, mesh):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: losses.sampled_token_opd(

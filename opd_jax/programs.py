@@ -114,17 +114,33 @@ class Programs:
         banned_token_ids=self.banned_ids, stop_token_ids=self.stop_ids,
         num_samples=r.num_samples, mesh=self.mesh)
 
-  def score(self, params: PyTree, teacher_def, teacher_params, batch: dict
-            ) -> tuple[dict, dict]:
-    """Teacher scoring of a batch (steps.score) with the run's estimator and parts."""
-    return steps.score(self.graphdef, params, teacher_def, teacher_params, batch,
+  def score(self, params: PyTree, teacher_def, teacher_params, batch: dict,
+            diagnose: bool = True) -> tuple[dict, dict]:
+    """Teacher scoring of a batch (steps.score) with the run's estimator and parts; the
+    student's own pass runs when the estimator reads it or `diagnose` is true."""
+    return steps.score(self.graphdef, params, teacher_def, teacher_params, batch, diagnose,
                        shapes=self.shapes, full_logits=self.estimator.full_teacher_logits,
-                       minibatches=self.settings.score_parts)
+                       minibatches=self.settings.score_parts,
+                       student_always=self.estimator.reads_student_scores(self.settings.loss))
 
   def update_inputs(self, batch: dict, scores: dict) -> dict:
     """The arrays the update reads: the batch's tokens and masks, the estimator's scores."""
     out = {k: batch[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
     return out | {k: scores[k] for k in self.estimator.score_keys}
+
+  def diagnostic(self, done: int) -> bool:
+    """Whether iteration `done` (1-based) runs the diagnostic passes."""
+    every = self.settings.log.diagnostics_every
+    return bool(every) and (done % every == 0 or done == self.settings.steps)
+
+  def drop_diagnostics(self, values: dict, done: int) -> dict:
+    """`values` without the diagnostic metrics iteration `done` did not compute."""
+    if self.diagnostic(done):
+      return values
+    skip = set(steps.UPDATE_DIAGNOSTIC_METRICS)
+    if not self.estimator.reads_student_scores(self.settings.loss):
+      skip |= set(steps.STUDENT_PASS_METRICS)
+    return {k: v for k, v in values.items() if k not in skip}
 
   def init_state(self, params: PyTree) -> steps.TrainState:
     """A fresh TrainState around `params`, created in the state's shardings."""
@@ -158,6 +174,6 @@ def build(s: TrainSettings, student_config: models.ModelConfig, vocab: int, mesh
   graphdef, _ = steps.split_abstract(steps.compute_config(student_config, precision))
   padding = tuple(range(vocab, student_config.vocab_size))
   update = steps.make_update(student_config, s.loss, s.opt, shapes, s.minibatches, total_updates,
-                             precision)
+                             precision, s.log.diagnostics_every)
   return Programs(s, student_config, vocab, mesh, estimator, shapes, total_updates, graphdef,
                   shardings, abstract, tuple(banned_ids) + padding, tuple(stop_ids), update)

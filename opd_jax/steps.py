@@ -137,28 +137,42 @@ def _join_rows(x: Array) -> Array:
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _score_rows(student, teacher, batch: dict, shapes: Shapes, full_logits: bool) -> dict:
-  """Per-token scores of some rows: both models' top-k statistics, never [R, N, V]."""
+def _score_rows(student, teacher, batch: dict, shapes: Shapes, full_logits: bool,
+                student_pass: bool) -> dict:
+  """Per-token scores of some rows: both models' top-k statistics, never [R, N, V]. Without
+  `student_pass` the student's log-probs are the sampler's ("policy_logprobs", the same
+  distribution) and its top-k indices are -1."""
   batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
   resp, rmask = batch["response"], batch["response_mask"]
-  s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
-  s = _stats(student, s_hidden, resp, shapes, shapes.k)
   t_hidden = _response_hidden(teacher, batch["teacher_prompt"], batch["teacher_prompt_mask"],
                               resp)
   t = _stats(teacher, t_hidden, resp, shapes, shapes.k)
-  scores = {"behavior_logprobs": jnp.where(rmask, s.sampled_logits - s.logsumexp, 0.0),
+  if student_pass:
+    s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
+    s = _stats(student, s_hidden, resp, shapes, shapes.k)
+    behavior, s_indices = s.sampled_logits - s.logsumexp, s.indices
+  else:
+    behavior, s_indices = batch["policy_logprobs"], jnp.full_like(t.indices, -1)
+  scores = {"behavior_logprobs": jnp.where(rmask, behavior, 0.0),
             "teacher_logprobs": jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0),
             "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
-            "t_sampled": t.sampled_logits, "s_indices": s.indices}
+            "t_sampled": t.sampled_logits, "s_indices": s_indices}
   if full_logits:
     scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
   return scores
 
 
+# Metrics of the scoring phase that need the student's own pass: logged on diagnostic
+# iterations only when the estimator does not read the student's scores.
+STUDENT_PASS_METRICS = ("teacher/topk_overlap", "rollout/logprob_mismatch_max",
+                        "rollout/logprob_mismatch_mean")
+
+
 @functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "shapes",
-                                             "full_logits", "minibatches"))
-def score(student_def, student_params, teacher_def, teacher_params, batch: dict, *,
-          shapes: Shapes, full_logits: bool = False, minibatches: int = 1) -> tuple[dict, dict]:
+                                             "full_logits", "minibatches", "student_always"))
+def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
+          diagnose: Array | bool = True, *, shapes: Shapes, full_logits: bool = False,
+          minibatches: int = 1, student_always: bool = True) -> tuple[dict, dict]:
   """Teacher scoring of a rollout batch, plus the student's own log-probs before the update.
 
   Args:
@@ -175,6 +189,11 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
     minibatches: score the rows in this many strided parts, one after the other (a divisor of
       R; the update's mini-batches), so that activations of R / minibatches rows are live at a
       time. The scores do not depend on it.
+    diagnose: (traced bool) run the student's pass (used unless `student_always`).
+    student_always: the student's pass runs whatever `diagnose` (the estimator reads its
+      log-probs). Otherwise it runs only when `diagnose` is true (a `lax.cond`: one program);
+      else "behavior_logprobs" are the sampler's `policy_logprobs` and the `STUDENT_PASS_METRICS`
+      are meaningless (the trainer does not log them).
 
   Returns:
     (scores, metrics): per-token arrays for the update and the samples page, and scalar
@@ -182,21 +201,29 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
     top-K, student/teacher top-K overlap, sampler-vs-trainer log-prob mismatch).
   """
   with sharding.traced_under(shapes.mesh):
-    return _score(nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params),
-                  batch, shapes, full_logits, minibatches)
+    student, teacher = (nnx.merge(student_def, student_params),
+                        nnx.merge(teacher_def, teacher_params))
+    if student_always:
+      return _score(student, teacher, batch, shapes, full_logits, minibatches, True)
+    return jax.lax.cond(
+        diagnose, lambda: _score(student, teacher, batch, shapes, full_logits, minibatches, True),
+        lambda: _score(student, teacher, batch, shapes, full_logits, minibatches, False))
 
 
-def _score(student, teacher, batch: dict, shapes: Shapes, full_logits: bool, minibatches: int
-           ) -> tuple[dict, dict]:
+def _score(student, teacher, batch: dict, shapes: Shapes, full_logits: bool, minibatches: int,
+           student_pass: bool) -> tuple[dict, dict]:
   resp = batch["response"]
   rmask, lmask = batch["response_mask"], batch["loss_mask"]
   rows = {k: batch[k] for k in ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask",
-                                "response", "response_mask")}
+                                "response", "response_mask", "policy_logprobs")}
+
+  def part(mb):
+    return _score_rows(student, teacher, mb, shapes, full_logits, student_pass)
+
   if minibatches == 1:
-    scores = _score_rows(student, teacher, rows, shapes, full_logits)
+    scores = part(rows)
   else:
-    per_part = jax.lax.map(lambda mb: _score_rows(student, teacher, mb, shapes, full_logits),
-                           jax.tree.map(lambda x: _split_rows(x, minibatches), rows))
+    per_part = jax.lax.map(part, jax.tree.map(lambda x: _split_rows(x, minibatches), rows))
     scores = jax.tree.map(lambda x: _constrain_rows(_join_rows(x), shapes.mesh), per_part)
   s_indices = scores.pop("s_indices")
   behavior, teacher_lp = scores["behavior_logprobs"], scores["teacher_logprobs"]
@@ -235,6 +262,8 @@ class _Update:
   schedule: optax.Schedule
   minibatches: int
   micro: int
+  steps: int                # iterations of the run (the last one is a diagnostic iteration)
+  diagnostics_every: int    # the post-update KL runs on iterations divisible by it (0: never)
 
   def model(self, params: PyTree):
     return nnx.merge(self.graphdef, cast_params(params, self.cast_to))
@@ -305,15 +334,24 @@ class _Update:
         self.step, (state.params, state.opt_state, first.astype(jnp.int32)), mbs)
     metrics = jax.tree.map(jnp.mean, per_mb)
     metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
-    if self.estimator.samples:   # the KL to the policy that sampled the rollouts
-      metrics["policy/kl_before_after"] = self.kl_before_after(params, batch)
+    if self.estimator.samples and self.diagnostics_every:
+      # The KL to the policy that sampled the rollouts: one more student pass, on diagnostic
+      # iterations only (elsewhere 0, and the trainer does not log it).
+      done = state.step + 1
+      due = (done % self.diagnostics_every == 0) | (done == self.steps)
+      metrics["policy/kl_before_after"] = jax.lax.cond(
+          due, lambda: self.kl_before_after(params, batch), lambda: jnp.zeros((), jnp.float32))
     return TrainState(params, opt_state, state.step + 1), metrics
+
+
+# Metrics of the update that cost a pass of their own: logged on diagnostic iterations only.
+UPDATE_DIAGNOSTIC_METRICS = ("policy/kl_before_after",)
 
 
 @functools.lru_cache(maxsize=16)
 def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings,
                 shapes: Shapes, minibatches: int, total_updates: int,
-                precision: Precision | None = None):
+                precision: Precision | None = None, diagnostics_every: int = 1):
   """The jitted `update(state, batch, key) -> (state, metrics)` of one configuration.
 
   `config` is the architecture in the parameters' dtype. With a mixed `precision`, the loss casts
@@ -328,8 +366,9 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   loss is weighted by its share of the mini-batch's loss tokens, so the step's gradient is the
   mini-batch's token-mean gradient (to float rounding) and only one micro-batch's activations are
   live at a time; diagnostics are weighted the same way (token counts are summed). Metrics
-  are means over the mini-batches, plus the KL between the policy before and after the update,
-  estimated on the batch's own tokens (k1: E[log π_old − log π_new] over rollouts of π_old).
+  are means over the mini-batches, plus, on iterations divisible by `diagnostics_every` and the
+  last one, the KL between the policy before and after the update, estimated on the batch's own
+  tokens (k1: E[log π_old − log π_new] over rollouts of π_old; 0 on other iterations).
   The state is donated; with a mesh, state and batch keep explicit shardings. The key is part
   of the update's signature (a stochastic loss would draw from it); no estimator uses it today.
   """
@@ -337,7 +376,8 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   graphdef, _ = split_abstract(compute_config(config, precision))
   program = _Update(estimators.get(loss.estimator), loss, shapes, graphdef,
                     precision.compute_dtype if precision is not None and precision.mixed
-                    else None, tx, schedule, minibatches, opt.microbatches)
+                    else None, tx, schedule, minibatches, opt.microbatches,
+                    total_updates // minibatches, diagnostics_every)
 
   def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
     del key

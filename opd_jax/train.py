@@ -121,13 +121,13 @@ def _initial_state(p: programs.Programs, ckpt: checkpoint.Checkpointer, log
 # ----------------------------------------------------------------------------------------------
 
 
-def _score(p: programs.Programs, task: tasks.TaskRuntime, params, batch: tasks.Batch
-           ) -> tuple[dict, dict[str, float]]:
+def _score(p: programs.Programs, task: tasks.TaskRuntime, params, batch: tasks.Batch,
+           done: int) -> tuple[dict, dict[str, float]]:
   """The teacher's scores of the batch (none for an estimator that reads none)."""
   if not p.estimator.samples:
     return {}, {}
   scores, values = p.score(params, task.teacher_def, task.teacher_params,
-                           batch.scoring_inputs())
+                           batch.scoring_inputs(), p.diagnostic(done))
   values = jax.device_get(values)
   jax.block_until_ready(scores)
   return scores, values
@@ -280,14 +280,14 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       params = p.compute_params(state.params) if p.estimator.samples else None
       batch = task.collect(p, params, step, key)
       times.append(time.perf_counter())
-      scores, values = _score(p, task, params, batch)
+      scores, values = _score(p, task, params, batch, step + 1)
       times.append(time.perf_counter())
       page = actions.page_inputs(step + 1, batch, scores)
       del params  # the compute copy is not needed (nor kept in memory) during the update
       state, update_metrics = p.update(state, p.update_inputs(batch.arrays(), scores), key)
       # On-policy: the next rollout needs these parameters, so reading the metrics now costs no
       # overlap; it lets a non-finite step stop the run before anything of it is saved.
-      values.update(jax.device_get(update_metrics))
+      values = p.drop_diagnostics(values | jax.device_get(update_metrics), step + 1)
       times.append(time.perf_counter())
       host, tokens = _host_metrics(p, task, tokenizer, batch)
       values = _report(values | host, tokens, times, task, step + 1, len(task_list) > 1)
