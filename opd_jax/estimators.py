@@ -74,7 +74,9 @@ class Estimator:
     Args:
       model: the student (compute dtype), for its unembedding.
       hidden: [m, N, D] hidden states predicting each response token.
-      mb: the mini-batch: response / loss_mask [m, N] and the `score_keys` arrays.
+      mb: the mini-batch: response / loss_mask [m, N] and the `score_keys` arrays, per token in
+        the compact layout of `opd_jax.packing` (c_segments [m, N]: the sequence of each token,
+        present for packed rows).
       loss: the run's LossSettings.
       vocab: the vocabulary shared with the teacher (ids >= vocab never count).
       mesh: the mesh the arrays are laid out on (None: one device).
@@ -141,7 +143,7 @@ class SampledToken(Estimator):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: losses.sampled_token_opd(
         losses.token_logprobs(logits, mb["response"]), mb["teacher_logprobs"], mb["loss_mask"],
         gamma=loss.gamma, behavior_logprobs=mb["behavior_logprobs"], ppo_clip=loss.ppo_clip,
-        advantage_clip=loss.advantage_clip))
+        advantage_clip=loss.advantage_clip, segment_ids=mb.get("c_segments")))
 
 
 @register

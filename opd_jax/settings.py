@@ -10,11 +10,12 @@ from typing import Any
 
 import ml_collections
 
-from opd_jax import configs, estimators
+from opd_jax import configs, estimators, packing
 from opd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelConfig
 
 LSM_SUPPORTS = ("teacher", "teacher+sampled")
 TAILS = ("none", "ema_pg")
+PACKING = packing.MODES
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 
@@ -315,6 +316,8 @@ class OptSettings:
   weight_decay: float
   grad_clip: float | None = _off_when_zero()
   microbatch_size: int = 0     # rows per forward/backward pass (0: the whole mini-batch)
+  packing: str = "pack"        # off | trim | pack (opd_jax.packing)
+  microbatch_tokens: int = 0   # packed rows: tokens per device per micro-batch (0: derived)
 
   @property
   def microbatches(self) -> int:
@@ -337,6 +340,11 @@ class OptSettings:
       _fail("opt.microbatch_size", o["microbatch_size"],
             f"accepted: 0 (the whole mini-batch) or a divisor of opt.minibatch_size="
             f"{o['minibatch_size']}")
+    if o["packing"] not in PACKING:
+      _fail("opt.packing", o["packing"], f"accepted: {', '.join(PACKING)}")
+    if not isinstance(o["microbatch_tokens"], int) or o["microbatch_tokens"] < 0:
+      _fail("opt.microbatch_tokens", o["microbatch_tokens"],
+            "accepted: 0 (the unpacked micro-batch's tokens) or a positive int")
     return _from_group(cls, o)
 
 
