@@ -27,8 +27,11 @@ which then shows in that round's time.
 
 TRL runs in a child process per workload (benchmarks/trl_peer.py --serve, torch on 2 threads)
 on the same weights saved as Hugging Face folders and the same prompt ids. The sides take turns:
-a warm-up iteration on each side, then --rounds rounds of [ours A, ours B, one TRL step];
-medians over the rounds, and per-round ratios TRL s / ours s.
+a warm-up on each side (TRL one step, ours WARMUP iterations: compilation, and in the variable
+workload more row geometries), then --rounds rounds of [ours A, ours B, one TRL step]; medians
+over the rounds, and per-round ratios TRL s / ours s. A round in which our side met a row
+geometry for the first time compiled it then (compiled_in_round: true); it stays in the
+median.
 
 The last line's keys: fixed.speedup_vs_trl (TRL median s per step / our LSM median s per
 iteration), fixed.speedup_vs_trl_full_rkl; variable.speedup_vs_trl, variable.speedup_vs_unpacked
@@ -66,6 +69,7 @@ from opd_jax.settings import TrainSettings  # noqa: E402
 
 MAX_LOAD = 1.0   # the 1-minute load average above which a ratio is not reported as valid
 PAUSE_S = 0.2   # between turns, so that one side's idle worker threads have gone to sleep
+WARMUP = 2      # untimed iterations per side (the first compiles; others meet more geometries)
 ROWS = trl_peer.PROMPTS * trl_peer.COPIES
 # Our two sides per workload: (name, estimator, unpacked).
 SIDES = {"fixed": (("lsm", "lsm", False), ("full_rkl", "full_rkl", False)),
@@ -166,7 +170,8 @@ class OurTrainer:
     return {"s": t3 - t0, "rollout_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2,
             "cpu_s": c3 - c0, "rollout_cpu_s": c1 - c0, "scoring_cpu_s": c2 - c1,
             "update_cpu_s": c3 - c2, "tokens": int(lengths.sum()),
-            "row_tokens": lay.geometry.width, "rows": int(lay.arrays["tokens"].shape[0])}
+            "row_tokens": lay.geometry.width, "rows": int(lay.arrays["tokens"].shape[0]),
+            "geometry": (lay.geometry, lay.arrays["tokens"].shape[0])}
 
 
 class TrlPeer:
@@ -227,17 +232,23 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
   peer = TrlPeer(student, teacher, 1 + rounds, os.path.join(folder, f"trl_{name}.log"), name)
   try:
     trl_times = [peer.step()]                       # TRL's warm-up, alone
-    ours, first = {}, {}
+    ours, first, seen = {}, {}, {}
     times = {side: [] for side, _, _ in SIDES[name]}
     for side, estimator, unpacked in SIDES[name]:
       s = settings(estimator, student, teacher, os.path.join(folder, name, side), work, unpacked)
       ours[side] = OurTrainer(s, mesh, prompt_ids, work)
       jax.clear_caches()                            # its first iteration compiles everything
       first[side] = ours[side].iteration()
+      seen[side] = {first[side]["geometry"]}
+      for _ in range(WARMUP - 1):                   # row geometries of other lengths
+        seen[side].add(ours[side].iteration()["geometry"])
     for _ in range(rounds):
       for side, _, _ in SIDES[name]:
         time.sleep(PAUSE_S)
-        times[side].append(ours[side].iteration())
+        t = ours[side].iteration()
+        t["compiled"] = t["geometry"] not in seen[side]   # a new row geometry: compiled now
+        seen[side].add(t["geometry"])
+        times[side].append(t)
       time.sleep(PAUSE_S)
       trl_times.append(peer.step())
     summary = peer.finish()
@@ -249,7 +260,7 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
   trl_rounds = [t["s"] for t in trl_times[1:]]
   out = {}
   for side, estimator, unpacked in SIDES[name]:
-    med = _median_split(times[side])
+    med = _median_split([{k: v for k, v in t.items() if k != "geometry"} for t in times[side]])
     rounds_s = [t["s"] for t in times[side]]
     tokens = sum(t["tokens"] for t in times[side])
     out[side] = {
@@ -263,6 +274,7 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
         "iter_s": [_r(x) for x in rounds_s],
         "row_tokens": [t["row_tokens"] for t in times[side]],
         "rows": [t["rows"] for t in times[side]],
+        "compiled_in_round": [t["compiled"] for t in times[side]],
         "speedup_vs_trl": _r(trl["s"] / med["s"], 2),
         "speedup_per_round": [_r(t / o, 2) for o, t in zip(rounds_s, trl_rounds)],
         "losses": [_r(x, 6) for x in ours[side].losses]}
@@ -277,7 +289,7 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
   if name == "fixed":
     result["speedup_vs_trl_full_rkl"] = out[b]["speedup_vs_trl"]
   else:
-    lengths = np.concatenate(ours[a].lengths[1:])       # the timed rounds
+    lengths = np.concatenate(ours[a].lengths[WARMUP:])  # the timed rounds
     result |= {"speedup_vs_unpacked": _r(out[b]["s_per_iter"] / out[a]["s_per_iter"], 2),
                "mean_response_tokens": _r(lengths.mean(), 1),
                "max_response_tokens": int(lengths.max()),

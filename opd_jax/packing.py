@@ -7,8 +7,9 @@ compiled passes read a `layout` of them instead, one of three modes (`config.opt
 - "off": one sequence per row, the whole budget: [prompt | response] rows of P + N tokens.
 - "trim": one sequence per row, the response columns cut to a bucket of the longest n_i.
 - "pack": several sequences side by side per row (segment ids keep them apart in attention,
-  rotary positions restart per sequence), rows of a bucketed width W holding at most W tokens,
-  micro-batches formed by a per-device token budget.
+  rotary positions restart per sequence), rows of a bucketed width W holding at most W tokens
+  (and never more teacher or response tokens than an unpacked row, so no array is wider than
+  without packing), micro-batches formed by a per-device token budget.
 
 Every per-token array of the passes (targets, masks, the sampler's log-probs, the teacher's
 scores) lives in the "compact" layout [rows, C]: the response tokens of a row's sequences, one
@@ -102,19 +103,20 @@ def _agree(*sizes: int) -> tuple[int, ...]:
   return tuple(int(x) for x in np.max(gathered.reshape(-1, len(sizes)), axis=0))
 
 
-def _first_fit(lengths: list[int], width: int) -> list[list[int]]:
-  """Sequence indices per row: first fit, longest first (rows hold at most `width` tokens)."""
+def _first_fit(sizes: np.ndarray, capacity: np.ndarray) -> list[list[int]]:
+  """Sequence indices per row: first fit, longest first. sizes [S, 3]: each sequence's student,
+  teacher and response tokens; a row holds at most `capacity` [3] of each."""
   rows: list[list[int]] = []
-  free: list[int] = []
-  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+  free: list[np.ndarray] = []
+  for i in sorted(range(len(sizes)), key=lambda i: -int(sizes[i, 0])):
     for r, room in enumerate(free):
-      if lengths[i] <= room:
+      if np.all(sizes[i] <= room):
         rows[r].append(i)
-        free[r] -= lengths[i]
+        room -= sizes[i]
         break
     else:
       rows.append([i])
-      free.append(width - lengths[i])
+      free.append(capacity - sizes[i])
   return rows
 
 
@@ -122,17 +124,24 @@ def _pow2(n: int) -> int:
   return 1 << (max(int(n), 1) - 1).bit_length()
 
 
+def _half_octave(n: int) -> int:
+  """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... that is >= n (at most a third more)."""
+  p = _pow2(n)
+  return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
 def micro_rows(need: int, width: int, unpacked_rows: int, unpacked_width: int, ways: int,
                microbatch_tokens: int) -> tuple[int, int]:
   """(micro-batches, rows per micro-batch) for mini-batches of at most `need` packed rows of
   `width`: each device's rows of a micro-batch hold at most the token budget (at least one row),
-  and no more rows than needed (powers of two, so that few programs are compiled). The budget
-  defaults to the tokens of the unpacked micro-batch (`unpacked_rows` rows of `unpacked_width`
-  per device), so packing never needs more memory."""
+  and no more rows than needed (micro-batches a power of two, rows per device one of 1, 2, 3, 4,
+  6, 8, 12, ...: few compiled programs, at most a third of the rows empty). The budget defaults
+  to the tokens of the unpacked micro-batch (`unpacked_rows` rows of `unpacked_width` per
+  device), so packing never needs more memory."""
   budget = microbatch_tokens or max(unpacked_rows, 1) * unpacked_width
   budget_rows = max(budget // width, 1)                       # per device
   micro = _pow2(-(-need // (budget_rows * ways)))
-  per_device = min(_pow2(-(-need // (micro * ways))), budget_rows)
+  per_device = min(_half_octave(-(-need // (micro * ways))), budget_rows)
   return micro, per_device * ways
 
 
@@ -140,9 +149,9 @@ def worst_case(mode: str, rows: int, prompt: int, teacher_prompt: int, budget: i
                minibatches: int, micro: int, ways: int, microbatch_tokens: int
                ) -> tuple[Geometry, int]:
   """The largest geometry (and row count) a batch of `rows` sequences of at most `prompt` /
-  `teacher_prompt` + `budget` tokens can take (the memory plan): for "pack", every sequence as
-  long as it may be (one per row, the most micro-batches) and a row's response tokens up to its
-  width."""
+  `teacher_prompt` + `budget` tokens can take (the memory plan): for "pack", the unpacked rows'
+  widths (a packed row never holds more) and every sequence as long as it may be (one per row,
+  the most micro-batches)."""
   if mode != "pack":
     return Geometry(prompt + budget, teacher_prompt + budget, budget, minibatches, micro,
                     False), rows
@@ -150,8 +159,8 @@ def worst_case(mode: str, rows: int, prompt: int, teacher_prompt: int, budget: i
   micro_count, per_micro = micro_rows(rows // minibatches, width,
                                       rows // minibatches // micro // ways, width, ways,
                                       microbatch_tokens)
-  return (Geometry(width, width + max(teacher_prompt - prompt, 0), width, minibatches,
-                   micro_count, True), minibatches * micro_count * per_micro)
+  return (Geometry(width, teacher_prompt + budget, budget, minibatches, micro_count, True),
+          minibatches * micro_count * per_micro)
 
 
 def abstract_arrays(geometry: Geometry, rows: int, sampled_mask: bool = False
@@ -200,10 +209,13 @@ def plan_rows(mode: str, batch: Mapping[str, np.ndarray], *, minibatches: int, m
   # Never wider than an unpacked row (every sequence fits in one).
   width = bucket(_agree(int(student.max(initial=1)))[0], p + n)
   groups = []
+  # A row never holds more teacher tokens or response tokens than an unpacked row: the teacher's
+  # rows and the per-token arrays are never wider than without packing.
+  sizes = np.stack([student, t_len + lengths, lengths], axis=1)
+  capacity = np.array([width, pt + n, n])
   for m in range(minibatches):
     members = list(range(m, r, minibatches))
-    groups.append([[members[j] for j in row]
-                   for row in _first_fit([int(student[i]) for i in members], width)])
+    groups.append([[members[j] for j in row] for row in _first_fit(sizes[members], capacity)])
   need, = _agree(max(len(g) for g in groups))
   micro_count, per_micro = micro_rows(need, width, r // minibatches // micro // ways, p + n,
                                       ways, microbatch_tokens)
@@ -216,7 +228,8 @@ def plan_rows(mode: str, batch: Mapping[str, np.ndarray], *, minibatches: int, m
   compact = max((int(sum(lengths[i] for i in row)) for row in rows), default=1)
   teacher = max((int(sum(t_len[i] + lengths[i] for i in row)) for row in rows), default=1)
   compact, teacher = _agree(compact, teacher)
-  return Geometry(width, bucket(teacher), bucket(compact), minibatches, micro_count, True), rows
+  return Geometry(width, bucket(teacher, pt + n), bucket(compact, n), minibatches, micro_count,
+                  True), rows
 
 
 def pack(mode: str, batch: Mapping[str, np.ndarray], *, minibatches: int, micro: int,

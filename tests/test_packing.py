@@ -186,3 +186,14 @@ def test_settings_accept_the_modes_and_refuse_others():
   with pytest.raises(settings.ConfigError, match="config.opt.packing"):
     settings.OptSettings.from_config(dict(c.opt) | {"packing": "zip"}, 64, "x")
   assert dataclasses.replace(OPT, packing="trim").packing == "trim"
+
+
+def test_micro_batches_hold_the_budget_and_few_empty_rows():
+  # 40 rows needed, 8 per device-micro-batch by the budget (8 x 64 tokens), 2 devices: 4
+  # micro-batches (a power of two) of 5 rows per device -> 6 (the next of 1, 2, 3, 4, 6, 8).
+  assert packing.micro_rows(40, 64, 8, 64, 2, 0) == (4, 12)
+  assert packing.micro_rows(5, 64, 8, 64, 1, 0) == (1, 6)
+  assert packing.micro_rows(3, 64, 8, 64, 1, 128) == (2, 2)   # 2 rows of 64 per 128 tokens
+  for need in range(1, 50):
+    micro, rows = packing.micro_rows(need, 16, 4, 16, 2, 0)
+    assert micro * rows >= need and rows <= 8 and micro * rows <= max(2 * need, 8)
