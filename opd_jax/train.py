@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, masking, metrics, pages, plan, programs, settings, sharding,
-                     steps, tasks)
+from opd_jax import (checkpoint, diagnostics, masking, metrics, pages, plan, programs, settings,
+                     sharding, steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
 
@@ -281,6 +281,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       batch = task.collect(p, params, step, key)
       times.append(time.perf_counter())
       scores, values = _score(p, task, params, batch, step + 1)
+      values |= diagnostics.maybe_run(p, tokenizer, task, params, state, batch, key, step + 1)
       times.append(time.perf_counter())
       page = actions.page_inputs(step + 1, batch, scores)
       del params  # the compute copy is not needed (nor kept in memory) during the update
