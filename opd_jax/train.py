@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, diagnostics, masking, metrics, pages, plan, programs, settings,
-                     sharding, steps, tasks)
+from opd_jax import (check, checkpoint, diagnostics, masking, metrics, pages, plan, programs,
+                     settings, sharding, steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
 
@@ -75,6 +75,7 @@ def setup(s: TrainSettings, log: Callable[[str], None]
   estimator = estimators.get(s.loss.estimator)
   tokenizer = tasks.student_tokenizer(s, workdir)
   student_config = programs.model_config_of(s.model, len(tokenizer))
+  check.startup(s, tokenizer, student_config.vocab_size, workdir, log)  # FAIL: Incompatible
   opened = [tasks.open_task(t, i, s, workdir, tokenizer, mesh, estimator.samples)
             for i, t in enumerate(s.tasks)]
   vocab = min([len(tokenizer), student_config.vocab_size] + [t.teacher_vocab for t in opened])
