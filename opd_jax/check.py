@@ -306,15 +306,16 @@ def renderer_bias_lines(student_model, teacher_model, student: Side, teacher: Si
     lp_own = response_logprobs(model, own, response_ids, vocab)
     lp_other = response_logprobs(model, other, response_ids, vocab)
     bias = float(lp_own.mean() - lp_other.mean())
-    figures[side.name] = {"own": float(lp_own.mean()), "other": float(lp_other.mean()),
+    role = "teacher" if side is teacher else "student"
+    figures[role] = {"own": float(lp_own.mean()), "other": float(lp_other.mean()),
                           "bias": bias}
     out.append(Line(WARN if abs(bias) > BIAS_WARN else OK, "renderer bias",
                     f"the {side.name} scores the fixed response at {lp_own.mean():.3f} "
-                    f"nats/token after its own rendering, {lp_other.mean():.3f} after the "
-                    f"{other_name}'s: {bias:+.3f} nats/token"))
+                    f"nats/token after its own rendering, {lp_other.mean():.3f} after that of the "
+                    f"{other_name}: {bias:+.3f} nats/token"))
     if side is teacher:
       last = float(lp_own[-1])
-      figures[side.name]["last_token"] = last
+      figures[role]["last_token"] = last
       out.append(Line(WARN if last < SPECIAL_LOGP_WARN else OK, "end of turn",
                       f"the {side.name} scores the response's last token "
                       f"{_tok(student.tokenizer, [response_ids[-1]])[0]!r} at {last:.2f} nats "

@@ -19,7 +19,8 @@ reverse KL of Eq. 4 (`losses.full_reverse_kl`) and its gradient. The figures ("d
   positions             sampled positions that are in the loss (the comparisons' sample)
 
 The cost is bounded by the sample: one forward pass of each model over n rows, whatever the
-batch size (a row is run once per position drawn in it), plus [n, V] logits and their gradient.
+batch size (a row is run once per position drawn in it; the update's micro-batch of rows at a
+time), plus [n, V] logits and their gradient. n is rounded up to a multiple of those rows.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Static:
   positions: int                   # response positions drawn per diagnostic iteration
   special_ids: tuple[int, ...]     # special tokens (for the special-token share)
   mesh: Mesh | None = None
+  chunk: int = 0                   # rows run at a time (a divisor of `positions`; 0: all)
 
 
 def _hidden_at(model, prompt: Array, prompt_mask: Array, response: Array, cols: Array) -> Array:
@@ -146,15 +148,24 @@ def diagnose(student_def, student_params, teacher_def, teacher_params, batch: di
                         nnx.merge(teacher_def, teacher_params))
     n = min(static.positions, batch["response"].size)
     rows, cols, valid = draw_positions(key, batch["response_mask"], n)
-    take = lambda name: jnp.take(batch[name], rows, axis=0)   # pylint: disable=unnecessary-lambda-assignment
-    response = take("response")
-    s_hidden = _hidden_at(student, take("prompt"), take("prompt_mask"), response, cols)
-    t_hidden = _hidden_at(teacher, take("teacher_prompt"), take("teacher_prompt_mask"),
-                          response, cols)
-    s_logits = models.logits_from_hidden(student, s_hidden)[:, :static.vocab]
-    t_logits = models.logits_from_hidden(teacher, t_hidden)[:, :static.vocab]
-    tokens = response[jnp.arange(n), cols]
-    loss_mask = valid & take("loss_mask")[jnp.arange(n), cols]
+    names = ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask", "response")
+    drawn = {k: jnp.take(batch[k], rows, axis=0) for k in names} | {"cols": cols}
+
+    def logits(part):
+      s_hidden = _hidden_at(student, part["prompt"], part["prompt_mask"], part["response"],
+                            part["cols"])
+      t_hidden = _hidden_at(teacher, part["teacher_prompt"], part["teacher_prompt_mask"],
+                            part["response"], part["cols"])
+      return (models.logits_from_hidden(student, s_hidden)[:, :static.vocab],
+              models.logits_from_hidden(teacher, t_hidden)[:, :static.vocab])
+
+    # At most `chunk` rows run at a time (the update's micro-batch rows: what its own passes
+    # hold), so the sample never needs more activation memory than training does.
+    chunk = static.chunk if static.chunk and n % static.chunk == 0 else n
+    parts = jax.tree.map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), drawn)
+    s_logits, t_logits = (x.reshape((n,) + x.shape[2:]) for x in jax.lax.map(logits, parts))
+    tokens = drawn["response"][jnp.arange(n), cols]
+    loss_mask = valid & batch["loss_mask"][rows, cols]
     special = (jnp.isin(tokens, jnp.asarray(static.special_ids, jnp.int32))
                if static.special_ids else jnp.zeros_like(valid))
     return compare(jax.lax.stop_gradient(s_logits), jax.lax.stop_gradient(t_logits), tokens,
@@ -167,10 +178,17 @@ def special_ids(tokenizer: Any, mask_ids: tuple[int, ...], vocab: int) -> tuple[
   return tuple(sorted(i for i in ids if 0 <= i < vocab))
 
 
+def chunk_for(p) -> int:
+  """Rows the diagnostics run at a time: the update's micro-batch (else mini-batch) rows."""
+  s = p.settings
+  return s.opt.microbatch_size or s.opt.minibatch_size
+
+
 def positions_for(p) -> int:
-  """`log.diagnostics_positions` rounded up to a multiple of the mesh's batch ways."""
-  ways = sharding.batch_divisor(p.mesh)
-  return -(-p.settings.log.diagnostics_positions // ways) * ways
+  """`log.diagnostics_positions` rounded up to a multiple of the rows run at a time (a
+  multiple of the mesh's batch ways)."""
+  step = chunk_for(p)
+  return -(-p.settings.log.diagnostics_positions // step) * step
 
 
 def maybe_run(p, tokenizer, task, params, state, batch, key: Array, done: int
@@ -185,7 +203,7 @@ def maybe_run(p, tokenizer, task, params, state, batch, key: Array, done: int
   params = p.compute_params(state.params) if params is None else params
   mask_ids = tuple(masking.ids_for_strings(tokenizer, s.loss.mask_strings))
   static = Static(s.loss, p.vocab, positions_for(p), special_ids(tokenizer, mask_ids, p.vocab),
-                  p.mesh)
+                  p.mesh, chunk_for(p))
   inputs = {k: v for k, v in batch.scoring_inputs().items() if k in (
       "prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask", "response",
       "response_mask", "loss_mask")}

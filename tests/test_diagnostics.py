@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import train_helpers
-from opd_jax import configs, diagnostics, models, settings, sharding, train
+from opd_jax import configs, diagnostics, models, settings, train
 
 V = 24
 
@@ -155,8 +155,21 @@ def test_trainer_logs_diagnostics_on_diagnostic_iterations(tmp_path, tiny_arith_
   assert not any(k.startswith("diag/") for r in train.run(c, log=lambda _: None) for k in r)
 
 
-def test_positions_round_up_to_the_batch_ways():
-  c = train_helpers.tiny_config("w", "d", **{"log.diagnostics_positions": 5})
-  s = settings.TrainSettings.from_config(c)
-  p = type("P", (), {"settings": s, "mesh": sharding.make_mesh(*s.mesh.shape)})
-  assert diagnostics.positions_for(p) == 8 == sharding.batch_divisor(p.mesh)
+def test_positions_round_up_to_the_rows_run_at_a_time():
+  c = train_helpers.tiny_config("w", "d", **{"log.diagnostics_positions": 5,
+                                             "opt.minibatch_size": 8})
+  p = type("P", (), {"settings": settings.TrainSettings.from_config(c)})
+  assert diagnostics.chunk_for(p) == 8 and diagnostics.positions_for(p) == 8
+  c.opt.microbatch_size, c.log.diagnostics_positions = 2, 5
+  p = type("P", (), {"settings": settings.TrainSettings.from_config(c)})
+  assert diagnostics.chunk_for(p) == 2 and diagnostics.positions_for(p) == 6
+
+
+def test_rows_run_in_chunks_give_the_same_figures():
+  (s_def, s_params), (t_def, t_params) = _pair()
+  loss = _loss(estimator="lsm", k=3)
+  whole, chunked = (diagnostics.diagnose(
+      s_def, s_params, t_def, t_params, _batch(), jax.random.key(1),
+      static=diagnostics.Static(loss, V, 16, (3,), None, chunk)) for chunk in (0, 4))
+  for k in diagnostics.METRICS:
+    assert float(chunked[k]) == pytest.approx(float(whole[k]), rel=1e-5, abs=1e-6), k
