@@ -39,7 +39,7 @@ def _config(workdir: str, data_dir: str, a: argparse.Namespace, **log):
   c.loss.estimator, c.loss.k = "lsm", 8
   c.opt.minibatch_size, c.opt.lr = a.prompts * 2, 5e-4
   c.mesh.data = 1
-  c.checkpoint.every = 0
+  c.checkpoint.every = 10_000   # only the final state is saved
   c.log.samples_every, c.log.tensorboard = 0, False
   for k, v in log.items():
     c.log[k] = v
