@@ -159,8 +159,8 @@ def diagnose(student_def, student_params, teacher_def, teacher_params, batch: di
       return (models.logits_from_hidden(student, s_hidden)[:, :static.vocab],
               models.logits_from_hidden(teacher, t_hidden)[:, :static.vocab])
 
-    # At most `chunk` rows run at a time (the update's micro-batch rows: what its own passes
-    # hold), so the sample never needs more activation memory than training does.
+    # `chunk` rows run at a time (the update's micro-batch rows, which its own passes hold), so
+    # the sample's activations are those of one micro-batch's forward pass per model.
     chunk = static.chunk if static.chunk and n % static.chunk == 0 else n
     parts = jax.tree.map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), drawn)
     s_logits, t_logits = (x.reshape((n,) + x.shape[2:]) for x in jax.lax.map(logits, parts))

@@ -111,7 +111,7 @@ def test_a_shifted_vocabulary_fails(chatml, tmp_path):
   lines = _lines(_load(chatml), _shifted_tokenizer(tmp_path / "shifted"))
   line = next(x for x in lines if x.topic == "vocabulary")
   assert line.level == "FAIL" and "shared ids name different tokens" in line.text
-  assert _levels(lines, "eos token") == ["FAIL"]
+  assert _levels(lines, "eos token") == ["WARN"]
   assert "WARN" in _levels(lines, "round trip (vocabulary)")
 
 
