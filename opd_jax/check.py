@@ -371,9 +371,12 @@ def startup(s: TrainSettings, tokenizer, student_rows: int, workdir: pathlib.Pat
 def trainer_config(config, workdir: pathlib.Path):
   """A trainer-shaped config of an experiment: itself, or, for the demo (experiment
   "tiny_arith"), its first run with the models it cached in the workdir (teacher/,
-  student_seed<seed>/), random weights of their shapes while they are not trained yet."""
+  student_seed<seed>/), random weights of their shapes while they are not trained yet; for the
+  real-model demo (experiment "smollm_heal"), its LSM run on the converted SmolLM2 pair."""
   c = ml_collections.ConfigDict(config.copy_and_resolve_references().to_dict())
   c.workdir = str(workdir)
+  if c.get("experiment") == "smollm_heal":
+    return _heal_config(c, workdir)
   if c.get("experiment") != "tiny_arith":
     return c
   demo = c.demo
@@ -389,6 +392,24 @@ def trainer_config(config, workdir: pathlib.Path):
       for key, value in shape.items():
         group.random[key] = value
       group.random.init_std = std
+  return c
+
+
+def _heal_config(c, workdir: pathlib.Path):
+  """The real-model demo's pair (`make real-demo`): SmolLM2-135M-Instruct from its package and
+  the pruned student, both converted into the workdir as the demo does (cached there), with a
+  one-prompt chat_prompts file of the fixed conversation's user turn."""
+  from opd_jax import smollm  # pylint: disable=import-outside-toplevel
+  dropped = tuple(c.heal.dropped_layers)
+  del c["heal"]
+  c.experiment, c.loss.estimator, c.rollout.top_p = "opd", "lsm", 0.9
+  teacher = smollm.hf_folder(workdir / "teacher", log=lambda _: None)
+  student = smollm.pruned_folder(teacher, workdir / "student", dropped, log=lambda _: None)
+  c.model.path = c.model.tokenizer = str(student)
+  c.teacher.path = c.teacher.tokenizer = str(teacher)
+  source = workdir / "check_prompts.jsonl"
+  source.write_text(json.dumps({"prompt": CONVERSATION[1]["content"]}) + "\n")
+  c.data.dataset, c.data.source = registry.CHAT_PROMPTS, str(source)
   return c
 
 

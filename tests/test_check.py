@@ -211,3 +211,14 @@ def test_smollm_pair_is_reported_with_pad_equal_to_eos_and_its_system_prompt(tmp
   assert "WARN  pad == eos: the student's pad and eos are both '<|im_end|>' (id 2)" in text
   assert "WARN  system prompt: the teacher's template injects a system prompt" in text
   assert "SmolLM" in text and "FAIL" not in text
+  # The command's form on the real-model demo's config: the same pair, converted in its workdir.
+  spec = ROOT / "experiments" / "smollm_heal.py"
+  module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("exp", spec))
+  module.__spec__.loader.exec_module(module)
+  c = module.get_config()
+  c.workdir = str(tmp_path / "cli")
+  out = []
+  summary = check.report(c, log=out.append)
+  warned = "\n".join(summary["tasks"]["chat_prompts"]["warn"])
+  assert summary["status"] == "WARN" and "pad == eos" in warned and "SmolLM" in warned, out
+  assert summary["tasks"]["chat_prompts"]["renderer_bias"]["teacher"]["bias"] == 0.0
