@@ -220,6 +220,9 @@ def log_fields() -> ml_collections.ConfigDict:
   # Diagnostic passes (the student's scores when the estimator reads none, the post-update KL)
   # run every this many iterations and at the last one (0 = never).
   g.diagnostics_every = 10
+  # Estimator diagnostics ("diag/..." metrics, opd_jax.diagnostics) on diagnostic iterations:
+  # response positions drawn at random, the exact reverse KL against the estimator (0 = off).
+  g.diagnostics_positions = 64
   return g
 
 

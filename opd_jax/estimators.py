@@ -83,6 +83,24 @@ class Estimator:
     """
     raise NotImplementedError
 
+  def logits_loss(self, student_logits: Array, teacher_logits: Array, tokens: Array,
+                  mask: Array, loss: Any) -> Array:
+    """The same token-mean loss on materialised logits (the estimator diagnostics differentiate
+    it with respect to the student's logits at a sample of positions).
+
+    Args:
+      student_logits / teacher_logits: [B, T, V] float32 over the shared vocabulary.
+      tokens: [B, T] the sampled (or reference) tokens; mask: [B, T] the positions that count.
+      loss: the run's LossSettings.
+    """
+    raise NotImplementedError
+
+
+def _behavior(student_logits: Array, tokens: Array) -> Array:
+  """The student's own log-probs of `tokens`, as constants: the behaviour policy of an
+  on-policy sample (importance weights and PPO ratios are 1 at the current parameters)."""
+  return jax.lax.stop_gradient(losses.token_logprobs(student_logits, tokens))
+
 
 def _token_mean(x: Array, mask: Array) -> Array:
   return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
@@ -129,6 +147,13 @@ class LocalSupportMatching(Estimator):
     aux["policy/entropy"] = aux.pop("kl/student_entropy")
     return value, aux
 
+  def logits_loss(self, student_logits, teacher_logits, tokens, mask, loss):
+    return losses.topk_reverse_kl(
+        student_logits, teacher_logits, mask, k=loss.k, support=loss.support,
+        renormalize=loss.renormalize, tail=loss.tail, sampled_tokens=tokens,
+        behavior_logprobs=_behavior(student_logits, tokens),
+        tail_weight_clip=loss.tail_weight_clip)[0]
+
 
 @register
 class SampledToken(Estimator):
@@ -145,6 +170,13 @@ class SampledToken(Estimator):
         gamma=loss.gamma, behavior_logprobs=mb["behavior_logprobs"], ppo_clip=loss.ppo_clip,
         advantage_clip=loss.advantage_clip, segment_ids=mb.get("c_segments")))
 
+  def logits_loss(self, student_logits, teacher_logits, tokens, mask, loss):
+    return losses.sampled_token_opd(
+        losses.token_logprobs(student_logits, tokens),
+        losses.token_logprobs(teacher_logits, tokens), mask, gamma=loss.gamma,
+        behavior_logprobs=_behavior(student_logits, tokens), ppo_clip=loss.ppo_clip,
+        advantage_clip=loss.advantage_clip)[0]
+
 
 @register
 class FullReverseKL(Estimator):
@@ -157,6 +189,9 @@ class FullReverseKL(Estimator):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: losses.full_reverse_kl(
         logits, mb["teacher_logits"], mb["loss_mask"]))
 
+  def logits_loss(self, student_logits, teacher_logits, tokens, mask, loss):
+    return losses.full_reverse_kl(student_logits, teacher_logits, mask)[0]
+
 
 @register
 class SupervisedFineTuning(Estimator):
@@ -167,3 +202,6 @@ class SupervisedFineTuning(Estimator):
   def loss(self, model, hidden, mb, loss, vocab, mesh):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: (
         _token_mean(-losses.token_logprobs(logits, mb["response"]), mb["loss_mask"]), {}))
+
+  def logits_loss(self, student_logits, teacher_logits, tokens, mask, loss):
+    return _token_mean(-losses.token_logprobs(student_logits, tokens), mask)

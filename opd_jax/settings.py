@@ -399,11 +399,12 @@ class LogSettings:
   samples_count: int
   tensorboard: bool
   diagnostics_every: int
+  diagnostics_positions: int
 
   @classmethod
   def from_config(cls, lg: Mapping) -> "LogSettings":
     _positive(lg, "every", "log.")
-    for key in ("samples_every", "samples_count", "diagnostics_every"):
+    for key in ("samples_every", "samples_count", "diagnostics_every", "diagnostics_positions"):
       if lg[key] < 0:
         _fail(f"log.{key}", lg[key], "accepted: an int >= 0")
     return _from_group(cls, lg)

@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, masking, metrics, packing, pages, plan, programs, settings,
-                     sharding, steps, tasks)
+from opd_jax import (check, checkpoint, diagnostics, masking, metrics, packing, pages, plan,
+                     programs, settings, sharding, steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
 
@@ -75,6 +75,7 @@ def setup(s: TrainSettings, log: Callable[[str], None]
   estimator = estimators.get(s.loss.estimator)
   tokenizer = tasks.student_tokenizer(s, workdir)
   student_config = programs.model_config_of(s.model, len(tokenizer))
+  check.startup(s, tokenizer, student_config.vocab_size, workdir, log)  # FAIL: Incompatible
   opened = [tasks.open_task(t, i, s, workdir, tokenizer, mesh, estimator.samples)
             for i, t in enumerate(s.tasks)]
   vocab = min([len(tokenizer), student_config.vocab_size] + [t.teacher_vocab for t in opened])
@@ -290,6 +291,7 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       times.append(time.perf_counter())
       lay, rows = p.layout(batch.scoring_inputs())
       scores, values = _score(p, task, params, rows, lay.geometry, step + 1)
+      values |= diagnostics.maybe_run(p, tokenizer, task, params, state, batch, key, step + 1)
       times.append(time.perf_counter())
       page = actions.page_inputs(step + 1, batch, scores, lay)
       del params  # the compute copy is not needed (nor kept in memory) during the update

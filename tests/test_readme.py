@@ -37,6 +37,7 @@ BENCH_ARGS = {
                            "--time_vocab=512", "--repeats=1"],
     "bench_grading.py": ["--n=200"],
     "bench_train.py": ["--rounds=1"],
+    "bench_diagnostics.py": ["--steps=3", "--skip=1", "--prompts=8", "--positions=8"],
 }
 
 
@@ -75,7 +76,7 @@ def _kind(cmd: str) -> str:
     return "benchmark"
   if cmd.startswith(SETUP):
     return "setup"
-  if re.match(r"python -m opd_jax\.(main|evaluate|plan) ", cmd):
+  if re.match(r"python -m opd_jax\.(main|evaluate|plan|check) ", cmd):
     return "opd_jax"
   return "unknown"
 
