@@ -268,7 +268,8 @@ def _compare(a, b, atol=1e-5):
 
 
 # Every 9th id stops a row: responses of 1 to ~30 tokens under the tiny random model.
-_VARIABLE = dict(max_new_tokens=48, num_samples=4, top_p=0.9, stop_token_ids=tuple(range(0, 128, 9)))
+_VARIABLE = dict(max_new_tokens=48, num_samples=4, top_p=0.9,
+                 stop_token_ids=tuple(range(0, 128, 9)))
 
 
 def test_compaction_keeps_every_rows_tokens(tiny, monkeypatch):
