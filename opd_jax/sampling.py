@@ -26,8 +26,9 @@ SEGMENTS = 4
 MIN_SEGMENT = 32
 # With compaction the unfinished rows move into a smaller bucket of rows whenever they fit the
 # next smaller one; the buckets halve (rounded up to a multiple of the mesh's batch ways) at most
-# COMPACT_HALVINGS times below the full batch (see _row_buckets).
+# COMPACT_HALVINGS times below the full batch, never below COMPACT_MIN_ROWS (see _row_buckets).
 COMPACT_HALVINGS = 6
+COMPACT_MIN_ROWS = 1
 _TRACES = {"generate": 0, "prefill": 0, "decode": 0, "resize": 0, "finish": 0}
 _LAST_SCHEDULE: list = []
 
@@ -103,11 +104,11 @@ def _segment_ends(max_new_tokens: int) -> tuple[int, ...]:
 
 def _row_buckets(n_rows: int, divisor: int = 1) -> tuple[int, ...]:
   """The row counts compaction may move the unfinished rows into, ascending: the full batch and
-  up to COMPACT_HALVINGS halvings of it, each rounded up to a multiple of `divisor` (the mesh's
-  batch ways, so that every bucket splits evenly over them)."""
+  up to COMPACT_HALVINGS halvings of it, each at least COMPACT_MIN_ROWS and rounded up to a
+  multiple of `divisor` (the mesh's batch ways, so that every bucket splits evenly over them)."""
   out, b = {n_rows}, n_rows
   for _ in range(COMPACT_HALVINGS):
-    b = -(-b // 2)
+    b = max(-(-b // 2), COMPACT_MIN_ROWS)
     out.add(min(n_rows, -(-b // divisor) * divisor))
   return tuple(sorted(out))
 
@@ -380,10 +381,14 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
       the host, which reads the step and the number of unfinished rows after each: when those
       fit the next smaller row bucket (halvings of B*G, at most COMPACT_HALVINGS, each a
       multiple of the mesh's batch ways), they move into it with their KV cache, and the
-      outputs of the rows left behind are written into the [B*G, N] arrays. The same tokens,
-      masks and log-probs as `compact=False` (log-probs up to float rounding of the smaller
-      matrix products), at a cost that follows the unfinished rows instead of the longest
-      one; one program per (row bucket, cache length) met, compiled on first use. False, or
+      outputs of the rows left behind are written into the [B*G, N] arrays. Each row keeps
+      its random numbers, so it samples what `compact=False` samples wherever the model's
+      outputs for a row do not depend on the number of rows computed with it; where a matrix
+      product rounds differently at another row count (as XLA's CPU dot does for some
+      shapes), a draw within rounding of a token boundary can take the neighbouring token,
+      as it can in a batch of another size without compaction. The cost follows the
+      unfinished rows instead of the longest one; one program per (row bucket, cache
+      length) met, compiled on first use. False, or
       `sample` itself traced (under jit the host cannot read the rows): the whole rollout is
       one program over all rows.
 
