@@ -114,6 +114,7 @@ def rollout_fields() -> ml_collections.ConfigDict:
   g.top_k = 0              # keep the k most likely tokens before top-p (0 = off)
   g.stop_strings = ("<|im_end|>", "<|endoftext|>")  # tokens that end a response
   g.banned_strings = ()    # tokens never sampled
+  g.compact = True         # drop finished rows into smaller row buckets as the rollout goes
   return g
 
 

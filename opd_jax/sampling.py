@@ -24,7 +24,13 @@ MIN_BUCKET = 16
 # The decode loop runs in up to SEGMENTS pieces of at least MIN_SEGMENT steps (see _segment_ends).
 SEGMENTS = 4
 MIN_SEGMENT = 32
-_TRACES = {"generate": 0}
+# With compaction the unfinished rows move into a smaller bucket of rows whenever they fit the
+# next smaller one; the buckets halve (rounded up to a multiple of the mesh's batch ways) at most
+# COMPACT_HALVINGS times below the full batch, never below COMPACT_MIN_ROWS (see _row_buckets).
+COMPACT_HALVINGS = 6
+COMPACT_MIN_ROWS = 1
+_TRACES = {"generate": 0, "prefill": 0, "decode": 0, "resize": 0, "finish": 0}
+_LAST_SCHEDULE: list = []
 
 
 @flax.struct.dataclass
@@ -55,11 +61,22 @@ class _DecodeState:
   sample_logprobs: Array
   policy_logprobs: Array
   cache: models.KVCache
+  rows: Array           # [R] int32, each row's index in the [B*G, N] output (its random draws)
 
 
 def compiled_programs() -> int:
-  """How many times the sampler's program has been traced (compiled) in this process."""
-  return _TRACES["generate"]
+  """How many times the sampler's programs have been traced (compiled) in this process: the
+  uncompacted rollout program, and with compaction its prefill, decode, resize and finish
+  programs (one per shape each)."""
+  return sum(_TRACES.values())
+
+
+def last_schedule() -> list[dict]:
+  """The decode programs the last compacted `sample` call of this process ran, in order: one
+  dict per program with `rows` (the bucket), `cache_len`, `start` and `stop` (decode steps
+  [start, stop) it ran) and `active` (unfinished rows when it stopped). Empty after an
+  uncompacted call."""
+  return [dict(d) for d in _LAST_SCHEDULE]
 
 
 def bucket_length(length: int, buckets: Sequence[int] | None = None) -> int:
@@ -85,68 +102,74 @@ def _segment_ends(max_new_tokens: int) -> tuple[int, ...]:
   return tuple(-(-max_new_tokens * (i + 1) // n) for i in range(n))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
-                     "mesh", "segment_ends", "topk_impl"))
-def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
-              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends, topk_impl):
-  # The KV cache is allocated here, inside the program, and each while loop updates its carry in
-  # place; between loop segments it is grown (copied) into a longer one. No copy of it ever exists
-  # outside the compiled program.
-  _TRACES["generate"] += 1
-  with sharding.traced_under(mesh):
-    return _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_p,
-                          max_new_tokens=max_new_tokens, top_k=top_k, banned=banned, stop=stop,
-                          num_samples=num_samples, mesh=mesh, segment_ends=segment_ends,
-                          topk_impl=topk_impl)
+def _row_buckets(n_rows: int, divisor: int = 1) -> tuple[int, ...]:
+  """The row counts compaction may move the unfinished rows into, ascending: the full batch and
+  up to COMPACT_HALVINGS halvings of it, each at least COMPACT_MIN_ROWS and rounded up to a
+  multiple of `divisor` (the mesh's batch ways, so that every bucket splits evenly over them)."""
+  out, b = {n_rows}, n_rows
+  for _ in range(COMPACT_HALVINGS):
+    b = max(-(-b // 2), COMPACT_MIN_ROWS)
+    out.add(min(n_rows, -(-b // divisor) * divisor))
+  return tuple(sorted(out))
 
 
-def _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
-                   max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends,
-                   topk_impl):
-  model = nnx.merge(graphdef, state)
-  cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + segment_ends[0])
+def _constrain(mesh, x, axis=0):
+  """x with its rows (axis `axis`) over the mesh's batch axes."""
+  if mesh is None:
+    return x
+  spec = [None] * x.ndim
+  spec[axis] = sharding.BATCH_AXES
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
-  def constrain(x, axis=0):  # rows (axis `axis`) over the mesh's batch axes
-    if mesh is None:
-      return x
-    spec = [None] * x.ndim
-    spec[axis] = sharding.BATCH_AXES
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
-  def constrain_hidden(x):
-    # The [R, D] hidden state between decode steps, and the [R, V] logits as the unembedding
-    # gives them, keep the decode step's row layout, so that the unembedding multiplies the
-    # hidden states slice by slice instead of gathering the [D, V] weight on every device; the
-    # sampling rules then split the logits by rows again.
-    return models.constrain_rows(x, models.DECODE_ROW_AXES)
+def _constrain_hidden(x):
+  # The [R, D] hidden state between decode steps, and the [R, V] logits as the unembedding
+  # gives them, keep the decode step's row layout, so that the unembedding multiplies the
+  # hidden states slice by slice instead of gathering the [D, V] weight on every device; the
+  # sampling rules then split the logits by rows again.
+  return models.constrain_rows(x, models.DECODE_ROW_AXES)
 
-  def constrain_tree(cache):
-    return models.cache.map_rows(constrain, cache)
 
-  hidden, cache = models.prefill(model, prompts, prompt_mask, constrain_tree(cache),
+def _constrain_tree(mesh, cache):
+  return models.cache.map_rows(functools.partial(_constrain, mesh), cache)
+
+
+def _start(model, prompts, prompt_mask, *, max_len, max_new_tokens, num_samples, mesh):
+  """Prefill: the decode state of the B*G rows at step 0, with a cache of `max_len` slots."""
+  cache = models.init_cache(model.config, prompts.shape[0], max_len)
+  hidden, cache = models.prefill(model, prompts, prompt_mask, _constrain_tree(mesh, cache),
                                  return_hidden=True)
   hidden = hidden[:, -1]
   if num_samples > 1:  # G rollouts per prompt share one prefill
     cache = models.cache.map_rows(lambda x, axis: jnp.repeat(x, num_samples, axis=axis), cache)
     hidden = jnp.repeat(hidden, num_samples, axis=0)
-  cache = constrain_tree(cache)
-  # Each layer's weights sliced out of the stacked parameters once, here, not at every step.
-  layers = models.decoder.unstack_layers(model)
   n_rows = hidden.shape[0]
-  stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
   zeros = functools.partial(jnp.zeros, (n_rows, max_new_tokens))
+  return _DecodeState(step=jnp.zeros((), jnp.int32), hidden=_constrain_hidden(hidden),
+                      done=jnp.zeros((n_rows,), bool), tokens=zeros(jnp.int32),
+                      mask=zeros(bool), sample_logprobs=zeros(jnp.float32),
+                      policy_logprobs=zeros(jnp.float32), cache=_constrain_tree(mesh, cache),
+                      rows=jnp.arange(n_rows, dtype=jnp.int32))
 
-  def cond(end):
-    return lambda s: (s.step < end) & ~jnp.all(s.done)
+
+def _decode(model, layers, init, rng, temperature, top_p, *, end, shrink_at, n_total, top_k,
+            banned, stop, mesh, topk_impl):
+  """One `lax.while_loop` over decode steps until step `end`, every row done, or (compaction) at
+  most `shrink_at` rows unfinished."""
+  stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
+  constrain = functools.partial(_constrain, mesh)
+
+  def cond(s):
+    return (s.step < end) & (jnp.sum(~s.done, dtype=jnp.int32) > shrink_at)
 
   def body(s: _DecodeState):
     # The logits live only inside one iteration (the carry holds the [R, D] hidden state): a
     # carried [R, V] buffer is copied by XLA every step, since the next logits are written while
     # the current ones are still read.
-    logits = constrain(constrain_hidden(models.logits_from_hidden(model, s.hidden)))
-    u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_rows,))
+    logits = constrain(_constrain_hidden(models.logits_from_hidden(model, s.hidden)))
+    # Row r's uniform is entry r of one draw over all B*G rows: a function of (rng, r, step)
+    # alone, whichever rows share the bucket (compaction leaves every row's tokens unchanged).
+    u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_total,))[s.rows]
     tok, sample_lp = rules.draw(logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
                                 banned_ids=banned, topk_impl=topk_impl)
     live = ~s.done
@@ -159,24 +182,144 @@ def _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_
     # saves no time, so the body stays straight-line.
     hidden, cache = models.decode_step(model, tok, s.cache, return_hidden=True,
                                        layers=layers)
-    return _DecodeState(
-        step=s.step + 1, hidden=constrain_hidden(hidden), done=done,
+    return s.replace(
+        step=s.step + 1, hidden=_constrain_hidden(hidden), done=done,
         tokens=s.tokens.at[col].set(tok), mask=s.mask.at[col].set(live),
         sample_logprobs=s.sample_logprobs.at[col].set(jnp.where(live, sample_lp, 0.0)),
         policy_logprobs=s.policy_logprobs.at[col].set(jnp.where(live, policy_lp, 0.0)),
         cache=cache)
 
-  init = _DecodeState(step=jnp.zeros((), jnp.int32), hidden=constrain_hidden(hidden),
-                      done=jnp.zeros((n_rows,), bool), tokens=zeros(jnp.int32),
-                      mask=zeros(bool), sample_logprobs=zeros(jnp.float32),
-                      policy_logprobs=zeros(jnp.float32), cache=cache)
-  out = init
-  for i, end in enumerate(segment_ends):
-    if i:
-      out = out.replace(cache=constrain_tree(models.grow_cache(out.cache, prompts.shape[1] + end)))
-    out = jax.lax.while_loop(cond(end), body, out)
-  return Rollout(tokens=out.tokens, mask=out.mask, sample_logprobs=out.sample_logprobs,
-                 policy_logprobs=out.policy_logprobs)
+  return jax.lax.while_loop(cond, body, init)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
+                     "mesh", "segment_ends", "topk_impl"))
+def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
+              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends, topk_impl):
+  # The uncompacted rollout, one program: the KV cache is allocated here, inside the program,
+  # and each while loop updates its carry in place; between loop segments it is grown (copied)
+  # into a longer one. No copy of it ever exists outside the compiled program.
+  _TRACES["generate"] += 1
+  with sharding.traced_under(mesh):
+    model = nnx.merge(graphdef, state)
+    p = prompts.shape[1]
+    out = _start(model, prompts, prompt_mask, max_len=p + segment_ends[0],
+                 max_new_tokens=max_new_tokens, num_samples=num_samples, mesh=mesh)
+    # Each layer's weights sliced out of the stacked parameters once, here, not at every step.
+    layers = models.decoder.unstack_layers(model)
+    for i, end in enumerate(segment_ends):
+      if i:
+        out = out.replace(cache=_constrain_tree(mesh, models.grow_cache(out.cache, p + end)))
+      out = _decode(model, layers, out, rng, temperature, top_p, end=end, shrink_at=0,
+                    n_total=out.done.shape[0], top_k=top_k, banned=banned, stop=stop, mesh=mesh,
+                    topk_impl=topk_impl)
+    return Rollout(tokens=out.tokens, mask=out.mask, sample_logprobs=out.sample_logprobs,
+                   policy_logprobs=out.policy_logprobs)
+
+
+# The compacted rollout: a prefill program, then decode programs (one per bucket of rows and
+# cache length) run from the host, which reads the step and the unfinished rows after each and
+# resizes the state in between (moves the unfinished rows into a smaller bucket, grows the
+# cache); the rows' outputs are scattered back into the [B*G, N] arrays as buckets shrink.
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens",
+                                             "num_samples", "mesh"))
+def _prefill_rows(graphdef, state, prompts, prompt_mask, *, max_len, max_new_tokens, num_samples,
+                  mesh):
+  _TRACES["prefill"] += 1
+  with sharding.traced_under(mesh):
+    s = _start(nnx.merge(graphdef, state), prompts, prompt_mask, max_len=max_len,
+               max_new_tokens=max_new_tokens, num_samples=num_samples, mesh=mesh)
+    full = Rollout(tokens=s.tokens, mask=s.mask, sample_logprobs=s.sample_logprobs,
+                   policy_logprobs=s.policy_logprobs)
+    return s, jax.tree.map(lambda x: _constrain(mesh, jnp.zeros_like(x)), full)
+
+
+@functools.partial(
+    jax.jit, donate_argnames=("s",),
+    static_argnames=("graphdef", "end", "shrink_at", "n_total", "top_k", "banned", "stop",
+                     "mesh", "topk_impl"))
+def _decode_rows(graphdef, state, s, rng, temperature, top_p, *, end, shrink_at, n_total, top_k,
+                 banned, stop, mesh, topk_impl):
+  _TRACES["decode"] += 1
+  with sharding.traced_under(mesh):
+    model = nnx.merge(graphdef, state)
+    s = _decode(model, models.decoder.unstack_layers(model), s, rng, temperature, top_p,
+                end=end, shrink_at=shrink_at, n_total=n_total, top_k=top_k, banned=banned,
+                stop=stop, mesh=mesh, topk_impl=topk_impl)
+    return s, jnp.stack([s.step, jnp.sum(~s.done, dtype=jnp.int32)])
+
+
+def _scatter_rows(full: Rollout, s: _DecodeState, mesh) -> Rollout:
+  """The bucket's rows written into their rows of the [B*G, N] outputs."""
+  return jax.tree.map(
+      lambda f, x: _constrain(mesh, f.at[s.rows].set(x, unique_indices=True)), full,
+      Rollout(tokens=s.tokens, mask=s.mask, sample_logprobs=s.sample_logprobs,
+              policy_logprobs=s.policy_logprobs))
+
+
+@functools.partial(jax.jit, donate_argnames=("full",),
+                   static_argnames=("rows", "max_len", "mesh"))
+def _resize_rows(s, full, *, rows, max_len, mesh):
+  """The state with its unfinished rows (and done ones to fill up) in a bucket of `rows` rows and
+  a cache of `max_len` slots; the outputs of the rows left out written into `full` first."""
+  _TRACES["resize"] += 1
+  with sharding.traced_under(mesh):
+    if rows < s.done.shape[0]:
+      full = _scatter_rows(full, s, mesh)
+      # Unfinished rows first, each group in row order; done rows fill the bucket up.
+      keep = jnp.argsort(s.done, stable=True)[:rows]
+
+      def take(x, axis=0):
+        return _constrain(mesh, jnp.take(x, keep, axis=axis), axis)
+      s = s.replace(hidden=_constrain_hidden(jnp.take(s.hidden, keep, axis=0)),
+                    done=take(s.done), tokens=take(s.tokens), mask=take(s.mask),
+                    sample_logprobs=take(s.sample_logprobs),
+                    policy_logprobs=take(s.policy_logprobs), rows=take(s.rows),
+                    cache=models.cache.map_rows(take, s.cache))
+    if max_len > s.cache.max_len:
+      s = s.replace(cache=_constrain_tree(mesh, models.grow_cache(s.cache, max_len)))
+    return s, full
+
+
+@functools.partial(jax.jit, donate_argnames=("full",), static_argnames=("mesh",))
+def _finish_rows(s, full, *, mesh):
+  _TRACES["finish"] += 1
+  with sharding.traced_under(mesh):
+    return _scatter_rows(full, s, mesh)
+
+
+def _generate_compacted(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
+                        max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends,
+                        topk_impl):
+  """The rollout with finished rows dropped between decode programs (see `sample`)."""
+  p = prompts.shape[1]
+  s, full = _prefill_rows(graphdef, state, prompts, prompt_mask, max_len=p + segment_ends[0],
+                          max_new_tokens=max_new_tokens, num_samples=num_samples, mesh=mesh)
+  n_total = prompts.shape[0] * num_samples
+  buckets = _row_buckets(n_total, 1 if mesh is None else sharding.batch_divisor(mesh))
+  rows, segment, start = n_total, 0, 0
+  while True:
+    smaller = [b for b in buckets if b < rows]
+    shrink_at = smaller[-1] if smaller else 0
+    s, counts = _decode_rows(graphdef, state, s, rng, temperature, top_p,
+                             end=segment_ends[segment], shrink_at=shrink_at, n_total=n_total,
+                             top_k=top_k, banned=banned, stop=stop, mesh=mesh,
+                             topk_impl=topk_impl)
+    step, active = (int(c) for c in sharding.to_host(counts))
+    _LAST_SCHEDULE.append(dict(rows=rows, cache_len=p + segment_ends[segment], start=start,
+                               stop=step, active=active))
+    if active == 0 or step >= max_new_tokens:
+      break
+    if active <= shrink_at:
+      rows = min(b for b in buckets if b >= active)
+    if step >= segment_ends[segment]:
+      segment += 1
+    s, full = _resize_rows(s, full, rows=rows, max_len=p + segment_ends[segment], mesh=mesh)
+    start = step
+  return _finish_rows(s, full, mesh=mesh)
 
 
 def _check_args(prompts, prompt_mask, vocab, *, max_new_tokens, temperature, top_p, top_k,
@@ -212,7 +355,7 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
            top_p: float = 1.0, top_k: int = 0, banned_token_ids: Sequence[int] = (),
            stop_token_ids: Sequence[int] = (), num_samples: int = 1,
            prompt_buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
-           topk_impl: str | None = None) -> Rollout:
+           topk_impl: str | None = None, compact: bool = True) -> Rollout:
   """Sample `num_samples` responses per prompt with one compiled program per shape.
 
   Args:
@@ -220,7 +363,8 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
     prompts: int [B, P] left-padded prompt tokens, ids in [0, V) (padding positions included).
     prompt_mask: bool (or 0/1 integer) [B, P], true on real prompt tokens: each row some padding
       (False) first, then only real tokens (True), at least one.
-    rng: a PRNG key; step t draws one uniform per row from fold_in(rng, t).
+    rng: a PRNG key; at decode step t row r takes entry r of uniform(fold_in(rng, t), [B*G]), a
+      function of (rng, r, t) alone: compaction does not change any row's tokens.
     max_new_tokens: N, the response budget (the loop ends earlier when every row has stopped).
     temperature: >= 0, 0 is greedy; traced (changing it does not recompile).
     top_p: nucleus mass in (0, 1], exact over the full vocabulary; traced.
@@ -233,6 +377,20 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
     topk_impl: the top-k algorithm of `sampling_rules.draw`, "blocked" or "lax" (the same
       tokens unless the logits hold NaN); None picks by backend ("blocked" on CPU, "lax" on
       GPU/TPU). Static.
+    compact: drop finished rows. The decode loop then runs as several compiled programs from
+      the host, which reads the step and the number of unfinished rows after each: when those
+      fit the next smaller row bucket (halvings of B*G, at most COMPACT_HALVINGS, each a
+      multiple of the mesh's batch ways), they move into it with their KV cache, and the
+      outputs of the rows left behind are written into the [B*G, N] arrays. Each row keeps
+      its random numbers, so it samples what `compact=False` samples wherever the model's
+      outputs for a row do not depend on the number of rows computed with it; where a matrix
+      product rounds differently at another row count (as XLA's CPU dot does for some
+      shapes), a draw within rounding of a token boundary can take the neighbouring token,
+      as it can in a batch of another size without compaction. The cost follows the
+      unfinished rows instead of the longest one; one program per (row bucket, cache
+      length) met, compiled on first use. False, or
+      `sample` itself traced (under jit the host cannot read the rows): the whole rollout is
+      one program over all rows.
 
   Returns:
     A Rollout with [B*G, N] fields.
@@ -260,8 +418,12 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
     rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
     prompts, prompt_mask = jax.device_put((prompts, prompt_mask), rows)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompts, prompt_mask, rng,
-                   jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
-                   top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh,
-                   segment_ends=_segment_ends(max_new_tokens),
-                   topk_impl=topk_impl)
+  traced = any(isinstance(x, jax.core.Tracer)
+               for x in jax.tree.leaves((state, prompts, prompt_mask, rng)))
+  generate = _generate_compacted if compact and not traced else _generate
+  _LAST_SCHEDULE.clear()
+  return generate(graphdef, state, prompts, prompt_mask, rng,
+                  jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
+                  top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh,
+                  segment_ends=_segment_ends(max_new_tokens),
+                  topk_impl=topk_impl)

@@ -250,6 +250,7 @@ class RolloutSettings:
   top_k: int
   stop_strings: tuple[str, ...]
   banned_strings: tuple[str, ...]
+  compact: bool
 
   @classmethod
   def from_config(cls, r: Mapping) -> "RolloutSettings":

@@ -251,3 +251,75 @@ def test_segmented_decode_loop_gives_the_same_rollout(checkpoint, prompts, monke
   np.testing.assert_array_equal(cut.mask, whole.mask)
   np.testing.assert_allclose(cut.policy_logprobs, whole.policy_logprobs, atol=1e-5)
   np.testing.assert_allclose(cut.sample_logprobs, whole.sample_logprobs, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A random tiny model (no checkpoint) and 4 prompts; G = 4 gives 16 rows."""
+  model = models.init_model(mh.tiny_model_config(), seed=1, std=0.5)
+  return model, mh.left_padded_batch(4, 4, 7, 128)
+
+
+def _compare(a, b, atol=1e-5):
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.mask, b.mask)
+  np.testing.assert_allclose(a.sample_logprobs, b.sample_logprobs, atol=atol)
+  np.testing.assert_allclose(a.policy_logprobs, b.policy_logprobs, atol=atol)
+
+
+# Every 9th id stops a row: responses of 1 to ~30 tokens under the tiny random model.
+_VARIABLE = dict(max_new_tokens=48, num_samples=4, top_p=0.9,
+                 stop_token_ids=tuple(range(0, 128, 9)))
+
+
+def test_compaction_keeps_every_rows_tokens(tiny, monkeypatch):
+  """Finished rows dropped into ever smaller buckets (the cache grown in between, the loop in 4
+  segments): the same rollout as the one program over all rows."""
+  model, (tokens, mask) = tiny
+  monkeypatch.setattr(sampling, "MIN_SEGMENT", 8)
+  assert sampling._segment_ends(48) == (12, 24, 36, 48)
+  plain = _sample(model, tokens, mask, seed=3, compact=False, **_VARIABLE)
+  assert sampling.last_schedule() == []
+  lengths = np.asarray(plain.mask).sum(axis=1)
+  assert lengths.min() < 12 < lengths.max() < 48          # rows end in different segments
+  out = _sample(model, tokens, mask, seed=3, **_VARIABLE)
+  _compare(out, plain)
+  plan = sampling.last_schedule()
+  rows = [d["rows"] for d in plan]
+  assert rows[0] == 16 and rows == sorted(rows, reverse=True) and rows[-1] < 4
+  assert len({d["cache_len"] for d in plan}) > 1          # grown between segments too
+  assert plan[-1]["active"] == 0 and plan[-1]["stop"] == lengths.max()
+  for d in plan:                                          # each bucket held its unfinished rows
+    assert d["rows"] >= np.sum(lengths > d["start"])
+  assert sampling._row_buckets(16) == (1, 2, 4, 8, 16)
+  assert sampling._row_buckets(24, 4) == (4, 8, 12, 24)
+
+
+def test_compaction_on_the_mesh_keeps_buckets_divisible(tiny):
+  """Rows over data x fsdp = 4 ways of a (2, 2, 2) mesh: buckets of 16, 8, 4 rows."""
+  model, (tokens, mask) = tiny
+  mesh = jax.make_mesh((2, 2, 2), models.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  sharded = models.init_model(mh.tiny_model_config(), seed=1, std=0.5, mesh=mesh)
+  plain = _sample(sharded, tokens, mask, seed=3, compact=False, mesh=mesh, **_VARIABLE)
+  out = _sample(sharded, tokens, mask, seed=3, mesh=mesh, **_VARIABLE)
+  _compare(out, plain)
+  rows = [d["rows"] for d in sampling.last_schedule()]
+  assert rows[0] == 16 and rows[-1] == 4 and all(r % 4 == 0 for r in rows)
+  assert len(out.tokens.sharding.device_set) == 8
+  _compare(out, _sample(model, tokens, mask, seed=3, **_VARIABLE), atol=1e-4)  # one device
+
+
+def test_compaction_with_rows_that_never_stop_or_all_stop_at_once(tiny, monkeypatch):
+  model, (tokens, mask) = tiny
+  monkeypatch.setattr(sampling, "MIN_SEGMENT", 8)
+  kw = dict(max_new_tokens=24, num_samples=4)
+  out = _sample(model, tokens, mask, seed=5, **kw)                  # no stop tokens
+  assert np.all(out.mask)
+  assert [(d["rows"], d["stop"]) for d in sampling.last_schedule()] == [(16, 8), (16, 16), (16, 24)]
+  _compare(out, _sample(model, tokens, mask, seed=5, compact=False, **kw))
+  kw["stop_token_ids"] = tuple(range(128))                          # every token stops
+  out = _sample(model, tokens, mask, seed=5, **kw)
+  assert np.all(out.mask[:, 0]) and not np.any(out.mask[:, 1:])
+  assert sampling.last_schedule() == [dict(rows=16, cache_len=16 + 8, start=0, stop=1,
+                                           active=0)]
+  _compare(out, _sample(model, tokens, mask, seed=5, compact=False, **kw))

@@ -21,13 +21,14 @@ def test_every_key_of_a_trainer_group_is_a_field_of_its_dataclasses_and_back():
 def test_groups_are_nested_not_flattened(tmp_path, tiny_arith_dir):
   c = train_helpers.tiny_config(tmp_path, tiny_arith_dir, **{
       "checkpoint.init_step": 3, "loss.ppo_clip": 0.0, "loss.gamma": 1, "mesh.fsdp": 2,
-      "log.samples_every": 0, "loss.mask_strings": ("<eos>",)})
+      "log.samples_every": 0, "loss.mask_strings": ("<eos>",), "rollout.compact": False})
   s = TrainSettings.from_config(c)
   assert s.checkpoint == settings.CheckpointSettings(every=2, keep=3, async_save=True, init="",
                                                      init_step=3)
   assert s.loss.ppo_clip is None                       # 0 = off
   assert s.loss.gamma == 1.0 and isinstance(s.loss.gamma, float)   # an int given for a float
   assert s.loss.mask_strings == ("<eos>",)
+  assert s.rollout.compact is False and configs.opd().rollout.compact is True
   assert s.mesh.shape == (-1, 2, 1) and s.log.samples_every == 0
   assert s.data.prompts_per_step == 4 and s.rollouts_per_step == 8 and s.minibatches == 2
   hash(s.loss), hash(s.opt)   # static arguments of the compiled update
