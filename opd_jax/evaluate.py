@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding
 
 from opd_jax import masking, models, sampling, sharding
 from opd_jax.data import math_datasets, math_grading, prompts, registry
-from opd_jax.settings import ConfigError
+from opd_jax.settings import ConfigError, TrainSettings
 
 # The five test sets of Table 1, in the paper's column order, and their column headers.
 BENCHMARKS = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
@@ -525,14 +525,15 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
   """The OPD trainer with the math evaluator (the runner of the paper's experiment files)."""
   from opd_jax import train as trainer  # pylint: disable=import-outside-toplevel
   if not config.workdir:
-    raise ValueError("config.workdir='' is not accepted; the trainer needs a folder "
-                     "(--config.workdir=DIR)")
+    raise ConfigError("config.workdir='' is not accepted; the trainer needs a folder "
+                      "(--config.workdir=DIR)")
   missing = missing_paths(config)
   if missing:
     raise ConfigError("this run needs paths that are not set; give:\n  " + "\n  ".join(missing)
                       + ("\n(--config.eval.every=0 trains without evaluating)"
                          if config.eval.every else "") +
                       "\nor run the file's ':smoke' variant, which makes tiny stand-ins")
+  TrainSettings.from_config(config)   # every setting checked (model folders first) before use
   dataset = (config.tasks[0].data.dataset if config.tasks else config.data.dataset)
   tokenizer = registry.tokenizer_for(config.model.tokenizer or config.model.path, dataset,
                                      pathlib.Path(config.workdir))
@@ -718,7 +719,7 @@ def _cli() -> None:
         workdir=workdir.value, label=label.value, tokenizer=tokenizer.value))
     main(argv, values)
 
-  app.run(run)
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

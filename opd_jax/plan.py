@@ -405,7 +405,7 @@ def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phas
   for task in run.tasks:
     task.data.dataset = task.data.dataset or "unused-by-the-plan"
   s = settings.TrainSettings.from_config(run)
-  mesh = sharding.make_mesh(*s.mesh.shape)
+  mesh = s.mesh.make()
   fields = ([(t.teacher, f"tasks[{i}].teacher") for i, t in enumerate(run.tasks)] if run.tasks
             else [(run.teacher, "teacher")])
   student = architecture(s.model, run.model.plan_arch, "model", None)
@@ -499,7 +499,8 @@ def _cli() -> None:
                            f"{devices} devices; give it as --devices=N or --devices N")
     main(config.value, devices=devices, accelerators=accel.value, headroom=head.value)
 
-  app.run(run)
+  from opd_jax import cli
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, masking, metrics, pages, plan, programs, settings, sharding,
+from opd_jax import (checkpoint, metrics, pages, plan, programs, settings, sharding,
                      steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
@@ -69,20 +69,20 @@ def setup(s: TrainSettings, log: Callable[[str], None]
           ) -> tuple[programs.Programs, list[tasks.TaskRuntime], Any]:
   """The run's programs, its tasks (teachers loaded) and the student's tokenizer."""
   from opd_jax import estimators  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(*s.mesh.shape)
+  mesh = s.mesh.make()
   workdir = pathlib.Path(s.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   estimator = estimators.get(s.loss.estimator)
   tokenizer = tasks.student_tokenizer(s, workdir)
   student_config = programs.model_config_of(s.model, len(tokenizer))
-  opened = [tasks.open_task(t, i, s, workdir, tokenizer, mesh, estimator.samples)
+  opened = [tasks.open_task(t, i, s, workdir, tokenizer, mesh, estimator.samples, log=log)
             for i, t in enumerate(s.tasks)]
   vocab = min([len(tokenizer), student_config.vocab_size] + [t.teacher_vocab for t in opened])
   _check_layout(s, mesh, vocab, estimator)
   p = programs.build(
       s, student_config, vocab, mesh,
-      banned_ids=tuple(masking.ids_for_strings(tokenizer, s.rollout.banned_strings)),
-      stop_ids=tuple(masking.ids_for_strings(tokenizer, s.rollout.stop_strings)))
+      banned_ids=settings.token_ids(tokenizer, s.rollout.banned_strings, "rollout.banned_strings"),
+      stop_ids=settings.token_ids(tokenizer, s.rollout.stop_strings, "rollout.stop_strings"))
   if s.mesh.accelerator:  # the three programs' memory per device, before any weights of the student
     plan.check_run(p, [(t.teacher_def, t.teacher_params) for t in opened], log=log)
   return p, opened, tokenizer
