@@ -112,7 +112,7 @@ class Programs:
         self.student(params), prompt, prompt_mask, rng, max_new_tokens=r.max_new_tokens,
         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         banned_token_ids=self.banned_ids, stop_token_ids=self.stop_ids,
-        num_samples=r.num_samples, mesh=self.mesh)
+        num_samples=r.num_samples, mesh=self.mesh, vocab_size=self.vocab)
 
   def score(self, params: PyTree, teacher_def, teacher_params, batch: dict
             ) -> tuple[dict, dict]:

@@ -88,9 +88,10 @@ def _segment_ends(max_new_tokens: int) -> tuple[int, ...]:
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
-                     "mesh", "segment_ends", "topk_impl"))
+                     "mesh", "segment_ends", "topk_impl", "vocab"))
 def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
-              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends, topk_impl):
+              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends, topk_impl,
+              vocab=None):
   # The KV cache is allocated here, inside the program, and each while loop updates its carry in
   # place; between loop segments it is grown (copied) into a longer one. No copy of it ever exists
   # outside the compiled program.
@@ -99,12 +100,12 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
     return _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_p,
                           max_new_tokens=max_new_tokens, top_k=top_k, banned=banned, stop=stop,
                           num_samples=num_samples, mesh=mesh, segment_ends=segment_ends,
-                          topk_impl=topk_impl)
+                          topk_impl=topk_impl, vocab=vocab)
 
 
 def _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
                    max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends,
-                   topk_impl):
+                   topk_impl, vocab=None):
   model = nnx.merge(graphdef, state)
   cache = models.init_cache(model.config, prompts.shape[0], prompts.shape[1] + segment_ends[0])
 
@@ -146,6 +147,8 @@ def _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_
     # carried [R, V] buffer is copied by XLA every step, since the next logits are written while
     # the current ones are still read.
     logits = constrain(constrain_hidden(models.logits_from_hidden(model, s.hidden)))
+    if vocab is not None:   # the shared vocabulary only: padding rows are no tokens
+      logits = logits[:, :vocab]
     u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_rows,))
     tok, sample_lp = rules.draw(logits, u, temperature=temperature, top_k=top_k, top_p=top_p,
                                 banned_ids=banned, topk_impl=topk_impl)
@@ -177,6 +180,15 @@ def _generate_rows(graphdef, state, prompts, prompt_mask, rng, temperature, top_
     out = jax.lax.while_loop(cond(end), body, out)
   return Rollout(tokens=out.tokens, mask=out.mask, sample_logprobs=out.sample_logprobs,
                  policy_logprobs=out.policy_logprobs)
+
+
+def _check_vocab(vocab_size, rows: int) -> int:
+  if vocab_size is None:
+    return rows
+  if not isinstance(vocab_size, int) or not 0 < vocab_size <= rows:
+    raise ValueError(f"vocab_size must be an int in [1, {rows}] (the model's embedding rows), "
+                     f"got {vocab_size!r}")
+  return vocab_size
 
 
 def _check_args(prompts, prompt_mask, vocab, *, max_new_tokens, temperature, top_p, top_k,
@@ -212,7 +224,7 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
            top_p: float = 1.0, top_k: int = 0, banned_token_ids: Sequence[int] = (),
            stop_token_ids: Sequence[int] = (), num_samples: int = 1,
            prompt_buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
-           topk_impl: str | None = None) -> Rollout:
+           topk_impl: str | None = None, vocab_size: int | None = None) -> Rollout:
   """Sample `num_samples` responses per prompt with one compiled program per shape.
 
   Args:
@@ -233,6 +245,10 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
     topk_impl: the top-k algorithm of `sampling_rules.draw`, "blocked" or "lax" (the same
       tokens unless the logits hold NaN); None picks by backend ("blocked" on CPU, "lax" on
       GPU/TPU). Static.
+    vocab_size: the tokens to sample from and normalise over, ids [0, vocab_size) (default:
+      every embedding row). The trainer passes the vocabulary the student shares with its
+      teachers: rows past it (padding of an embedding) are never drawn and, like the scorer's,
+      both log-probs are normalised over the shared tokens only. Static.
 
   Returns:
     A Rollout with [B*G, N] fields.
@@ -247,6 +263,11 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
                           for x in (prompts, prompt_mask))
   config = model.config
   banned, stop = tuple(int(i) for i in banned_token_ids), tuple(int(i) for i in stop_token_ids)
+  vocab = _check_vocab(vocab_size, config.vocab_size)
+  banned = tuple(i for i in banned if i < vocab)   # ids past the vocabulary are never drawn
+  if any(i >= vocab for i in stop):
+    raise ValueError(f"stop_token_ids {[i for i in stop if i >= vocab]} are outside the sampled "
+                     f"vocabulary [0, {vocab}) (vocab_size)")
   _check_args(prompts, prompt_mask, config.vocab_size, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, top_k=top_k, banned=banned, stop=stop,
               num_samples=num_samples)
@@ -264,4 +285,4 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
                    jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
                    top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh,
                    segment_ends=_segment_ends(max_new_tokens),
-                   topk_impl=topk_impl)
+                   topk_impl=topk_impl, vocab=vocab if vocab < config.vocab_size else None)

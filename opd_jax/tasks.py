@@ -235,7 +235,7 @@ def _collect_episodes(p: programs.Programs, params, step: int, key: jax.Array, *
       max_turns=source.max_turns, turn_tokens=source.turn_tokens,
       episode_tokens=source.episode_tokens or s.rollout.max_new_tokens,
       temperature=s.rollout.temperature, top_p=s.rollout.top_p, top_k=s.rollout.top_k,
-      banned_token_ids=p.banned_ids, stop_token_ids=p.stop_ids)
+      banned_token_ids=p.banned_ids, stop_token_ids=p.stop_ids, vocab_size=p.vocab)
   episodes = environments.rollout(
       p.student(params), envs, seeds, renderer, jax.random.fold_in(key, 0), limits, mesh=p.mesh,
       row_multiple=sharding.batch_divisor(p.mesh), max_prompt_len=s.data.max_prompt_len)
