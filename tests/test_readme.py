@@ -75,7 +75,7 @@ def _kind(cmd: str) -> str:
     return "benchmark"
   if cmd.startswith(SETUP):
     return "setup"
-  if re.match(r"python -m opd_jax\.(main|evaluate|plan) ", cmd):
+  if re.match(r"python -m opd_jax\.(main|evaluate|plan|export|plot) ", cmd):
     return "opd_jax"
   return "unknown"
 
