@@ -217,7 +217,10 @@ def log_fields() -> ml_collections.ConfigDict:
   g.every = 1                  # metrics line every this many iterations
   g.samples_every = 50         # workdir/samples/step_N.html every this many (0 = never)
   g.samples_count = 4          # rollouts shown per samples page
-  g.tensorboard = True         # also write TensorBoard event files
+  g.tensorboard = True         # also write TensorBoard event files (workdir/tensorboard)
+  g.plot = True                # workdir/curves.png at the end of a run (opd_jax.plot)
+  g.wandb = ""                 # Weights & Biases project to log to ("" = none; the wandb extra)
+  g.wandb_mode = "offline"     # offline (files in workdir/wandb; `wandb sync` uploads) | online
   return g
 
 
@@ -281,8 +284,12 @@ def smoke_math(c: ml_collections.ConfigDict) -> None:
   c.eval.samples = min(c.eval.samples, 2)
   c.eval.max_new_tokens = 8
   c.eval.batch_size = 8
+  # Smoke runs last seconds: no samples pages, TensorBoard files or end-of-run figure (each
+  # --config.log.samples_every=1, --config.log.tensorboard=True, --config.log.plot=True
+  # turns one on); the full experiment files write all three.
   c.log.samples_every = 0
   c.log.tensorboard = False
+  c.log.plot = False
 
 
 def math_and_alfworld_tasks(c: ml_collections.ConfigDict) -> None:

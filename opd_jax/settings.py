@@ -20,6 +20,7 @@ TAILS = ("none", "ema_pg")
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 LONG_PROMPTS = ("drop", "truncate", "error")   # opd_jax.data.registry.LONG_PROMPTS
+WANDB_MODES = ("offline", "online")
 
 
 def _fail(name: str, value: Any, accepted: str) -> None:
@@ -412,10 +413,15 @@ class LogSettings:
   samples_every: int
   samples_count: int
   tensorboard: bool
+  plot: bool
+  wandb: str                # W&B project ("" = none)
+  wandb_mode: str
 
   @classmethod
   def from_config(cls, lg: Mapping) -> "LogSettings":
     _positive(lg, "every", "log.")
+    if lg["wandb_mode"] not in WANDB_MODES:
+      _fail("log.wandb_mode", lg["wandb_mode"], f"accepted: {', '.join(WANDB_MODES)}")
     for key in ("samples_every", "samples_count"):
       if lg[key] < 0:
         _fail(f"log.{key}", lg[key], "accepted: an int >= 0")

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, metrics, pages, plan, programs, settings, sharding,
+from opd_jax import (checkpoint, metrics, pages, plan, plot, programs, settings, sharding,
                      steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
@@ -259,7 +259,10 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
   primary = jax.process_index() == 0
   say = log if primary else (lambda _: None)
   p, task_list, tokenizer = setup(s, say)
-  writer = metrics.MetricsWriter(s.workdir, tensorboard=s.log.tensorboard, primary=primary)
+  wandb = (metrics.WandbSettings(s.log.wandb, s.log.wandb_mode, config=settings.plain(config))
+           if s.log.wandb else None)
+  writer = metrics.MetricsWriter(s.workdir, tensorboard=s.log.tensorboard, primary=primary,
+                                 wandb=wandb)
   writer.write_config(settings.plain(config))
   ckpt = checkpoint.Checkpointer(pathlib.Path(s.workdir) / "checkpoints",
                                  save_every=s.checkpoint.every, keep=s.checkpoint.keep,
@@ -299,4 +302,6 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
     writer.close()
     if progress is not None:
       progress.close()
+  if primary and s.log.plot and history:   # the curves of a run that trained (opd_jax.plot)
+    plot.after_run(s.workdir, say)
   return history

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import train_helpers
 from opd_jax import smollm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,6 +50,8 @@ def test_every_smoke_variant_runs_from_the_command_line_twice(tmp_path, name):
     assert "step 1/" not in again
   rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
           ] if (tmp_path / "w" / "metrics.jsonl").exists() else []
+  # Every metric the run wrote is in the glossary (docs/metrics.md).
+  assert not train_helpers.undocumented_metrics({k for r in rows for k in r})
   if config.get("experiment") in ("opd", "opd_eval") and config["loss"]["estimator"] != "sft" \
       and config["model"]["dtype"] == "float32":
     # Sampler and scorer normalise over the same (shared) vocabulary: in float32 their log-probs

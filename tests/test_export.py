@@ -21,8 +21,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def run(tmp_path_factory, tiny_arith_dir):
   workdir = tmp_path_factory.mktemp("run")
   config = train_helpers.tiny_config(workdir, tiny_arith_dir, steps=2, **{
-      "data.prompts_per_step": 8, "opt.minibatch_size": 8, "checkpoint.every": 1})
+      "data.prompts_per_step": 8, "opt.minibatch_size": 8, "checkpoint.every": 1,
+      "log.plot": True})
   train.run(config, log=lambda _: None)
+  assert (workdir / "curves.png").stat().st_size > 10_000   # the trainer drew its curves
   return workdir, config
 
 

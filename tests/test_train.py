@@ -130,6 +130,7 @@ def test_two_iterations_write_metrics_checkpoint_and_samples(tmp_path, tiny_arit
   if estimator == "sampled_token":
     expected |= {"opd/clip_fraction"}
   assert expected <= set(rows[-1]), expected - set(rows[-1])
+  assert not train_helpers.undocumented_metrics({k for r in rows for k in r})   # metrics.md
   assert all(np.isfinite(v) for r in rows for v in r.values())
   assert json.loads((tmp_path / "config.json").read_text())["loss"]["estimator"] == estimator
   assert (tmp_path / "checkpoints" / "2").is_dir()
