@@ -225,7 +225,8 @@ class Actions:
       values.update(self.evaluate(done, state.params))
     if page is not None and self.primary:
       pages.write_samples_page(pathlib.Path(s.workdir) / "samples" / f"step_{done}.html",
-                               self.tokenizer, *page, s.log.samples_count, texts)
+                               self.tokenizer, *page, s.log.samples_count, texts,
+                               title=f"{pathlib.Path(s.workdir).name}: rollouts of step {done}")
     if self.due(s.log.every, done) or any(k.startswith("eval/") for k in values):
       self.writer.write(done, values)
     if self.progress is not None:
