@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from opd_jax import masking, models, sampling, sharding
+from opd_jax import masking, metrics, models, sampling, sharding
 from opd_jax.data import math_datasets, math_grading, prompts, registry
 from opd_jax.settings import ConfigError, TrainSettings
 
@@ -420,7 +420,7 @@ def _write_results(record: Mapping[str, Any], texts: Sequence[Mapping[str, Any]]
   if workdir is not None and jax.process_index() == 0:
     folder = pathlib.Path(workdir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"step_{step}.json").write_text(json.dumps(record, indent=1))
+    (folder / f"step_{step}.json").write_text(metrics.strict_json(record, indent=1))
     with open(folder / f"step_{step}_responses.jsonl", "w", encoding="utf-8") as f:
       f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
     log(table_from_workdir(workdir))

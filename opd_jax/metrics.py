@@ -51,6 +51,23 @@ def _json_value(value: int | float) -> int | float | str:
   return value
 
 
+def _finite_or_null(value: Any) -> Any:
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
+  return value
+
+
+def strict_json(value: Any, **kwargs) -> str:
+  """`json.dumps(value, **kwargs)` as strict JSON: NaN and infinities (which are not JSON, and
+  which many readers refuse) written as null. For result files; metrics.jsonl keeps them as the
+  strings "nan", "inf", "-inf" instead (`read_metrics` reads them back)."""
+  return json.dumps(_finite_or_null(value), allow_nan=False, **kwargs)
+
+
 def _config_dict(config: Any) -> dict:
   """`config` (a Mapping or an ml_collections ConfigDict) as a plain JSON-checked dict."""
   if hasattr(config, "to_dict"):

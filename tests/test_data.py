@@ -523,3 +523,19 @@ def test_readme_prompts_example_is_a_file_the_dataset_reads(tmp_path, monkeypatc
   encode = registry.encoder(registry.PROMPTS, toks[0], toks[1], chat_template=True,
                             max_prompt_len=512)
   assert all(len(encode(r).prompt) > 0 for r in rows)
+
+
+def test_builds_say_one_line_and_nothing_about_downloads(tmp_path, capfd, caplog):
+  """Built from local files: no "Downloading and preparing dataset Unknown size", no progress
+  bars, no TFDS warning about the folder it is filling; one line saying what is built."""
+  src = _write(str(tmp_path / "test.json"), [{"question": "Q?", "answer": "1"}], "jsonl")
+  md.load_split("minerva_math", source=src, data_dir=tmp_path / "t")
+  from opd_jax.data import tiny_arith  # pylint: disable=import-outside-toplevel
+  tiny_arith.load(tmp_path / "arith", "test")
+  out, err = capfd.readouterr()
+  said = out + err + caplog.text
+  for noise in ("Downloading and preparing", "Unknown size", "downloaded and prepared",
+                "Generating", "Shuffling", "Variant folder"):
+    assert noise not in said, (noise, said[-2000:])
+  assert f"building the minerva_math dataset in {tmp_path / 't'} (once)" in out
+  assert f"building the tiny_arith dataset in {tmp_path / 'arith'} (once)" in out

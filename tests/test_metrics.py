@@ -234,3 +234,15 @@ def test_progress_defaults_to_plain_lines_on_a_non_terminal():
   assert stream.getvalue().count("\n") == 2 and "\r" not in stream.getvalue()
   with pytest.raises(ValueError, match="total_steps=0"):
     Progress(0)
+
+
+def test_strict_json_writes_null_for_non_finite_numbers():
+  from opd_jax.metrics import strict_json  # pylint: disable=import-outside-toplevel
+  text = strict_json({"a": float("nan"), "b": [1.5, float("inf"), np.float32("-inf")],
+                      "c": {"d": np.float64(2.0), "e": None, "f": "nan"}}, indent=1)
+
+  def refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+  assert json.loads(text, parse_constant=refuse) == {
+      "a": None, "b": [1.5, None, None], "c": {"d": 2.0, "e": None, "f": "nan"}}
