@@ -611,14 +611,14 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
   from opd_jax.settings import ModelSource, TrainSettings
   folder = pathlib.Path(checkpoint)
   if not folder.is_dir():
-    raise ValueError(f"--checkpoint={str(checkpoint)!r} is not an existing folder")
+    raise ConfigError(f"--checkpoint={str(checkpoint)!r} is not an existing folder")
   mesh = evaluation_mesh(config, log)
   has_own = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
   tok_dir = tokenizer or (str(folder) if _is_hf_folder(folder) and has_own else "") or \
       config.model.tokenizer or config.model.path
   if not tok_dir:
-    raise ValueError("no tokenizer: pass --tokenizer=DIR or set config.model.tokenizer / "
-                     "config.model.path")
+    raise ConfigError("no tokenizer: pass --tokenizer=DIR or set config.model.tokenizer / "
+                      "config.model.path")
   tok = models.load_tokenizer(tok_dir)
   if _is_hf_folder(folder):
     source = ModelSource.from_config(config.model, "model")
@@ -628,8 +628,8 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
   try:
     ckdir, _ = ckpt_lib.locate(folder, name="--checkpoint")
   except ValueError as e:
-    raise ValueError(f"--checkpoint={str(checkpoint)!r} is neither a Hugging Face folder "
-                     f"(config.json + *.safetensors) nor a trainer run ({e})") from e
+    raise ConfigError(f"--checkpoint={str(checkpoint)!r} is neither a Hugging Face folder "
+                      f"(config.json + *.safetensors) nor a trainer run ({e})") from e
   run = config.copy_and_resolve_references()
   if not run.workdir:
     run.workdir = str(ckdir.parent)
@@ -648,19 +648,19 @@ def main(argv, flags) -> dict[str, float]:
   # pylint: disable=import-outside-toplevel
   from opd_jax import checkpoint as ckpt_lib
   if not pathlib.Path(flags.checkpoint).is_dir():
-    raise ValueError(f"--checkpoint={flags.checkpoint!r} is not an existing folder")
+    raise ConfigError(f"--checkpoint={flags.checkpoint!r} is not an existing folder")
   config = flags.config if flags.config is not None else run_config(flags.checkpoint)
   if config is None:
-    raise ValueError(f"--checkpoint={flags.checkpoint!r} is not a trainer run with a "
-                     "config.json: give --config=experiments/<name>.py (its eval settings)")
+    raise ConfigError(f"--checkpoint={flags.checkpoint!r} is not a trainer run with a "
+                      "config.json: give --config=experiments/<name>.py (its eval settings)")
   folder = pathlib.Path(flags.checkpoint)
   if flags.workdir:
     workdir = flags.workdir
   elif _is_hf_folder(folder):
     workdir = config.workdir
     if not workdir:
-      raise ValueError("evaluating a Hugging Face folder needs --workdir=OUT (or "
-                       "--config.workdir) for eval/step_0.json")
+      raise ConfigError("evaluating a Hugging Face folder needs --workdir=OUT (or "
+                        "--config.workdir) for eval/step_0.json")
   else:
     workdir = str(ckpt_lib.locate(folder, name="--checkpoint")[0].parent)
   if config.get("smoke"):   # a ':smoke' experiment file: tiny benchmark files where none is set

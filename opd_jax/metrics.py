@@ -279,7 +279,8 @@ class MetricsWriter:
       from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=import-outside-toplevel
       summary = Summary(value=[Summary.Value(tag=key, simple_value=values[key])
                                for key in sorted(values)])
-      self._tb._get_file_writer().add_summary(summary, global_step=int(step))  # pylint: disable=protected-access
+      file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
+      file_writer.add_summary(summary, global_step=int(step))
       self._tb.flush()
     if self._wandb is not None:
       self._wandb.log(values, step=int(step))

@@ -12,8 +12,9 @@ from opd_jax.models.partitioning import (MESH_AXES, init_model, is_stacked, mode
                                          param_partition_spec)
 
 __all__ = [
-    "CheckpointError", "DECODE_ROW_AXES", "check_folder", "Decoder", "KVCache", "MESH_AXES", "ModelConfig",
-    "RopeScaling", "SUPPORTED_MODEL_TYPES", "attention", "config_from_hf", "config_to_hf",
+    "CheckpointError", "DECODE_ROW_AXES", "Decoder", "KVCache", "MESH_AXES", "ModelConfig",
+    "RopeScaling", "SUPPORTED_MODEL_TYPES", "attention", "check_folder", "config_from_hf",
+    "config_to_hf",
     "constrain_rows", "decode_step", "drop_layers", "forward", "grow_cache", "init_cache",
     "init_model", "is_stacked", "load_hf_checkpoint", "load_tokenizer", "logits_from_hidden",
     "model_shardings", "param_partition_spec", "prefill", "save_hf_checkpoint", "unembedding",
