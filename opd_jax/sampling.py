@@ -264,13 +264,13 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
   config = model.config
   banned, stop = tuple(int(i) for i in banned_token_ids), tuple(int(i) for i in stop_token_ids)
   vocab = _check_vocab(vocab_size, config.vocab_size)
-  banned = tuple(i for i in banned if i < vocab)   # ids past the vocabulary are never drawn
-  if any(i >= vocab for i in stop):
+  if any(vocab <= i < config.vocab_size for i in stop):
     raise ValueError(f"stop_token_ids {[i for i in stop if i >= vocab]} are outside the sampled "
                      f"vocabulary [0, {vocab}) (vocab_size)")
   _check_args(prompts, prompt_mask, config.vocab_size, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, top_k=top_k, banned=banned, stop=stop,
               num_samples=num_samples)
+  banned = tuple(i for i in banned if i < vocab)   # ids past the vocabulary are never drawn
   topk_impl = rules.resolve_topk_impl(topk_impl)
   b, p = prompts.shape
   padded = bucket_length(p, prompt_buckets)
