@@ -62,20 +62,32 @@ def check_overrides(config, names: Sequence[str]) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every error turned into one ConfigError message."""
   from absl import flags  # pylint: disable=import-outside-toplevel
+  value = flag_value(argv, "config")
+  if value and not os.path.isfile(value.partition(":")[0]):
+    raise errors.ConfigError(f"--config={value}: no such file {value.partition(':')[0]!r}; give "
+                             "an experiment file such as experiments/tiny_arith.py")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    raise errors.ConfigError(str(e)) from e
+    # A config file whose get_config() raised: absl's message holds its traceback as text;
+    # the last line is the error itself.
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    raise errors.ConfigError(f"{lines[0].rstrip(':')}: {lines[-1]}" if "Traceback" in str(e)
+                             else str(e)) from e
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # An override of a key the config lacks: ml_collections raises a bare AttributeError
     # ("'learning_rate'"); find which one and say so.
     overrides = [a.split("=", 1)[0].lstrip("-") for a in argv[1:]
                  if a.lstrip("-").startswith(("config.", "noconfig."))]
     names = [o.split(".", 1)[1] for o in overrides]
-    value = flag_value(argv, "config")
     if value and names:
-      check_overrides(_load_config_file(value), names)
-    raise errors.ConfigError(f"the command line could not be read: {e}") from e
+      try:
+        config = _load_config_file(value)
+      except Exception:  # pylint: disable=broad-except  (the file's own error is `e`)
+        config = None
+      if config is not None:
+        check_overrides(config, names)
+    raise errors.ConfigError(f"--config={value}: {e}" if value else str(e)) from e
 
 
 def debugging(argv: Sequence[str]) -> bool:

@@ -55,6 +55,13 @@ def test_misspelt_key_names_it_and_the_closest_settings(tmp_path):
   assert rc != 0 and "Traceback" in err
 
 
+def test_missing_config_file_and_unknown_variant_are_one_line(tmp_path):
+  _one_line_error(*_run("--config=experiments/nope.py", f"--config.workdir={tmp_path}"),
+                  "--config=experiments/nope.py", "no such file")
+  _one_line_error(*_run("--config=experiments/math_lsm.py:huge", "--config.seed=1"),
+                  "unknown config argument 'huge'; accepted: 'smoke'")
+
+
 def test_bad_value_of_a_known_key_is_one_line(tmp_path):
   _one_line_error(*_run(SMOKE, f"--config.workdir={tmp_path}", "--config.opt.lr=abc"),
                   "--config.opt.lr=abc")
