@@ -1,39 +1,46 @@
-"""Seconds per OPD training iteration on CPU, ours against TRL's DistillationTrainer; one JSON line.
+"""Seconds per OPD training iteration on CPU, ours against TRL's DistillationTrainer, on two
+workloads; one JSON line.
 
 Shape (the sampler benchmark's): a random ~20M-parameter Qwen2 student (seed 0) and teacher
 (seed 1) (vocab 32000, hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 1024), float32; per
-iteration 8 prompts x 4 rollouts = 32, prompt 64 tokens, exactly 128 new tokens (no stop tokens,
-like TRL's min_new_tokens), top-k 50 + top-p 0.9 at temperature 1, one optimizer update
-(opt.minibatch_size = 32).
+iteration 8 prompts x 4 rollouts = 32, prompt 64 tokens, temperature 1, one optimizer update
+(opt.minibatch_size = 32). Two workloads (trl_peer.workload):
+- "fixed": exactly 128 new tokens (no stop tokens, like TRL's min_new_tokens), top-k 50 +
+  top-p 0.9. Ours: LSM (K = 32, fused top-K loss; the headline) and the full-vocabulary reverse
+  KL ("full_rkl", the loss TRL computes at beta = 1).
+- "variable": a budget of 512 new tokens, top-p 0.9, no top-k, and 411 stop ids (the same ids are
+  TRL's eos_token_id list, so TRL pads each batch to its longest completion as it normally
+  does): response lengths roughly geometric, mean near 64. Ours: LSM with the trainer's
+  defaults (packed rows, the sampler dropping finished rows) and LSM "unpacked" (packing off,
+  no compaction: every phase pays for the 512-token budget).
 
 Our side runs the trainer's own compiled programs (`opd_jax.programs.build`) in the order of
-`opd_jax.train.run`'s loop, on a one-device mesh: `Programs.rollout` -> `Programs.score` (teacher
-scoring) -> `Programs.update` (the state donated), with the settings, models and state built the
-trainer's way (`TrainSettings.from_config` of `configs.opd()`, `programs.load_model`,
-`Programs.init_state`); the split rollout / scoring / update is
-timed at the same points as the trainer's time/* metrics. The splits of the two sides hold
-different work: our scoring also runs the student (its log-probs before the update and the
-top-K diagnostics), and our update ends with one more student forward (the policy/kl_before_after
-metric); TRL's scoring is the teacher alone and its update holds the student's forward.
-Two estimators, each with its own state: "lsm" (the default: K = 32, fused top-K loss; the
-headline) and "full_rkl" (reverse KL over all 32000 entries, the loss TRL computes at beta = 1).
-Compile time = first iteration - median; XLA's caches are cleared before each estimator's first
-iteration so that both include every phase's compilation (the sampler's too).
+`opd_jax.train.run`'s loop, on a one-device mesh: `Programs.rollout` -> `Programs.layout` (the
+rows of config.opt.packing) + `Programs.score` -> `Programs.run_update` (the state donated),
+with the settings, models and state built the trainer's way; the split rollout / scoring /
+update is timed at the same points as the trainer's time/* metrics. Diagnostic passes (every
+`log.diagnostics_every` = 10 iterations: the student's scoring pass and the post-update KL) do
+not fall on the timed iterations. TRL's scoring is the teacher alone and its update holds the
+student's forward. Compile time = first iteration - median (XLA's caches are cleared before each
+side's first iteration); in the variable workload a new row geometry may compile again later,
+which then shows in that round's time.
 
-TRL runs in a child process (benchmarks/trl_peer.py --serve, torch on 2 threads) on the same
-weights saved as Hugging Face folders and the same prompt ids (trl_peer builds its own word-level
-tokenizer whose tokens are the ids). The sides take turns: warm-up (first) iteration on each side,
-then --rounds rounds of [ours lsm, ours full_rkl, one TRL step], so that a slow spell of a shared
-machine hits all; medians over the rounds, and per-round ratios TRL s / ours s.
+TRL runs in a child process per workload (benchmarks/trl_peer.py --serve, torch on 2 threads)
+on the same weights saved as Hugging Face folders and the same prompt ids. The sides take turns:
+a warm-up iteration on each side, then --rounds rounds of [ours A, ours B, one TRL step];
+medians over the rounds, and per-round ratios TRL s / ours s.
 
-Keys: speedup_vs_trl (TRL median s per step / our LSM median s per iteration) and
-speedup_vs_trl_full_rkl; ours.<estimator>: s_per_iter, rollout_s, scoring_s, update_s,
-cpu_s_per_iter and rollout_cpu_s, scoring_cpu_s, update_cpu_s (process CPU time, all threads),
-tokens_per_s (32 x 128 / s_per_iter), compile_s, first_iter_s, iter_s (every round),
-speedup_vs_trl, speedup_per_round, losses; trl: the same split from its per-step lines plus
-trl_peer's summary; load_before / load_after (1-minute load averages: the machine may be shared).
+The last line's keys: fixed.speedup_vs_trl (TRL median s per step / our LSM median s per
+iteration), fixed.speedup_vs_trl_full_rkl; variable.speedup_vs_trl, variable.speedup_vs_unpacked
+(our unpacked median / our packed median), variable.mean_response_tokens and
+max_response_tokens (our packed side's rollouts, all timed rounds) and trl_mean/max; per side:
+s_per_iter, rollout_s, scoring_s, update_s, cpu_s_per_iter, tokens_per_s (response tokens),
+compile_s, iter_s, speedup_per_round; load_before / load_after (1-minute load averages) and
+valid. A ratio is valid only on an idle machine: when the load before the start is above 1.0
+(on 2 cores) the JSON says "valid": false and the script exits with status 3.
 
-Run (about 15 minutes on a 2-core CPU): python benchmarks/bench_train.py [--rounds 3]
+Run (about 25 minutes on a 2-core CPU): python benchmarks/bench_train.py [--rounds 3]
+  [--workloads fixed,variable]
 """
 
 from __future__ import annotations
@@ -48,7 +55,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -58,41 +64,48 @@ import trl_peer  # noqa: E402  (the shape, the random models and the prompts TRL
 from opd_jax import configs, masking, programs, sampling, sharding  # noqa: E402
 from opd_jax.settings import TrainSettings  # noqa: E402
 
-ESTIMATORS = ("lsm", "full_rkl")     # the first is the headline
+MAX_LOAD = 1.0   # the 1-minute load average above which a ratio is not reported as valid
 PAUSE_S = 0.2   # between turns, so that one side's idle worker threads have gone to sleep
 ROWS = trl_peer.PROMPTS * trl_peer.COPIES
-TOKENS = ROWS * trl_peer.NEW
+# Our two sides per workload: (name, estimator, unpacked).
+SIDES = {"fixed": (("lsm", "lsm", False), ("full_rkl", "full_rkl", False)),
+         "variable": (("lsm", "lsm", False), ("lsm_unpacked", "lsm", True))}
 
 
-def settings(estimator: str, student: str, teacher: str, workdir: str, iterations: int
-             ) -> TrainSettings:
+def settings(estimator: str, student: str, teacher: str, workdir: str, workload: dict,
+             unpacked: bool = False) -> TrainSettings:
   """The trainer's validated settings for this benchmark (every other field: the default)."""
   c = configs.opd()
   c.workdir = workdir
-  c.steps = iterations
+  c.steps = 1000                       # no timed iteration is the last (a diagnostic one)
   c.model.path, c.teacher.path = student, teacher
   c.data.dataset = "tiny_arith"        # validated by name only; the prompts are trl_peer's
   c.data.prompts_per_step = trl_peer.PROMPTS
   c.rollout.num_samples = trl_peer.COPIES
-  c.rollout.max_new_tokens = trl_peer.NEW
+  c.rollout.max_new_tokens = workload["new"]
   c.rollout.temperature = trl_peer.TEMPERATURE
-  c.rollout.top_p = trl_peer.TOP_P
-  c.rollout.top_k = trl_peer.TOP_K
-  c.rollout.stop_strings = ()          # every rollout runs to exactly 128 tokens
+  c.rollout.top_p = workload["top_p"]
+  c.rollout.top_k = workload["top_k"]
+  c.rollout.stop_strings = ()          # stop ids are given to programs.build directly
   c.loss.estimator = estimator
   c.opt.minibatch_size = ROWS          # one optimizer update per iteration, like TRL
   c.opt.lr = 1e-6                      # TRL's default (the time does not depend on it)
   c.mesh.data = 1
+  if unpacked:
+    c.opt.packing = "off"
+    if "compact" in c.rollout:
+      c.rollout.compact = False
   return TrainSettings.from_config(c)
 
 
 class OurTrainer:
-  """One estimator's student state and the trainer's three compiled phases, one iteration a call."""
+  """One side's student state and the trainer's compiled phases, one iteration a call."""
 
-  def __init__(self, s: TrainSettings, mesh, prompt_ids: np.ndarray):
-    self.s, self.mesh = s, mesh
+  def __init__(self, s: TrainSettings, mesh, prompt_ids: np.ndarray, workload: dict):
+    self.s, self.mesh, self.workload = s, mesh, workload
     vocab = trl_peer.qwen2_20m_config().vocab_size
-    self.p = programs.build(s, programs.model_config_of(s.model, vocab), vocab, mesh)
+    self.p = programs.build(s, programs.model_config_of(s.model, vocab), vocab, mesh,
+                            stop_ids=tuple(workload["stop_ids"]))
     teacher = programs.load_model(s.tasks[0].teacher, vocab, seed=1, mesh=mesh)
     self.teacher_def, self.teacher_params = nnx.split(teacher)
     student = programs.load_model(s.model, vocab, seed=0, mesh=mesh)
@@ -105,63 +118,68 @@ class OurTrainer:
     self.root = jax.random.key(s.seed)
     self.step = 0
     self.losses: list[float] = []
+    self.lengths: list[np.ndarray] = []
 
   def _rows(self, *xs):
     # tasks.global_rows on one process: the rows split over the mesh's batch axes.
     return [jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)) for x in xs]
 
   def iteration(self) -> dict[str, float]:
-    """One rollout -> scoring -> update, timed like `train.run`'s time/* metrics."""
-    s, g = self.s, self.s.rollout.num_samples
+    """One rollout -> layout + scoring -> update, timed like `train.run`'s time/* metrics."""
+    s, g, p = self.s, self.s.rollout.num_samples, self.p
     t0, c0 = time.perf_counter(), time.process_time()
     key = jax.random.fold_in(self.root, self.step)
     prompt_np, mask_np = self.prompt_np, np.ones(self.prompt_np.shape, bool)
     prompt, prompt_mask = self._rows(prompt_np, mask_np)
-    rollout = self.p.rollout(self.state.params, prompt, prompt_mask, jax.random.fold_in(key, 0))
-    t_prompt, t_prompt_mask = (np.repeat(x, g, axis=0) for x in (prompt_np, mask_np))
-    prompt, prompt_mask = (jnp.repeat(x, g, axis=0) for x in (prompt, prompt_mask))
+    rollout = p.rollout(self.state.params, prompt, prompt_mask, jax.random.fold_in(key, 0))
+    rows_prompt, rows_mask = (np.repeat(x, g, axis=0) for x in (prompt_np, mask_np))
+    prompt, prompt_mask = self._rows(rows_prompt, rows_mask)
     response, response_mask = rollout.tokens, rollout.mask
-    t_prompt, t_prompt_mask = self._rows(t_prompt, t_prompt_mask)
     response = jax.block_until_ready(response)
     t1, c1 = time.perf_counter(), time.process_time()
 
     loss_mask = masking.special_token_mask(response, (), response_mask)
-    batch = {"prompt": prompt, "prompt_mask": prompt_mask, "response": response,
-             "response_mask": response_mask, "loss_mask": loss_mask}
-    scores, score_metrics = self.p.score(
-        self.state.params, self.teacher_def, self.teacher_params,
-        batch | {"teacher_prompt": t_prompt, "teacher_prompt_mask": t_prompt_mask,
-                 "policy_logprobs": rollout.policy_logprobs})
+    batch = {"prompt": prompt, "prompt_mask": prompt_mask, "teacher_prompt": prompt,
+             "teacher_prompt_mask": prompt_mask, "response": response,
+             "response_mask": response_mask, "loss_mask": loss_mask,
+             "policy_logprobs": rollout.policy_logprobs}
+    lay, rows = p.layout(batch)
+    scores, score_metrics = p.score(self.state.params, self.teacher_def, self.teacher_params,
+                                    rows, lay.geometry, p.diagnostic(self.step + 1))
     jax.device_get(score_metrics)
     jax.block_until_ready(scores)
     t2, c2 = time.perf_counter(), time.process_time()
 
-    self.state, update_metrics = self.p.update(self.state, self.p.update_inputs(batch, scores),
-                                               key)
+    self.state, update_metrics = p.run_update(self.state, p.update_inputs(rows, scores), key,
+                                              lay.geometry)
     values = jax.device_get(update_metrics)
     t3, c3 = time.perf_counter(), time.process_time()
     self.step += 1
-    generated = int(np.asarray(response_mask).sum())
-    if generated != TOKENS:
-      raise RuntimeError(f"{s.loss.estimator}: {generated} response tokens, expected {TOKENS}")
+    lengths = np.asarray(response_mask).sum(axis=1)
+    if self.workload["exact"] and int(lengths.sum()) != ROWS * self.workload["new"]:
+      raise RuntimeError(f"{s.loss.estimator}: {int(lengths.sum())} response tokens, expected "
+                         f"{ROWS * self.workload['new']}")
     if not np.isfinite(values["loss"]):
       raise FloatingPointError(f"{s.loss.estimator}: loss {values['loss']} at step {self.step}")
     self.losses.append(float(values["loss"]))
+    self.lengths.append(lengths)
     return {"s": t3 - t0, "rollout_s": t1 - t0, "scoring_s": t2 - t1, "update_s": t3 - t2,
             "cpu_s": c3 - c0, "rollout_cpu_s": c1 - c0, "scoring_cpu_s": c2 - c1,
-            "update_cpu_s": c3 - c2}
+            "update_cpu_s": c3 - c2, "tokens": int(lengths.sum()),
+            "row_tokens": lay.geometry.width, "rows": int(lay.arrays["tokens"].shape[0])}
 
 
 class TrlPeer:
   """trl_peer.py --serve in a child process: one TRL step per `step()` call."""
 
-  def __init__(self, student: str, teacher: str, iterations: int, log_path: str):
+  def __init__(self, student: str, teacher: str, iterations: int, log_path: str,
+               workload: str):
     self.log_path = log_path
     self.log = open(log_path, "w")
     env = dict(os.environ, OMP_NUM_THREADS="2")
     self.child = subprocess.Popen(
         [sys.executable, trl_peer.__file__, "--serve", "--student", student, "--teacher",
-         teacher, "--steps", str(iterations), "--threads", "2"],
+         teacher, "--steps", str(iterations), "--threads", "2", "--workload", workload],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
     self._expect("ready")
 
@@ -197,89 +215,110 @@ def _median_split(times: list[dict]) -> dict[str, float]:
   return {k: statistics.median(t[k] for t in times) for k in times[0]}
 
 
+def _r(x, n=3):
+  return round(float(x), n)
+
+
+def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int,
+                 prompt_ids: np.ndarray) -> dict:
+  """Both of our sides and TRL, turn by turn, on one workload."""
+  work = trl_peer.workload(name)
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  peer = TrlPeer(student, teacher, 1 + rounds, os.path.join(folder, f"trl_{name}.log"), name)
+  try:
+    trl_times = [peer.step()]                       # TRL's warm-up, alone
+    ours, first = {}, {}
+    times = {side: [] for side, _, _ in SIDES[name]}
+    for side, estimator, unpacked in SIDES[name]:
+      s = settings(estimator, student, teacher, os.path.join(folder, name, side), work, unpacked)
+      ours[side] = OurTrainer(s, mesh, prompt_ids, work)
+      jax.clear_caches()                            # its first iteration compiles everything
+      first[side] = ours[side].iteration()
+    for _ in range(rounds):
+      for side, _, _ in SIDES[name]:
+        time.sleep(PAUSE_S)
+        times[side].append(ours[side].iteration())
+      time.sleep(PAUSE_S)
+      trl_times.append(peer.step())
+    summary = peer.finish()
+  except BaseException:
+    peer.child.kill()
+    raise
+  trl = _median_split([{k: t[k] for k in ("s", "rollout_s", "scoring_s", "update_s", "cpu_s")}
+                       for t in trl_times[1:]])
+  trl_rounds = [t["s"] for t in trl_times[1:]]
+  out = {}
+  for side, estimator, unpacked in SIDES[name]:
+    med = _median_split(times[side])
+    rounds_s = [t["s"] for t in times[side]]
+    tokens = sum(t["tokens"] for t in times[side])
+    out[side] = {
+        "estimator": estimator, "packing": "off" if unpacked else ours[side].s.opt.packing,
+        "s_per_iter": _r(med["s"]), "rollout_s": _r(med["rollout_s"]),
+        "scoring_s": _r(med["scoring_s"]), "update_s": _r(med["update_s"]),
+        "cpu_s_per_iter": _r(med["cpu_s"]),
+        **{f"{k}_cpu_s": _r(med[f"{k}_cpu_s"]) for k in ("rollout", "scoring", "update")},
+        "tokens_per_s": _r(tokens / sum(rounds_s), 1),
+        "compile_s": _r(first[side]["s"] - med["s"], 2), "first_iter_s": _r(first[side]["s"]),
+        "iter_s": [_r(x) for x in rounds_s],
+        "row_tokens": [t["row_tokens"] for t in times[side]],
+        "rows": [t["rows"] for t in times[side]],
+        "speedup_vs_trl": _r(trl["s"] / med["s"], 2),
+        "speedup_per_round": [_r(t / o, 2) for o, t in zip(rounds_s, trl_rounds)],
+        "losses": [_r(x, 6) for x in ours[side].losses]}
+  result = {"workload": name, "new_tokens": work["new"], "top_k": work["top_k"],
+            "top_p": work["top_p"], "stop_ids": len(work["stop_ids"]), "ours": out,
+            "trl": {"s_per_step": _r(trl["s"]), "rollout_s": _r(trl["rollout_s"]),
+                    "scoring_s": _r(trl["scoring_s"]), "update_s": _r(trl["update_s"]),
+                    "cpu_s_per_step": _r(trl["cpu_s"]), "first_step_s": _r(trl_times[0]["s"]),
+                    "step_s": [_r(x) for x in trl_rounds], "summary": summary}}
+  a, b = (side for side, _, _ in SIDES[name])
+  result["speedup_vs_trl"] = out[a]["speedup_vs_trl"]
+  if name == "fixed":
+    result["speedup_vs_trl_full_rkl"] = out[b]["speedup_vs_trl"]
+  else:
+    lengths = np.concatenate(ours[a].lengths[1:])       # the timed rounds
+    result |= {"speedup_vs_unpacked": _r(out[b]["s_per_iter"] / out[a]["s_per_iter"], 2),
+               "mean_response_tokens": _r(lengths.mean(), 1),
+               "max_response_tokens": int(lengths.max()),
+               "trl_mean_response_tokens": summary["completion_len_mean"],
+               "trl_max_response_tokens": summary["completion_len_max"]}
+  return result
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--workloads", default="fixed,variable")
   args = parser.parse_args()
   if args.rounds < 1:
     parser.error(f"--rounds={args.rounds}: accepted: an int >= 1")
-  iterations = 1 + args.rounds
-  r = lambda x, n=3: round(float(x), n)
+  names = args.workloads.split(",")
+  for name in names:
+    if name not in SIDES:
+      parser.error(f"--workloads: {name!r}; accepted: fixed, variable")
   result = {"rollouts": ROWS, "prompts": trl_peer.PROMPTS,
             "generations_per_prompt": trl_peer.COPIES, "prompt_len": trl_peer.PROMPT_LEN,
-            "new_tokens": trl_peer.NEW, "top_k": trl_peer.TOP_K, "top_p": trl_peer.TOP_P,
             "temperature": trl_peer.TEMPERATURE, "dtype": "float32", "updates_per_iter": 1,
             "rounds": args.rounds, "jax_version": jax.__version__,
             "jax_backend": jax.default_backend(), "torch_threads": 2,
-            "load_before": r(os.getloadavg()[0], 2)}
-  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+            "load_before": _r(os.getloadavg()[0], 2)}
   vocab = trl_peer.qwen2_20m_config().vocab_size
   # trl_peer's prompt strings are its ids written out, each prompt COPIES times in a row.
   prompt_ids = np.array([[int(t) for t in p.split()]
                          for p in trl_peer.prompt_strings(vocab)[::trl_peer.COPIES]])
   with tempfile.TemporaryDirectory(prefix="bench_train_") as folder:
     student, teacher = trl_peer.write_random_models(folder)
-    peer = TrlPeer(student, teacher, iterations, os.path.join(folder, "trl_peer.log"))
-    try:
-      trl_times = [peer.step()]                       # TRL's warm-up, alone
-      ours, first, times = {}, {}, {e: [] for e in ESTIMATORS}
-      for estimator in ESTIMATORS:
-        s = settings(estimator, student, teacher, os.path.join(folder, estimator), iterations)
-        ours[estimator] = OurTrainer(s, mesh, prompt_ids)
-        jax.clear_caches()                            # its first iteration compiles everything
-        traces = sampling.compiled_programs()
-        first[estimator] = ours[estimator].iteration()
-        if sampling.compiled_programs() != traces + 1:
-          raise RuntimeError(f"{estimator}: the sampler was not recompiled in its first iteration")
-      for _ in range(args.rounds):
-        for estimator in ESTIMATORS:
-          time.sleep(PAUSE_S)
-          times[estimator].append(ours[estimator].iteration())
-        time.sleep(PAUSE_S)
-        trl_times.append(peer.step())
-      summary = peer.finish()
-    except BaseException:
-      peer.child.kill()
-      raise
-  result["load_after"] = r(os.getloadavg()[0], 2)
-  result["params_millions"] = summary["params_millions"]
-
-  trl = _median_split([{k: t[k] for k in ("s", "rollout_s", "scoring_s", "update_s", "cpu_s")}
-                       for t in trl_times[1:]])
-  trl_rounds = [t["s"] for t in trl_times[1:]]
-  out = {}
-  for estimator in ESTIMATORS:
-    med = _median_split(times[estimator])
-    rounds = [t["s"] for t in times[estimator]]
-    out[estimator] = {
-        "s_per_iter": r(med["s"]), "rollout_s": r(med["rollout_s"]),
-        "scoring_s": r(med["scoring_s"]), "update_s": r(med["update_s"]),
-        "cpu_s_per_iter": r(med["cpu_s"]),
-        **{f"{k}_cpu_s": r(med[f"{k}_cpu_s"]) for k in ("rollout", "scoring", "update")},
-        "tokens_per_s": r(TOKENS / med["s"], 1),
-        "compile_s": r(first[estimator]["s"] - med["s"], 2),
-        "first_iter_s": r(first[estimator]["s"]),
-        "first_iter_split_s": {k: r(v) for k, v in first[estimator].items()},
-        "iter_s": [r(x) for x in rounds],
-        "speedup_vs_trl": r(trl["s"] / med["s"], 2),
-        "speedup_per_round": [r(t / o, 2) for o, t in zip(rounds, trl_rounds)],
-        "losses": [r(x, 6) for x in ours[estimator].losses]}
-  head = out[ESTIMATORS[0]]
-  result |= {
-      "estimator": ESTIMATORS[0], "k": ours[ESTIMATORS[0]].s.loss.k,
-      "s_per_iter": head["s_per_iter"], "rollout_s": head["rollout_s"],
-      "scoring_s": head["scoring_s"], "update_s": head["update_s"],
-      "tokens_per_s": head["tokens_per_s"], "compile_s": head["compile_s"],
-      "speedup_vs_trl": head["speedup_vs_trl"],
-      "speedup_vs_trl_full_rkl": out["full_rkl"]["speedup_vs_trl"],
-      "ours": out,
-      "trl": {"s_per_step": r(trl["s"]), "rollout_s": r(trl["rollout_s"]),
-              "scoring_s": r(trl["scoring_s"]), "update_s": r(trl["update_s"]),
-              "cpu_s_per_step": r(trl["cpu_s"]), "tokens_per_s": r(TOKENS / trl["s"], 1),
-              "first_step_s": r(trl_times[0]["s"]), "step_s": [r(x) for x in trl_rounds],
-              "summary": summary}}
+    for name in names:
+      result[name] = run_workload(name, student, teacher, folder, args.rounds, prompt_ids)
+  result["load_after"] = _r(os.getloadavg()[0], 2)
+  result["valid"] = result["load_before"] <= MAX_LOAD
+  if not result["valid"]:
+    result["invalid_because"] = (f"the 1-minute load average was {result['load_before']} before "
+                                 f"the start (> {MAX_LOAD}): the ratios are not a result")
   print(json.dumps(result), flush=True)
+  return 0 if result["valid"] else 3
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -59,6 +59,23 @@ import torch  # noqa: E402
 PROMPTS, COPIES, PROMPT_LEN, NEW = 8, 4, 64, 128
 TOP_K, TOP_P, TEMPERATURE = 50, 0.9, 1.0
 PAD_ID, EOS_ID = 0, 1    # tokens "<pad>" and "<eos>"; prompts never contain them
+# The "variable" workload: a budget of 512 new tokens, top-p 0.9 without top-k, and 411 stop ids
+# (<eos> and ids 2..411): on the random models each drawn token stops a response with a
+# probability of about 1/64, so lengths are roughly geometric with a mean near 64 (measured and
+# reported by bench_train.py). Both sides get the same ids (TRL as its eos_token_id list).
+VARIABLE_NEW = 512
+VARIABLE_STOP_IDS = (EOS_ID,) + tuple(range(2, 412))
+
+
+def workload(name: str) -> dict:
+  """The generation settings of a workload: "fixed" (exactly NEW tokens, top-k 50 + top-p 0.9)
+  or "variable" (up to VARIABLE_NEW tokens, top-p 0.9, stop at VARIABLE_STOP_IDS)."""
+  if name == "fixed":
+    return {"new": NEW, "top_k": TOP_K, "top_p": TOP_P, "stop_ids": (), "exact": True}
+  if name == "variable":
+    return {"new": VARIABLE_NEW, "top_k": 0, "top_p": TOP_P, "stop_ids": VARIABLE_STOP_IDS,
+            "exact": False}
+  raise ValueError(f"workload {name!r}; accepted: fixed, variable")
 
 
 def qwen2_20m_config():
@@ -196,7 +213,7 @@ def _split(parts: dict[str, np.ndarray], step: np.ndarray) -> dict[str, np.ndarr
 
 def run(student: str, teacher: str, *, steps: int = 4, threads: int = 2,
         gradient_checkpointing: bool = False, learning_rate: float = 1e-6, seed: int = 0,
-        serve=None) -> dict:
+        serve=None, workload_name: str = "fixed") -> dict:
   """Trains the student against the teacher for `steps` steps of TRL's loop and times each step.
 
   Args:
@@ -213,12 +230,14 @@ def run(student: str, teacher: str, *, steps: int = 4, threads: int = 2,
       to `out` once everything is loaded, each step waits for a line from `lines_in` (an
       iterator; running out of lines stops with an error) and writes that step's JSON line to
       `out` when it is done.
+    workload_name: "fixed" or "variable" (see `workload`).
 
   Returns:
     The JSON-ready result dict (keys in the module docstring).
   """
   if steps < 2:
     raise ValueError(f"steps={steps} must be >= 2: the first step is warm-up, left out of medians")
+  work = workload(workload_name)
   torch.set_num_threads(threads)
   import datasets
   import transformers
@@ -231,6 +250,9 @@ def run(student: str, teacher: str, *, steps: int = 4, threads: int = 2,
   teacher_model = transformers.AutoModelForCausalLM.from_pretrained(teacher, **load).eval()
   vocab = student_model.config.vocab_size
   tokenizer = make_tokenizer(vocab)
+  if work["stop_ids"]:
+    # TRL stops generation at, and masks the loss after, every id of the model's eos list.
+    student_model.generation_config.eos_token_id = list(work["stop_ids"])
   dataset = datasets.Dataset.from_dict({"prompt": prompt_strings(vocab, seed)})
 
   timers = _Timers()
@@ -271,8 +293,10 @@ def run(student: str, teacher: str, *, steps: int = 4, threads: int = 2,
     config = trl.DistillationConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=PROMPTS * COPIES,
         gradient_accumulation_steps=1, learning_rate=learning_rate, beta=1.0,
-        temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, max_completion_length=NEW,
-        generation_kwargs={"min_new_tokens": NEW}, bf16=False, use_cpu=True,
+        temperature=TEMPERATURE, top_k=work["top_k"], top_p=work["top_p"],
+        max_completion_length=work["new"],
+        generation_kwargs={"min_new_tokens": NEW} if work["exact"] else {}, bf16=False,
+        use_cpu=True,
         gradient_checkpointing=gradient_checkpointing, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, shuffle_dataset=False, dataloader_num_workers=0,
         seed=seed, disable_dropout=True)
@@ -326,8 +350,10 @@ def run(student: str, teacher: str, *, steps: int = 4, threads: int = 2,
       "trainer": "trl.DistillationTrainer", "trl_version": trl.__version__,
       "torch_version": torch.__version__, "transformers_version": transformers.__version__,
       "beta": 1.0, "rollouts": PROMPTS * COPIES, "prompts": PROMPTS,
-      "generations_per_prompt": COPIES, "prompt_len": PROMPT_LEN, "new_tokens": NEW,
-      "top_k": TOP_K, "top_p": TOP_P, "temperature": TEMPERATURE, "torch_threads": threads,
+      "generations_per_prompt": COPIES, "prompt_len": PROMPT_LEN, "workload": workload_name,
+      "new_tokens": work["new"], "stop_ids": len(work["stop_ids"]),
+      "top_k": work["top_k"], "top_p": work["top_p"], "temperature": TEMPERATURE,
+      "torch_threads": threads,
       "gradient_checkpointing": gradient_checkpointing, "steps": steps,
       "params_millions": round(sum(p.numel() for p in student_model.parameters()) / 1e6, 2),
       "step_s": [r(x) for x in per_step["step"][:, 0]],
@@ -341,6 +367,7 @@ def run(student: str, teacher: str, *, steps: int = 4, threads: int = 2,
       "parts_cpu_s": {name: [r(x) for x in per_step[name][:, 1]] for name in NAMES},
       "prompt_len_min": min(prompt_lengths), "prompt_len_max": max(prompt_lengths),
       "completion_len_min": min(lengths), "completion_len_max": max(lengths),
+      "completion_len_mean": round(float(np.mean(lengths)), 1),
       "losses": [round(loss, 6) for loss in losses],
       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
@@ -356,6 +383,7 @@ def main():
                       help="TRL's default; off here unless given")
   parser.add_argument("--learning-rate", type=float, default=1e-6)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--workload", choices=("fixed", "variable"), default="fixed")
   parser.add_argument("--serve", action="store_true",
                       help="turn-taking: 'ready', then one step per stdin line, one JSON line each")
   args = parser.parse_args()
@@ -363,7 +391,7 @@ def main():
     parser.error("give both --student and --teacher, or neither")
   options = dict(steps=args.steps, threads=args.threads, seed=args.seed,
                  gradient_checkpointing=args.gradient_checkpointing,
-                 learning_rate=args.learning_rate,
+                 learning_rate=args.learning_rate, workload_name=args.workload,
                  serve=(iter(sys.stdin), sys.stdout) if args.serve else None)
   if args.student is not None:
     result = run(args.student, args.teacher, **options)

@@ -149,6 +149,12 @@ def opt_fields() -> ml_collections.ConfigDict:
   g.minibatch_size = 64        # rollouts per optimizer step (batch / this = steps per iter)
   g.microbatch_size = 0        # rows per forward/backward pass, gradients summed over a
   #                              mini-batch's micro-batches (0: the whole mini-batch at once)
+  # Rows of the scoring and update passes (opd_jax.packing): "pack" puts several rollouts side
+  # by side per row (no padding past each response), "trim" cuts the response columns to the
+  # longest response, "off" keeps the whole token budget.
+  g.packing = "pack"
+  g.microbatch_tokens = 0      # "pack": tokens per device per micro-batch (0: the tokens of
+  #                              an unpacked micro-batch's rows: the same activation memory)
   g.lr = 2e-6                  # AdamW peak learning rate
   g.warmup_steps = 0           # linear warm-up, in optimizer steps
   g.schedule = "constant"      # constant | cosine (decay to 0 over all optimizer steps)
@@ -221,6 +227,9 @@ def log_fields() -> ml_collections.ConfigDict:
   g.plot = True                # workdir/curves.png at the end of a run (opd_jax.plot)
   g.wandb = ""                 # Weights & Biases project to log to ("" = none; the wandb extra)
   g.wandb_mode = "offline"     # offline (files in workdir/wandb; `wandb sync` uploads) | online
+  # Diagnostic passes (the student's scores when the estimator reads none, the post-update KL)
+  # run every this many iterations and at the last one (0 = never).
+  g.diagnostics_every = 10
   return g
 
 

@@ -61,6 +61,12 @@ class Estimator:
     """Raises EstimatorError for settings this estimator cannot use (vocab: the shared size)."""
     del loss, vocab
 
+  def reads_student_scores(self, loss: Any) -> bool:
+    """Whether the loss reads the scoring phase's student log-probs ("behavior_logprobs"); when
+    it does not, scoring runs the student only on diagnostic iterations."""
+    del loss
+    return False
+
   def loss(self, model, hidden: Array, mb: dict, loss: Any, vocab: int, mesh: Mesh | None
            ) -> tuple[Array, dict]:
     """(token-mean loss, scalar diagnostics incl. "policy/entropy") of one mini-batch.
@@ -68,7 +74,9 @@ class Estimator:
     Args:
       model: the student (compute dtype), for its unembedding.
       hidden: [m, N, D] hidden states predicting each response token.
-      mb: the mini-batch: response / loss_mask [m, N] and the `score_keys` arrays.
+      mb: the mini-batch: response / loss_mask [m, N] and the `score_keys` arrays, per token in
+        the compact layout of `opd_jax.packing` (c_segments [m, N]: the sequence of each token,
+        present for packed rows).
       loss: the run's LossSettings.
       vocab: the vocabulary shared with the teacher (ids >= vocab never count).
       mesh: the mesh the arrays are laid out on (None: one device).
@@ -104,6 +112,9 @@ class LocalSupportMatching(Estimator):
       raise EstimatorError(f"config.loss.k={loss.k} exceeds the shared vocabulary of {vocab} "
                            "tokens; accepted: 1 <= k <= vocabulary size")
 
+  def reads_student_scores(self, loss):
+    return loss.tail != "none"   # the tail's importance weight reads the behaviour log-probs
+
   def loss(self, model, hidden, mb, loss, vocab, mesh):
     k = loss.k
     teacher = topk.TopK(mb["t_indices"][..., :k], mb["t_logits"][..., :k], mb["t_lse"],
@@ -125,11 +136,14 @@ class SampledToken(Estimator):
   name = "sampled_token"
   score_keys = ("behavior_logprobs", "teacher_logprobs")
 
+  def reads_student_scores(self, loss):
+    return True
+
   def loss(self, model, hidden, mb, loss, vocab, mesh):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: losses.sampled_token_opd(
         losses.token_logprobs(logits, mb["response"]), mb["teacher_logprobs"], mb["loss_mask"],
         gamma=loss.gamma, behavior_logprobs=mb["behavior_logprobs"], ppo_clip=loss.ppo_clip,
-        advantage_clip=loss.advantage_clip))
+        advantage_clip=loss.advantage_clip, segment_ids=mb.get("c_segments")))
 
 
 @register

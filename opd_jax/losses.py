@@ -401,7 +401,8 @@ def _check_gamma(gamma: Any) -> None:
     raise ValueError(f"gamma must be in [0, 1] (0 = token level, 1 = sequence level), got {gamma}")
 
 
-def reward_to_go(rewards: Array, mask: Array, gamma: float | Array) -> Array:
+def reward_to_go(rewards: Array, mask: Array, gamma: float | Array,
+                 segment_ids: Array | None = None) -> Array:
   """Discounted reward-to-go G_t = Σ_{t' ≥ t} γ^{t'−t} mask_{t'} r_{t'} along the last axis.
 
   Computed with a parallel (associative) scan, so it is O(log T) deep on accelerators. `gamma`
@@ -411,6 +412,8 @@ def reward_to_go(rewards: Array, mask: Array, gamma: float | Array) -> Array:
     rewards: [..., T] per-token rewards.
     mask: [..., T] bool; masked rewards are dropped (time still advances through them).
     gamma: discount in [0, 1].
+    segment_ids: optional [..., T] ints: several sequences side by side along the axis (packed
+      rows); the sum t' runs over t's own sequence only.
 
   Returns:
     [..., T] float32 returns, zero at masked positions.
@@ -420,6 +423,11 @@ def reward_to_go(rewards: Array, mask: Array, gamma: float | Array) -> Array:
   mask = mask.astype(bool)
   r = jnp.where(mask, _f32(rewards), 0.0)
   g = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), r.shape)
+  if segment_ids is not None:
+    # No discounted future crosses into the next sequence: the map at a sequence's last token
+    # ignores what comes after it.
+    same = segment_ids[..., 1:] == segment_ids[..., :-1]
+    g = g * jnp.concatenate([same, jnp.zeros(same.shape[:-1] + (1,), bool)], axis=-1)
 
   def compose(acc, nxt):
     # Scanning from the sequence end: each step is the affine map x -> r_t + γ·x, and the
@@ -434,8 +442,8 @@ def reward_to_go(rewards: Array, mask: Array, gamma: float | Array) -> Array:
 
 def sampled_token_opd(student_logprobs: Array, teacher_logprobs: Array, mask: Array, *,
                       gamma: float | Array = 0.0, behavior_logprobs: Array | None = None,
-                      ppo_clip: float | None = None, advantage_clip: float | None = None
-                      ) -> tuple[Array, dict[str, Array]]:
+                      ppo_clip: float | None = None, advantage_clip: float | None = None,
+                      segment_ids: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """Sampled-token OPD (Eq. 5) as a policy-gradient surrogate whose gradient is ĝ_γ (Eq. 3).
 
   Rewards are the log-ratios r_t = log π_b(y_t) − log q(y_t) under stop-gradient, where π_b is
@@ -454,6 +462,8 @@ def sampled_token_opd(student_logprobs: Array, teacher_logprobs: Array, mask: Ar
     behavior_logprobs: [B, T] log-probs under the rollout policy, for importance ratios.
     ppo_clip: PPO clip ε (the paper's code uses 0.2) or None.
     advantage_clip: clamp G to [−c, c] (the authors' code optionally uses 5) or None.
+    segment_ids: [B, T] ints for packed rows (several sequences per row): the reward-to-go
+      stays within each sequence (see `reward_to_go`).
 
   Returns:
     (loss, aux): scalar surrogate (its value is the token-mean of ρ·G) and "opd/…" diagnostics.
@@ -484,7 +494,7 @@ def sampled_token_opd(student_logprobs: Array, teacher_logprobs: Array, mask: Ar
     logp_b = jax.lax.stop_gradient(clean(behavior_logprobs))
 
   rewards = logp_b - logq
-  returns = jax.lax.stop_gradient(reward_to_go(rewards, mask, gamma))
+  returns = jax.lax.stop_gradient(reward_to_go(rewards, mask, gamma, segment_ids))
   if advantage_clip is not None:
     returns = jnp.clip(returns, -advantage_clip, advantage_clip)
 

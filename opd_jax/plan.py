@@ -221,7 +221,7 @@ def plan_run(p, teachers: Sequence[tuple[Any, Any]], *,
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from opd_jax import sampling, sharding, steps
+  from opd_jax import packing, sampling, sharding, steps
   s, mesh = p.settings, p.mesh
   rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
 
@@ -241,9 +241,14 @@ def plan_run(p, teachers: Sequence[tuple[Any, Any]], *,
       s.rollout.max_new_tokens
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = arr(key.shape, key.dtype, sharding.replicated(mesh))
-  tokens = {"prompt": arr((n_rows, p_len), jnp.int32), "prompt_mask": arr((n_rows, p_len), bool),
-            "response": arr((n_rows, n_new), jnp.int32),
-            "response_mask": arr((n_rows, n_new), bool), "loss_mask": arr((n_rows, n_new), bool)}
+  # The scoring and update passes run on the rows of config.opt.packing: planned for the largest
+  # geometry a batch can take (packing.worst_case; the teacher's prompt bucket is the student's).
+  geometry, layout_rows = packing.worst_case(
+      s.opt.packing, n_rows, p_len, p_len, n_new, minibatches=s.minibatches,
+      micro=s.opt.microbatches, ways=sharding.batch_divisor(mesh),
+      microbatch_tokens=s.opt.microbatch_tokens)
+  batch = {k: arr(shape, dtype) for k, (shape, dtype)
+           in packing.abstract_arrays(geometry, layout_rows).items()}
   phases: dict[str, Phase] = {}
 
   def done(name: str, phase: Phase) -> Phase:
@@ -258,11 +263,8 @@ def plan_run(p, teachers: Sequence[tuple[Any, Any]], *,
                    arr((s.data.prompts_per_step, p_len), bool)]
     done("rollout", _compile(jax.jit(p.rollout), [compute] + prompt_args + [key],
                              state_left + teacher_bytes, _named_leaves(compute, "arg student/")))
-    batch = tokens | {"teacher_prompt": arr((n_rows, p_len), jnp.int32),
-                      "teacher_prompt_mask": arr((n_rows, p_len), bool),
-                      "policy_logprobs": arr((n_rows, n_new), jnp.float32)}
     worst = None
-    score = jax.jit(p.score, static_argnums=(1,))
+    score = jax.jit(lambda c, d, t, b: p.score(c, d, t, b, geometry), static_argnums=(1,))
     for i, (tdef, tparams) in enumerate(teachers):
       if any(tdef == d for d, _ in teachers[:i]):
         continue     # the same architecture and dtype compiles to the same program
@@ -272,12 +274,13 @@ def plan_run(p, teachers: Sequence[tuple[Any, Any]], *,
                                                                               "arg teacher/"))
       if worst is None or phase.total > worst.total:
         worst = phase
-        scores = jax.eval_shape(lambda *a, tdef=tdef: p.score(a[0], tdef, a[1], a[2])[0],
-                                compute, tparams, batch)
+        scores = jax.eval_shape(
+            lambda *a, tdef=tdef: p.score(a[0], tdef, a[1], a[2], geometry)[0],
+            compute, tparams, batch)
     done("scoring", worst)
-  ubatch = {k: arr(v.shape, v.dtype) for k, v in p.update_inputs(tokens, scores).items()}
+  ubatch = {k: arr(v.shape, v.dtype) for k, v in p.update_inputs(batch, scores).items()}
   done("update", _compile(
-      p.update, [state, ubatch, key], teacher_bytes,
+      p.update, [state, ubatch, key, geometry.micro, geometry.packed], teacher_bytes,
       _named_leaves(state.params, "arg params/") + _named_leaves(state.opt_state,
                                                                  "arg opt_state/")))
   return phases
@@ -398,7 +401,7 @@ def architecture(source, plan_arch: str, field: str, vocab: int | None):
 def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phase]:
   """Plans an experiment config on every present device (the mesh from `config.mesh`)."""
   # pylint: disable=import-outside-toplevel
-  from opd_jax import settings, sharding
+  from opd_jax import settings
   run = config.copy_and_resolve_references()
   # The settings check wants a workdir and datasets; the plan writes and reads nothing.
   run.workdir = run.workdir or "unused-by-the-plan"

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from opd_jax import estimators, models, sampling, steps
+from opd_jax import estimators, models, packing, sampling, sharding, steps
 from opd_jax.settings import ModelSource, TrainSettings
 
 PyTree = Any
@@ -114,17 +114,56 @@ class Programs:
         banned_token_ids=self.banned_ids, stop_token_ids=self.stop_ids,
         num_samples=r.num_samples, mesh=self.mesh, vocab_size=self.vocab)
 
-  def score(self, params: PyTree, teacher_def, teacher_params, batch: dict
-            ) -> tuple[dict, dict]:
-    """Teacher scoring of a batch (steps.score) with the run's estimator and parts."""
-    return steps.score(self.graphdef, params, teacher_def, teacher_params, batch,
-                       shapes=self.shapes, full_logits=self.estimator.full_teacher_logits,
-                       minibatches=self.settings.score_parts)
+  def layout(self, batch: dict) -> tuple[packing.Layout, dict]:
+    """A batch (global arrays: tasks.Batch.scoring_inputs()) in the rows of
+    `config.opt.packing`: this process's host layout, and the rows as global arrays."""
+    o = self.settings.opt
+    local = {k: sharding.local_rows(v) for k, v in batch.items()}
+    ways = sharding.batch_divisor(self.mesh) // jax.process_count()
+    lay = packing.pack(o.packing, local, minibatches=self.settings.minibatches,
+                       micro=o.microbatches, ways=max(ways, 1),
+                       microbatch_tokens=o.microbatch_tokens)
+    keys = sorted(lay.arrays)
+    arrays = [lay.arrays[k] for k in keys]
+    if self.mesh is not None:
+      arrays = [jax.make_array_from_process_local_data(
+          sharding.batch_sharding(self.mesh, x.ndim), x) for x in arrays]
+    return lay, dict(zip(keys, arrays))
 
-  def update_inputs(self, batch: dict, scores: dict) -> dict:
-    """The arrays the update reads: the batch's tokens and masks, the estimator's scores."""
-    out = {k: batch[k] for k in ("prompt", "prompt_mask", "response", "loss_mask")}
+  def score(self, params: PyTree, teacher_def, teacher_params, rows: dict,
+            geometry: packing.Geometry, diagnose: bool = True) -> tuple[dict, dict]:
+    """Teacher scoring of a batch's rows (steps.score) with the run's estimator and parts; the
+    student's own pass runs when the estimator reads it or `diagnose` is true."""
+    return steps.score(self.graphdef, params, teacher_def, teacher_params, rows, diagnose,
+                       shapes=self.shapes, full_logits=self.estimator.full_teacher_logits,
+                       minibatches=self.settings.score_parts,
+                       student_always=self.estimator.reads_student_scores(self.settings.loss),
+                       packed=geometry.packed)
+
+  def update_inputs(self, rows: dict, scores: dict) -> dict:
+    """The arrays the update reads: the rows' tokens and masks, the estimator's scores."""
+    keys = ("tokens", "segments", "response", "loss_mask", "s_index", "c_segments")
+    out = {k: rows[k] for k in keys if k in rows}   # the last two: packed rows only
     return out | {k: scores[k] for k in self.estimator.score_keys}
+
+  def run_update(self, state: steps.TrainState, inputs: dict, key,
+                 geometry: packing.Geometry) -> tuple[steps.TrainState, dict]:
+    """The update of one iteration on rows of `geometry`."""
+    return self.update(state, inputs, key, geometry.micro, geometry.packed)
+
+  def diagnostic(self, done: int) -> bool:
+    """Whether iteration `done` (1-based) runs the diagnostic passes."""
+    every = self.settings.log.diagnostics_every
+    return bool(every) and (done % every == 0 or done == self.settings.steps)
+
+  def drop_diagnostics(self, values: dict, done: int) -> dict:
+    """`values` without the diagnostic metrics iteration `done` did not compute."""
+    if self.diagnostic(done):
+      return values
+    skip = set(steps.UPDATE_DIAGNOSTIC_METRICS)
+    if not self.estimator.reads_student_scores(self.settings.loss):
+      skip |= set(steps.STUDENT_PASS_METRICS)
+    return {k: v for k, v in values.items() if k not in skip}
 
   def init_state(self, params: PyTree) -> steps.TrainState:
     """A fresh TrainState around `params`, created in the state's shardings."""
@@ -158,6 +197,6 @@ def build(s: TrainSettings, student_config: models.ModelConfig, vocab: int, mesh
   graphdef, _ = steps.split_abstract(steps.compute_config(student_config, precision))
   padding = tuple(range(vocab, student_config.vocab_size))
   update = steps.make_update(student_config, s.loss, s.opt, shapes, s.minibatches, total_updates,
-                             precision)
+                             precision, s.log.diagnostics_every)
   return Programs(s, student_config, vocab, mesh, estimator, shapes, total_updates, graphdef,
                   shardings, abstract, tuple(banned_ids) + padding, tuple(stop_ids), update)

@@ -10,13 +10,14 @@ from typing import Any
 
 import ml_collections
 
-from opd_jax import configs, estimators
+from opd_jax import configs, estimators, packing
 from opd_jax.errors import ConfigError, closest
 from opd_jax.models.hf_io import CheckpointError, check_folder
 from opd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelConfig
 
 LSM_SUPPORTS = ("teacher", "teacher+sampled")
 TAILS = ("none", "ema_pg")
+PACKING = packing.MODES
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 LONG_PROMPTS = ("drop", "truncate", "error")   # opd_jax.data.registry.LONG_PROMPTS
@@ -327,6 +328,8 @@ class OptSettings:
   weight_decay: float
   grad_clip: float | None = _off_when_zero()
   microbatch_size: int = 0     # rows per forward/backward pass (0: the whole mini-batch)
+  packing: str = "pack"        # off | trim | pack (opd_jax.packing)
+  microbatch_tokens: int = 0   # packed rows: tokens per device per micro-batch (0: derived)
 
   @property
   def microbatches(self) -> int:
@@ -349,6 +352,11 @@ class OptSettings:
       _fail("opt.microbatch_size", o["microbatch_size"],
             f"accepted: 0 (the whole mini-batch) or a divisor of opt.minibatch_size="
             f"{o['minibatch_size']}")
+    if o["packing"] not in PACKING:
+      _fail("opt.packing", o["packing"], f"accepted: {', '.join(PACKING)}")
+    if not isinstance(o["microbatch_tokens"], int) or o["microbatch_tokens"] < 0:
+      _fail("opt.microbatch_tokens", o["microbatch_tokens"],
+            "accepted: 0 (the unpacked micro-batch's tokens) or a positive int")
     return _from_group(cls, o)
 
 
@@ -416,13 +424,14 @@ class LogSettings:
   plot: bool
   wandb: str                # W&B project ("" = none)
   wandb_mode: str
+  diagnostics_every: int
 
   @classmethod
   def from_config(cls, lg: Mapping) -> "LogSettings":
     _positive(lg, "every", "log.")
     if lg["wandb_mode"] not in WANDB_MODES:
       _fail("log.wandb_mode", lg["wandb_mode"], f"accepted: {', '.join(WANDB_MODES)}")
-    for key in ("samples_every", "samples_count"):
+    for key in ("samples_every", "samples_count", "diagnostics_every"):
       if lg[key] < 0:
         _fail(f"log.{key}", lg[key], "accepted: an int >= 0")
     return _from_group(cls, lg)

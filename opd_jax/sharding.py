@@ -111,6 +111,17 @@ def to_host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a global array whose rows are split over the batch axes (the
+  whole array on one process), in row order; no collective."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  by_start = {}
+  for shard in x.addressable_shards:
+    by_start.setdefault(shard.index[0].start or 0, shard)     # replicas hold the same rows
+  return np.concatenate([np.asarray(by_start[k].data) for k in sorted(by_start)])
+
+
 def initialize_distributed(enabled: bool) -> None:
   """Multi-host start-up: `jax.distributed.initialize()` (cluster from the environment).
 

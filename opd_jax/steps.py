@@ -1,8 +1,14 @@
 """The trainer's compiled phases: teacher scoring (no gradient) and the update (mini-batched AdamW).
 
 Both are pure functions of arrays and frozen settings. The rollout phase is `sampling.sample`.
-Rows are split over the mesh's batch axes; a response token t of a row is predicted by the hidden
-state at position P - 1 + t of the row's [prompt (left-padded to P) | response] sequence.
+Rows are split over the mesh's batch axes. The passes read a batch in the rows of
+`opd_jax.packing`: student rows tokens / segments [R, W], teacher rows t_tokens / t_segments
+[R, Wt], and the per-token arrays in the compact layout [R, C] (response, masks, scores). With
+one sequence per row (`packed=False`: packing "off" or "trim") a row is [prompt (left-padded to
+P) | response] and response token t is predicted by the hidden state at P - 1 + t; packed rows
+(`packed=True`) hold several sequences and name those positions in s_index / t_index [R, C]. A
+batch of prompt / prompt_mask / teacher_prompt / teacher_prompt_mask and [R, N] response arrays
+(`as_rows`) is the unpacked layout.
 """
 
 from __future__ import annotations
@@ -63,16 +69,34 @@ def make_optimizer(opt: OptSettings, total_updates: int) -> tuple[optax.Gradient
 # ----------------------------------------------------------------------------------------------
 
 
-def _response_hidden(model, prompt: Array, prompt_mask: Array, response: Array) -> Array:
-  """[R, N, D] hidden states that predict each response token (one full causal pass)."""
-  n = response.shape[1]
-  tokens = jnp.concatenate([prompt, response], axis=1)
-  # Response positions count as real tokens even after a row's stop: causality keeps what follows
-  # a response out of everything before it, and the mask then stays left-padded only.
-  mask = jnp.concatenate([prompt_mask, jnp.ones(response.shape, bool)], axis=1)
-  hidden = models.forward(model, tokens, mask, return_hidden=True)
-  p = prompt.shape[1]
-  return hidden[:, p - 1:p - 1 + n]
+def as_rows(batch: dict) -> dict:
+  """A batch of [R, P] prompts and [R, N] responses in the unpacked rows the passes read (the
+  identity on a batch that already has them): student rows [prompt | response], teacher rows
+  [teacher_prompt | response]. Response positions count as real tokens even after a row's stop:
+  causality keeps what follows a response out of everything before it."""
+  if "tokens" in batch:
+    return batch
+  out = {k: v for k, v in batch.items() if k not in (
+      "prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask")}
+  ones = jnp.ones(batch["response"].shape, jnp.int32)
+  for side, prompt in (("", "prompt"), ("t_", "teacher_prompt")):
+    if prompt in batch:
+      out[side + "tokens"] = jnp.concatenate([batch[prompt], batch["response"]], axis=1)
+      out[side + "segments"] = jnp.concatenate(
+          [batch[prompt + "_mask"].astype(jnp.int32), ones], axis=1)
+  return out
+
+
+def _response_hidden(model, tokens: Array, segments: Array, index: Array | None, n: int,
+                     packed: bool) -> Array:
+  """[R, n, D] hidden states that predict each compact token (one full causal pass): the last
+  n positions but one of each row, or (packed rows) the positions `index` names."""
+  if not packed:
+    hidden = models.forward(model, tokens, segments > 0, return_hidden=True)
+    width = tokens.shape[1]
+    return hidden[:, width - n - 1:width - 1]
+  hidden = models.forward(model, tokens, segments > 0, return_hidden=True, segment_ids=segments)
+  return jnp.take_along_axis(hidden, index[..., None], axis=1)
 
 
 def _stats(model, hidden: Array, response: Array, shapes: Shapes, k: int) -> topk.TopK:
@@ -137,37 +161,56 @@ def _join_rows(x: Array) -> Array:
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _score_rows(student, teacher, batch: dict, shapes: Shapes, full_logits: bool) -> dict:
-  """Per-token scores of some rows: both models' top-k statistics, never [R, N, V]."""
+def _score_rows(student, teacher, batch: dict, shapes: Shapes, full_logits: bool,
+                student_pass: bool, packed: bool) -> dict:
+  """Per-token scores of some rows: both models' top-k statistics, never [R, N, V]. Without
+  `student_pass` the student's log-probs are the sampler's ("policy_logprobs", the same
+  distribution) and its top-k indices are -1."""
   batch = jax.tree.map(lambda x: _constrain_rows(x, shapes.mesh), batch)
   resp, rmask = batch["response"], batch["response_mask"]
-  s_hidden = _response_hidden(student, batch["prompt"], batch["prompt_mask"], resp)
-  s = _stats(student, s_hidden, resp, shapes, shapes.k)
-  t_hidden = _response_hidden(teacher, batch["teacher_prompt"], batch["teacher_prompt_mask"],
-                              resp)
+  n = resp.shape[1]
+  t_hidden = _response_hidden(teacher, batch["t_tokens"], batch["t_segments"],
+                              batch.get("t_index"), n, packed)
   t = _stats(teacher, t_hidden, resp, shapes, shapes.k)
-  scores = {"behavior_logprobs": jnp.where(rmask, s.sampled_logits - s.logsumexp, 0.0),
+  if student_pass:
+    s_hidden = _response_hidden(student, batch["tokens"], batch["segments"],
+                                batch.get("s_index"), n, packed)
+    s = _stats(student, s_hidden, resp, shapes, shapes.k)
+    behavior, s_indices = s.sampled_logits - s.logsumexp, s.indices
+  else:
+    behavior, s_indices = batch["policy_logprobs"], jnp.full_like(t.indices, -1)
+  scores = {"behavior_logprobs": jnp.where(rmask, behavior, 0.0),
             "teacher_logprobs": jnp.where(rmask, t.sampled_logits - t.logsumexp, 0.0),
             "t_indices": t.indices, "t_logits": t.logits, "t_lse": t.logsumexp,
-            "t_sampled": t.sampled_logits, "s_indices": s.indices}
+            "t_sampled": t.sampled_logits, "s_indices": s_indices}
   if full_logits:
     scores["teacher_logits"] = models.logits_from_hidden(teacher, t_hidden)[..., :shapes.vocab]
   return scores
 
 
+# Metrics of the scoring phase that need the student's own pass: logged on diagnostic
+# iterations only when the estimator does not read the student's scores.
+STUDENT_PASS_METRICS = ("teacher/topk_overlap", "rollout/logprob_mismatch_max",
+                        "rollout/logprob_mismatch_mean")
+
+
 @functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "shapes",
-                                             "full_logits", "minibatches"))
-def score(student_def, student_params, teacher_def, teacher_params, batch: dict, *,
-          shapes: Shapes, full_logits: bool = False, minibatches: int = 1) -> tuple[dict, dict]:
+                                             "full_logits", "minibatches", "student_always",
+                                             "packed"))
+def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
+          diagnose: Array | bool = True, *, shapes: Shapes, full_logits: bool = False,
+          minibatches: int = 1, student_always: bool = True, packed: bool = False
+          ) -> tuple[dict, dict]:
   """Teacher scoring of a rollout batch, plus the student's own log-probs before the update.
 
   Args:
     student_def, student_params: the student (graphdef and parameters; no gradient).
     teacher_def, teacher_params: the teacher (never donated).
-    batch: prompt / prompt_mask [R, P], teacher_prompt / teacher_prompt_mask [R, Pt] (the same
-      conversation rendered for the teacher), response / response_mask / loss_mask [R, N],
-      policy_logprobs [R, N] (the sampler's untruncated student log-probs); optional
-      sampled_mask [R, N], the tokens the sampler drew (default response_mask; an environment
+    batch: the rows (module docstring; `as_rows` of prompt / prompt_mask [R, P],
+      teacher_prompt / teacher_prompt_mask [R, Pt] (the same conversation rendered for the
+      teacher) and response arrays), and per token [R, C]: response / response_mask /
+      loss_mask, policy_logprobs (the sampler's untruncated student log-probs); optional
+      sampled_mask, the tokens the sampler drew (default response_mask; an environment
       episode's observation tokens are real response tokens the sampler did not draw).
     shapes: static vocabulary, top-k and mesh.
     full_logits: also return the teacher's [R, N, V] logits ("teacher_logits"; only for an
@@ -175,6 +218,12 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
     minibatches: score the rows in this many strided parts, one after the other (a divisor of
       R; the update's mini-batches), so that activations of R / minibatches rows are live at a
       time. The scores do not depend on it.
+    diagnose: (traced bool) run the student's pass (used unless `student_always`).
+    packed: rows hold several sequences (`opd_jax.packing`, mode "pack").
+    student_always: the student's pass runs whatever `diagnose` (the estimator reads its
+      log-probs). Otherwise it runs only when `diagnose` is true (a `lax.cond`: one program);
+      else "behavior_logprobs" are the sampler's `policy_logprobs` and the `STUDENT_PASS_METRICS`
+      are meaningless (the trainer does not log them).
 
   Returns:
     (scores, metrics): per-token arrays for the update and the samples page, and scalar
@@ -182,21 +231,32 @@ def score(student_def, student_params, teacher_def, teacher_params, batch: dict,
     top-K, student/teacher top-K overlap, sampler-vs-trainer log-prob mismatch).
   """
   with sharding.traced_under(shapes.mesh):
-    return _score(nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params),
-                  batch, shapes, full_logits, minibatches)
+    student, teacher = (nnx.merge(student_def, student_params),
+                        nnx.merge(teacher_def, teacher_params))
+    batch = as_rows(batch)
+    run = functools.partial(_score, student, teacher, batch, shapes, full_logits, minibatches,
+                            packed=packed)
+    if student_always:
+      return run(student_pass=True)
+    return jax.lax.cond(diagnose, lambda: run(student_pass=True),
+                        lambda: run(student_pass=False))
 
 
-def _score(student, teacher, batch: dict, shapes: Shapes, full_logits: bool, minibatches: int
-           ) -> tuple[dict, dict]:
+def _score(student, teacher, batch: dict, shapes: Shapes, full_logits: bool, minibatches: int,
+           *, student_pass: bool, packed: bool) -> tuple[dict, dict]:
   resp = batch["response"]
   rmask, lmask = batch["response_mask"], batch["loss_mask"]
-  rows = {k: batch[k] for k in ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask",
-                                "response", "response_mask")}
+  keys = ("tokens", "segments", "t_tokens", "t_segments", "response", "response_mask",
+          "policy_logprobs") + (("s_index", "t_index") if packed else ())
+  rows = {k: batch[k] for k in keys}
+
+  def part(mb):
+    return _score_rows(student, teacher, mb, shapes, full_logits, student_pass, packed)
+
   if minibatches == 1:
-    scores = _score_rows(student, teacher, rows, shapes, full_logits)
+    scores = part(rows)
   else:
-    per_part = jax.lax.map(lambda mb: _score_rows(student, teacher, mb, shapes, full_logits),
-                           jax.tree.map(lambda x: _split_rows(x, minibatches), rows))
+    per_part = jax.lax.map(part, jax.tree.map(lambda x: _split_rows(x, minibatches), rows))
     scores = jax.tree.map(lambda x: _constrain_rows(_join_rows(x), shapes.mesh), per_part)
   s_indices = scores.pop("s_indices")
   behavior, teacher_lp = scores["behavior_logprobs"], scores["teacher_logprobs"]
@@ -235,6 +295,9 @@ class _Update:
   schedule: optax.Schedule
   minibatches: int
   micro: int
+  steps: int                # iterations of the run (the last one is a diagnostic iteration)
+  diagnostics_every: int    # the post-update KL runs on iterations divisible by it (0: never)
+  packed: bool = False      # rows hold several sequences (opd_jax.packing)
 
   def model(self, params: PyTree):
     return nnx.merge(self.graphdef, cast_params(params, self.cast_to))
@@ -242,10 +305,14 @@ class _Update:
   def constrain(self, tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: _constrain_rows(x, self.shapes.mesh), tree)
 
+  def hidden(self, model, mb: dict) -> Array:
+    return _response_hidden(model, mb["tokens"], mb["segments"], mb.get("s_index"),
+                            mb["response"].shape[1], self.packed)
+
   def loss_fn(self, params: PyTree, mb: dict) -> tuple[Array, dict]:
     model = self.model(params)
-    hidden = _response_hidden(model, mb["prompt"], mb["prompt_mask"], mb["response"])
-    return self.estimator.loss(model, hidden, mb, self.loss, self.shapes.vocab, self.shapes.mesh)
+    return self.estimator.loss(model, self.hidden(model, mb), mb, self.loss, self.shapes.vocab,
+                               self.shapes.mesh)
 
   def grads(self, params: PyTree, mb: dict):
     """((loss, aux), grads) of a mini-batch's token-mean loss, one micro-batch at a time."""
@@ -255,18 +322,22 @@ class _Update:
     parts = jax.tree.map(lambda x: _split_rows(x, self.micro), mb)
     total = jnp.maximum(jnp.sum(mb["loss_mask"]), 1).astype(jnp.float32)
 
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], parts)))
+
     def add(acc, part):
       (value_sum, aux_sum), grad_sum = acc
-      (value, aux), grads = grad_fn(params, self.constrain(part))
-      share = jnp.sum(part["loss_mask"]).astype(jnp.float32) / total
+      count = jnp.sum(part["loss_mask"])
+      # A micro-batch without loss tokens (packed rows' padding micro-batches) is skipped.
+      (value, aux), grads = jax.lax.cond(count > 0, lambda: grad_fn(params, self.constrain(part)),
+                                         lambda: zeros)
+      share = count.astype(jnp.float32) / total
       # Token counts add up; every other diagnostic is a token mean, weighted like the loss.
       aux_sum = {k: aux_sum[k] + (v if k.endswith("/num_tokens") else share * v)
                  for k, v in aux.items()}
       grad_sum = jax.tree.map(lambda a, g: a + share * g, grad_sum, grads)
       return ((value_sum + share * value, aux_sum), grad_sum), None
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                         jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], parts)))
     return jax.lax.scan(add, zeros, parts)[0]
 
   def step(self, carry, mb: dict):
@@ -286,35 +357,47 @@ class _Update:
 
     def new_logprobs(mb):
       mb = self.constrain(mb)
-      hidden = _response_hidden(new, mb["prompt"], mb["prompt_mask"], mb["response"])
-      stats = _stats(new, hidden, mb["response"], self.shapes, 1)
+      stats = _stats(new, self.hidden(new, mb), mb["response"], self.shapes, 1)
       return stats.sampled_logits - stats.logsumexp
 
     # One micro-batch at a time, like the steps: a pass over the whole batch would hold
     # `minibatches * micro` times the activations of a forward pass.
     parts = jax.tree.map(lambda x: _split_rows(x, self.minibatches * self.micro), batch)
-    new_lp = jax.lax.map(new_logprobs, {k: parts[k] for k in ("prompt", "prompt_mask",
-                                                              "response")})
+    new_lp = jax.lax.map(new_logprobs, {k: parts[k] for k in ("tokens", "segments", "s_index",
+                                                              "response") if k in parts})
     return _token_mean(parts["behavior_logprobs"] - new_lp, parts["loss_mask"])
 
   def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    batch = self.constrain(batch)
+    batch = self.constrain(as_rows(batch))
     mbs = jax.tree.map(lambda x: _split_rows(x, self.minibatches), batch)
     first = state.step * self.minibatches
     (params, opt_state, _), per_mb = jax.lax.scan(
         self.step, (state.params, state.opt_state, first.astype(jnp.int32)), mbs)
     metrics = jax.tree.map(jnp.mean, per_mb)
     metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
-    if self.estimator.samples:   # the KL to the policy that sampled the rollouts
-      metrics["policy/kl_before_after"] = self.kl_before_after(params, batch)
+    if self.estimator.samples and self.diagnostics_every:
+      # The KL to the policy that sampled the rollouts: one more student pass, on diagnostic
+      # iterations only (elsewhere 0, and the trainer does not log it).
+      done = state.step + 1
+      due = (done % self.diagnostics_every == 0) | (done == self.steps)
+      metrics["policy/kl_before_after"] = jax.lax.cond(
+          due, lambda: self.kl_before_after(params, batch), lambda: jnp.zeros((), jnp.float32))
     return TrainState(params, opt_state, state.step + 1), metrics
+
+
+# Metrics of the update that cost a pass of their own: logged on diagnostic iterations only.
+UPDATE_DIAGNOSTIC_METRICS = ("policy/kl_before_after",)
 
 
 @functools.lru_cache(maxsize=16)
 def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings,
                 shapes: Shapes, minibatches: int, total_updates: int,
-                precision: Precision | None = None):
-  """The jitted `update(state, batch, key) -> (state, metrics)` of one configuration.
+                precision: Precision | None = None, diagnostics_every: int = 1):
+  """The jitted `update(state, batch, key, micro=None, packed=False) -> (state, metrics)` of one
+  configuration. `batch`: rows as `score` reads them (module docstring) plus the estimator's
+  score arrays; `micro` (static, positional): micro-batches per mini-batch (None: the
+  settings'; packed rows give their own); `packed` (static, positional): rows hold several
+  sequences.
 
   `config` is the architecture in the parameters' dtype. With a mixed `precision`, the loss casts
   the parameters to the compute dtype inside the differentiated function, so the forward and
@@ -328,8 +411,9 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   loss is weighted by its share of the mini-batch's loss tokens, so the step's gradient is the
   mini-batch's token-mean gradient (to float rounding) and only one micro-batch's activations are
   live at a time; diagnostics are weighted the same way (token counts are summed). Metrics
-  are means over the mini-batches, plus the KL between the policy before and after the update,
-  estimated on the batch's own tokens (k1: E[log π_old − log π_new] over rollouts of π_old).
+  are means over the mini-batches, plus, on iterations divisible by `diagnostics_every` and the
+  last one, the KL between the policy before and after the update, estimated on the batch's own
+  tokens (k1: E[log π_old − log π_new] over rollouts of π_old; 0 on other iterations).
   The state is donated; with a mesh, state and batch keep explicit shardings. The key is part
   of the update's signature (a stochastic loss would draw from it); no estimator uses it today.
   """
@@ -337,18 +421,22 @@ def make_update(config: models.ModelConfig, loss: LossSettings, opt: OptSettings
   graphdef, _ = split_abstract(compute_config(config, precision))
   program = _Update(estimators.get(loss.estimator), loss, shapes, graphdef,
                     precision.compute_dtype if precision is not None and precision.mixed
-                    else None, tx, schedule, minibatches, opt.microbatches)
+                    else None, tx, schedule, minibatches, opt.microbatches,
+                    total_updates // minibatches, diagnostics_every)
 
-  def update(state: TrainState, batch: dict, key: Array) -> tuple[TrainState, dict]:
+  def update(state: TrainState, batch: dict, key: Array, micro: int | None = None,
+             packed: bool = False) -> tuple[TrainState, dict]:
     del key
+    layout = dataclasses.replace(program, micro=micro or program.micro, packed=packed)
     with sharding.traced_under(shapes.mesh):
-      return program(state, batch)
+      return layout(state, batch)
 
+  static = (3, 4)     # micro, packed
   if shapes.mesh is None:
-    return jax.jit(update, donate_argnums=0)
+    return jax.jit(update, donate_argnums=0, static_argnums=static)
   state = train_state_shardings(config, opt, total_updates, shapes.mesh)
   rows = NamedSharding(shapes.mesh, PartitionSpec(sharding.BATCH_AXES))
-  return jax.jit(update, donate_argnums=0,
+  return jax.jit(update, donate_argnums=0, static_argnums=static,
                  in_shardings=(state, rows, sharding.replicated(shapes.mesh)),
                  out_shardings=(state, sharding.replicated(shapes.mesh)))
 

@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (checkpoint, metrics, pages, plan, plot, programs, settings, sharding,
-                     steps, tasks)
+from opd_jax import (checkpoint, metrics, packing, pages, plan, plot, programs, settings,
+                     sharding, steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
 
@@ -121,13 +121,13 @@ def _initial_state(p: programs.Programs, ckpt: checkpoint.Checkpointer, log
 # ----------------------------------------------------------------------------------------------
 
 
-def _score(p: programs.Programs, task: tasks.TaskRuntime, params, batch: tasks.Batch
-           ) -> tuple[dict, dict[str, float]]:
-  """The teacher's scores of the batch (none for an estimator that reads none)."""
+def _score(p: programs.Programs, task: tasks.TaskRuntime, params, rows: dict,
+           geometry: packing.Geometry, done: int) -> tuple[dict, dict[str, float]]:
+  """The teacher's scores of the batch's rows (none for an estimator that reads none)."""
   if not p.estimator.samples:
     return {}, {}
-  scores, values = p.score(params, task.teacher_def, task.teacher_params,
-                           batch.scoring_inputs())
+  scores, values = p.score(params, task.teacher_def, task.teacher_params, rows, geometry,
+                           p.diagnostic(done))
   values = jax.device_get(values)
   jax.block_until_ready(scores)
   return scores, values
@@ -139,6 +139,13 @@ def _finite_or_raise(step: int, values: Mapping[str, float]) -> None:
     if v is not None and not math.isfinite(v):
       raise NonFiniteError(f"step {step}: {name} = {v}; the run stops here and no checkpoint "
                            "of this state is written (the last saved one is intact)")
+
+
+def _layout_metrics(lay: packing.Layout) -> dict[str, float]:
+  """How much of the student rows the passes ran on are padding (this process's rows)."""
+  real = np.count_nonzero(lay.arrays["segments"])
+  return {"layout/padding_fraction": 1.0 - real / max(lay.arrays["segments"].size, 1),
+          "layout/row_tokens": float(lay.geometry.width)}
 
 
 def _host_metrics(p: programs.Programs, task: tasks.TaskRuntime, tokenizer,
@@ -205,17 +212,18 @@ class Actions:
     out = self.evaluator(step, self.p.student(self.p.compute_params(params)))
     return {f"eval/{k}": float(v) for k, v in out.items()}
 
-  def page_inputs(self, done: int, batch: tasks.Batch, scores: dict
+  def page_inputs(self, done: int, batch: tasks.Batch, scores: dict, lay: packing.Layout
                   ) -> tuple[dict, dict] | None:
-    """Host copies for the samples page of iteration `done`, gathered before the update (every
-    process takes part in the gather; process 0 writes the page once the step is finite)."""
+    """Host copies of this process's rows for the samples page of iteration `done`, taken
+    before the update (process 0 writes the page once the step is finite); the scores back in
+    the [R, N] response layout."""
     s = self.p.settings
     if not (self.p.estimator.samples and s.log.samples_every and done % s.log.samples_every == 0):
       return None
     keys = ("teacher_logprobs", "behavior_logprobs", "t_indices", "t_logits", "t_lse")
-    return ({k: sharding.to_host(getattr(batch, k)) for k in
+    return ({k: sharding.local_rows(getattr(batch, k)) for k in
              ("response", "response_mask", "loss_mask")},
-            {k: sharding.to_host(scores[k]) for k in keys})
+            {k: lay.unpack(sharding.local_rows(scores[k])) for k in keys})
 
   def after(self, done: int, state: steps.TrainState, values: dict,
             page: tuple[dict, dict] | None, texts) -> dict:
@@ -284,16 +292,19 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
       params = p.compute_params(state.params) if p.estimator.samples else None
       batch = task.collect(p, params, step, key)
       times.append(time.perf_counter())
-      scores, values = _score(p, task, params, batch)
+      lay, rows = p.layout(batch.scoring_inputs())
+      scores, values = _score(p, task, params, rows, lay.geometry, step + 1)
       times.append(time.perf_counter())
-      page = actions.page_inputs(step + 1, batch, scores)
+      page = actions.page_inputs(step + 1, batch, scores, lay)
       del params  # the compute copy is not needed (nor kept in memory) during the update
-      state, update_metrics = p.update(state, p.update_inputs(batch.arrays(), scores), key)
+      state, update_metrics = p.run_update(state, p.update_inputs(rows, scores), key,
+                                           lay.geometry)
       # On-policy: the next rollout needs these parameters, so reading the metrics now costs no
       # overlap; it lets a non-finite step stop the run before anything of it is saved.
-      values.update(jax.device_get(update_metrics))
+      values = p.drop_diagnostics(values | jax.device_get(update_metrics), step + 1)
       times.append(time.perf_counter())
       host, tokens = _host_metrics(p, task, tokenizer, batch)
+      host |= _layout_metrics(lay)
       values = _report(values | host, tokens, times, task, step + 1, len(task_list) > 1)
       values = actions.after(step + 1, state, values, page, batch.prompt_texts)
       history.append({"step": step + 1, **values})

@@ -83,3 +83,36 @@ def test_losses_are_the_functions_they_stand_for(minibatch):
     got, aux = estimators.get(name).loss(student, hidden, mb, _loss_settings(name), 32, None)
     np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=name)
     assert "policy/entropy" in aux and "kl/student_entropy" not in aux, name
+
+
+def test_which_estimators_read_the_students_scores():
+  reads = {n: estimators.get(n).reads_student_scores(_loss_settings(n)) for n in
+           estimators.names()}
+  assert reads == {"lsm": False, "sampled_token": True, "full_rkl": False, "sft": False}
+  assert estimators.get("lsm").reads_student_scores(_loss_settings("lsm", tail="ema_pg"))
+
+
+def test_scoring_without_the_students_pass_keeps_the_teachers_scores(minibatch):
+  """Off a diagnostic iteration, an estimator that reads no student scores gets the teacher's
+  scores unchanged and the sampler's log-probs as the behaviour log-probs."""
+  student, *_, mb = minibatch
+  config = model_helpers.tiny_model_config(vocab_size=32, num_layers=1)
+  teacher = models.init_model(config, seed=1, std=0.3)
+  keys = ("prompt", "prompt_mask", "teacher_prompt", "teacher_prompt_mask", "response",
+          "response_mask", "loss_mask")
+  batch = {k: mb[k] for k in keys} | {"policy_logprobs": jnp.full((2, 5), -1.5)}
+  s_def, s_params = nnx.split(student)
+  t_def, t_params = nnx.split(teacher)
+  shapes = steps.Shapes(vocab=32, k=4, mesh=None)
+  runs = {diagnose: steps.score(s_def, s_params, t_def, t_params, batch, diagnose, shapes=shapes,
+                                student_always=False) for diagnose in (True, False)}
+  full, _ = steps.score(s_def, s_params, t_def, t_params, batch, shapes=shapes)
+  for key in ("teacher_logprobs", "t_indices", "t_logits", "t_lse", "t_sampled"):
+    np.testing.assert_array_equal(runs[False][0][key], full[key], err_msg=key)
+  for key in full:
+    np.testing.assert_array_equal(runs[True][0][key], full[key], err_msg=key)
+  np.testing.assert_array_equal(runs[False][0]["behavior_logprobs"], np.full((2, 5), -1.5))
+  assert not np.allclose(full["behavior_logprobs"], -1.5)
+  assert set(runs[False][1]) == set(runs[True][1])
+  np.testing.assert_allclose(runs[False][1]["teacher/topk_mass"],
+                             runs[True][1]["teacher/topk_mass"], rtol=1e-6)

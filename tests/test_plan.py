@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 import train_helpers
-from opd_jax import plan, settings, sharding, steps, train
+from opd_jax import packing, plan, settings, sharding, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The TINY trainer config, laid out for the 8 fake devices, with a vocabulary of its own (the plan
@@ -59,24 +59,31 @@ def test_update_numbers_agree_with_memory_analysis_and_shard_sizes(planned):
   shard = steps.train_state_shardings(config, s.opt, s.steps * s.minibatches, mesh)
   state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                        steps.abstract_state(params, s.opt, s.steps * s.minibatches), shard)
-  rows, n, p, k = 16, s.rollout.max_new_tokens, 16, max(s.loss.k, steps.MIN_TEACHER_TOPK)
-  shapes = {"prompt": ((rows, p), jnp.int32), "prompt_mask": ((rows, p), bool),
-            "response": ((rows, n), jnp.int32), "loss_mask": ((rows, n), bool),
-            "behavior_logprobs": ((rows, n), jnp.float32),
-            "t_indices": ((rows, n, k), jnp.int32), "t_logits": ((rows, n, k), jnp.float32),
-            "t_lse": ((rows, n), jnp.float32), "t_sampled": ((rows, n), jnp.float32)}
+  n, p, k = s.rollout.max_new_tokens, 16, max(s.loss.k, steps.MIN_TEACHER_TOPK)
+  # The update runs on packed rows, planned for the largest geometry 16 rollouts can take.
+  geo, rows = packing.worst_case("pack", 16, p, p, n, minibatches=s.minibatches,
+                                 micro=s.opt.microbatches, ways=8,
+                                 microbatch_tokens=s.opt.microbatch_tokens)
+  assert s.opt.packing == "pack" and geo.packed and rows % 8 == 0
+  c_ = geo.compact
+  shapes = {name: spec for name, spec in packing.abstract_arrays(geo, rows).items()
+            if name in ("tokens", "segments", "response", "loss_mask", "s_index")}
+  # (c_segments too in the trainer's batch: LSM does not read it and jit drops unused inputs.)
+  shapes |= {"behavior_logprobs": ((rows, c_), jnp.float32),
+             "t_indices": ((rows, c_, k), jnp.int32), "t_logits": ((rows, c_, k), jnp.float32),
+             "t_lse": ((rows, c_), jnp.float32), "t_sampled": ((rows, c_), jnp.float32)}
   batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
       mesh, len(shape))) for name, (shape, dtype) in shapes.items()}
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
   update = steps.make_update(config, s.loss, s.opt, steps.Shapes(14, k, mesh), s.minibatches,
                              s.steps * s.minibatches, s.model.precision)
-  mem = update.lower(state, batch, key).compile().memory_analysis()
+  mem = update.lower(state, batch, key, geo.micro, geo.packed).compile().memory_analysis()
   got = out["phases"]["update"]
   assert (got["args"], got["outputs"], got["alias"], got["temp"]) == (
       mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
       mem.temp_size_in_bytes)
   # By hand: on the data=8 mesh parameters and both AdamW moments are whole on every device
-  # (float32), the batch's 16 rows are split 8 ways; only scalars (step, counts, key) remain.
+  # (float32), the batch's rows are split 8 ways; only scalars (step, counts, key) remain.
   batch_bytes = sum(jnp.dtype(d).itemsize * (shape[0] // 8) * int(jnp.prod(jnp.array(shape[1:])))
                     for shape, d in shapes.values())
   assert 0 <= got["args"] - (3 * 4 * config.num_params + batch_bytes) <= 64

@@ -66,3 +66,35 @@ def test_state_moments_are_laid_out_like_their_parameters(mesh_shape):
   assert int(state.step) == 0
   assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
       lambda x: (x.shape, x.dtype), abstract)
+
+
+def test_the_post_update_kl_runs_on_diagnostic_iterations_only():
+  """`policy/kl_before_after` is computed on iterations divisible by diagnostics_every and the
+  last one (0 elsewhere), and the rest of the update does not depend on it."""
+  config = model_helpers.tiny_model_config(vocab_size=32, num_layers=1)
+  student = models.init_model(config, seed=0, std=0.3)
+  loss = settings.LossSettings("full_rkl", k=4, support="teacher", renormalize=True, tail="none",
+                               tail_weight_clip=None, gamma=0.0, ppo_clip=None,
+                               advantage_clip=None, chunk_tokens=16, chunk_vocab=16)
+  shapes = steps.Shapes(vocab=32, k=4, mesh=None)
+  rng = np.random.default_rng(0)
+  batch = {"prompt": jnp.asarray(rng.integers(1, 32, (2, 3)), jnp.int32),
+           "prompt_mask": jnp.ones((2, 3), bool),
+           "response": jnp.asarray(rng.integers(1, 32, (2, 4)), jnp.int32),
+           "loss_mask": jnp.ones((2, 4), bool),
+           "behavior_logprobs": jnp.full((2, 4), -3.0),
+           "teacher_logits": jnp.asarray(rng.normal(size=(2, 4, 32)), jnp.float32)}
+  opt = _opt(minibatch_size=2, lr=1e-2)
+  runs = {}
+  for every in (1, 2):
+    update = steps.make_update(config, loss, opt, shapes, 1, 3, None, every)
+    state = steps.init_state(nnx.split(student)[1], opt, 3, None)
+    kls = []
+    for _ in range(3):
+      state, m = update(state, batch, jax.random.key(0))
+      kls.append(float(m["policy/kl_before_after"]))
+    runs[every] = (kls, jax.device_get(state.params))
+  assert all(k != 0.0 for k in runs[1][0])
+  # diagnostics_every=2 over 3 iterations: iteration 2 and the last one.
+  assert runs[2][0][0] == 0.0 and runs[2][0][1:] == runs[1][0][1:]
+  jax.tree.map(np.testing.assert_array_equal, runs[1][1], runs[2][1])

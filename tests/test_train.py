@@ -130,6 +130,13 @@ def test_two_iterations_write_metrics_checkpoint_and_samples(tmp_path, tiny_arit
   if estimator == "sampled_token":
     expected |= {"opd/clip_fraction"}
   assert expected <= set(rows[-1]), expected - set(rows[-1])
+  # Iteration 1 is not a diagnostic one (log.diagnostics_every=10; the last one is): no
+  # post-update KL, and the student's scoring pass only where the estimator reads it.
+  skipped = {"policy/kl_before_after"} | (
+      set() if estimator == "sampled_token" else {"teacher/topk_overlap",
+                                                  "rollout/logprob_mismatch_max",
+                                                  "rollout/logprob_mismatch_mean"})
+  assert not skipped & set(rows[0]) and (expected - skipped) <= set(rows[0])
   assert not train_helpers.undocumented_metrics({k for r in rows for k in r})   # metrics.md
   assert all(np.isfinite(v) for r in rows for v in r.values())
   assert json.loads((tmp_path / "config.json").read_text())["loss"]["estimator"] == estimator

@@ -35,18 +35,31 @@ _SPLASH_BLOCK = 128
 
 @flax.struct.dataclass
 class CausalMask:
-  """The mask of a causal pass over one sequence, in factored form (never [T, T] in memory).
+  """The mask of a causal pass over one sequence per row, or over packed rows, in factored form
+  (never [T, T] in memory).
 
-  Query t may attend key s when s <= t and key s is a real token. Queries and keys are the same
-  T positions (a full pass or a prefill).
+  Query t may attend key s when s <= t and key s is a real token; with `segment_ids` (packed
+  rows: several sequences side by side) also only when both are in the same segment. Queries
+  and keys are the same T positions (a full pass or a prefill).
   """
-  key_valid: Array          # [B, T] bool: position holds a real token
+  key_valid: Array                 # [B, T] bool: position holds a real token
+  # [B, T] int32 or None: the sequence each position belongs to (> 0), 0 on padding.
+  segment_ids: Array | None = None
 
   def dense(self) -> Array:
     """The same mask as a [B, T, T] bool array."""
     t = self.key_valid.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return causal[None, :, :] & self.key_valid.astype(bool)[:, None, :]
+    valid = causal[None, :, :] & self.key_valid.astype(bool)[:, None, :]
+    if self.segment_ids is not None:
+      valid &= self.segment_ids[:, :, None] == self.segment_ids[:, None, :]
+    return valid
+
+
+def packed_mask(segment_ids: Array) -> CausalMask:
+  """The CausalMask of packed rows: `segment_ids` [B, T] int, 0 on padding."""
+  segment_ids = segment_ids.astype(jnp.int32)
+  return CausalMask(segment_ids > 0, segment_ids)
 
 
 def check_implementation(name: str) -> None:
@@ -72,14 +85,16 @@ def _context_mesh():
 
 
 def resolve_implementation(implementation: str, *, kv_len: int, dtype, head_dim: int,
-                           factored: bool, backend: str | None = None) -> str:
+                           factored: bool, backend: str | None = None,
+                           segmented: bool = False) -> str:
   """The implementation "auto" stands for; any other name is returned unchanged.
 
   "auto": on GPU the cuDNN kernel for float16/bfloat16 with head_dim a multiple of 8 up to 128;
   on TPU the splash kernel when it can be partitioned (one device, or traced under
   `jax.set_mesh` of a (data, fsdp, tensor) mesh: a Pallas kernel is opaque to XLA's
   partitioner, which would otherwise gather its operands whole); both only for a full causal
-  pass (a `CausalMask`). Otherwise the whole-matrix einsum for fewer than
+  pass (a `CausalMask`; cuDNN not for packed rows, whose segments it cannot take through
+  `jax.nn.dot_product_attention`). Otherwise the whole-matrix einsum for fewer than
   AUTO_BLOCKWISE_MIN_KEYS keys, blockwise from there.
 
   Args:
@@ -89,6 +104,7 @@ def resolve_implementation(implementation: str, *, kv_len: int, dtype, head_dim:
     head_dim: H.
     factored: the mask is a `CausalMask` (the fused kernels take no other mask).
     backend: "cpu", "gpu" or "tpu"; default `jax.default_backend()`.
+    segmented: the CausalMask has segment ids (packed rows).
 
   Returns:
     One of "xla", "blockwise", "cudnn", "splash".
@@ -97,7 +113,7 @@ def resolve_implementation(implementation: str, *, kv_len: int, dtype, head_dim:
   if implementation != "auto":
     return implementation
   backend = backend or jax.default_backend()
-  if factored and backend == "gpu" and _cudnn_applies(dtype, head_dim):
+  if factored and not segmented and backend == "gpu" and _cudnn_applies(dtype, head_dim):
     return "cudnn"
   if factored and backend == "tpu" and (jax.device_count() == 1 or _context_mesh() is not None):
     return "splash"
@@ -126,12 +142,17 @@ def attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask, *,
     RuntimeError: a fused kernel selected on a backend that lacks it.
   """
   factored = isinstance(mask, CausalMask)
+  segmented = factored and mask.segment_ids is not None
   impl = resolve_implementation(implementation, kv_len=k_BxSxKxH.shape[1],
                                 dtype=q_BxTxNxH.dtype, head_dim=q_BxTxNxH.shape[-1],
-                                factored=factored)
+                                factored=factored, segmented=segmented)
   if impl in ("cudnn", "splash") and not factored:
     raise ValueError(f"attention_impl={impl!r} takes the causal mask of a full pass "
                      "(CausalMask), not an explicit [B, T, S] mask; use 'xla' or 'blockwise'")
+  if impl == "cudnn" and segmented:
+    raise ValueError("attention_impl='cudnn' cannot keep packed sequences apart (no segment "
+                     "ids in jax.nn.dot_product_attention); use 'auto', 'blockwise' or 'xla' for "
+                     "packed rows, or config.opt.packing='trim' (one sequence per row)")
   if impl == "xla":
     return xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask.dense() if factored else mask)
   if impl == "blockwise":
@@ -192,6 +213,7 @@ class _Blocks:
   bq: int
   bk: int
   causal: bool              # mask is a CausalMask: skip key blocks past the diagonal
+  segmented: bool = False   # causal, and the mask array holds segment ids (packed rows)
 
   @property
   def nq(self) -> int:
@@ -216,7 +238,12 @@ def _block_scores(lay: _Blocks, q_i, k_j, mask, i, j, scale):
   s = jnp.einsum("bkgqh,bksh->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
   q_idx = i * lay.bq + jnp.arange(lay.bq)
   k_idx = j * lay.bk + jnp.arange(lay.bk)
-  if lay.causal:
+  if lay.segmented:
+    key_seg = jax.lax.dynamic_slice_in_dim(mask, j * lay.bk, lay.bk, axis=1)     # [B, bk]
+    query_seg = jax.lax.dynamic_slice_in_dim(mask, i * lay.bq, lay.bq, axis=1)   # [B, bq]
+    valid = ((k_idx[None, :] <= q_idx[:, None])[None] & (key_seg > 0)[:, None, :]
+             & (query_seg[:, :, None] == key_seg[:, None, :]))
+  elif lay.causal:
     key_valid = jax.lax.dynamic_slice_in_dim(mask, j * lay.bk, lay.bk, axis=1)   # [B, bk]
     valid = (k_idx[None, :] <= q_idx[:, None])[None] & key_valid[:, None, :]
   else:
@@ -356,13 +383,17 @@ def blockwise_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, ma
   causal = isinstance(mask, CausalMask)
   if causal and t != s:
     raise ValueError(f"a CausalMask needs as many queries as keys, got T={t}, S={s}")
-  lay = _Blocks(t=t, s=s, bq=min(block_q, t), bk=min(block_kv, s), causal=causal)
+  segmented = causal and mask.segment_ids is not None
+  lay = _Blocks(t=t, s=s, bq=min(block_q, t), bk=min(block_kv, s), causal=causal,
+                segmented=segmented)
   tp, sp = lay.nq * lay.bq, lay.nk * lay.bk
   q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
   q = _pad_axis(q, 3, tp)
   k = _pad_axis(k_BxSxKxH.transpose(0, 2, 1, 3), 2, sp)
   v = _pad_axis(v_BxSxKxH.transpose(0, 2, 1, 3), 2, sp)
-  if causal:
+  if segmented:
+    m = _pad_axis(mask.segment_ids.astype(jnp.int32), 1, max(tp, sp), 0)
+  elif causal:
     m = _pad_axis(mask.key_valid.astype(bool), 1, max(tp, sp), False)
   else:
     m = _pad_axis(_pad_axis(mask.astype(bool), 1, tp, False), 2, sp, False)
@@ -415,8 +446,8 @@ def splash_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
                      mask: CausalMask, *, interpret: bool = False) -> Array:
   """The Pallas splash attention kernel (TPU), causal, with padding as a segment id.
 
-  Real tokens are segment 1 and padding segment 0; the kernel's causal mask and-ed with "same
-  segment" is exactly the decoder's mask for every real query (any padding layout), and padding
+  Real tokens are segment 1 (packed rows: their own segment ids) and padding segment 0; the
+  kernel's causal mask and-ed with "same segment" is exactly the decoder's mask for every real query (any padding layout), and padding
   queries attend padding keys (at least themselves), so no row is empty. Lengths are padded to a
   multiple of 128 (the kernel's tile). Queries are scaled by 1/sqrt(H) here (the kernel does not
   scale). Each [batch row, key/value head] pair is one multi-query kernel call (vmapped). Traced
@@ -440,7 +471,8 @@ def splash_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
   kv_heads = k_BxSxKxH.shape[2]
   g = n // kv_heads
   tp = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK
-  segments = _pad_axis(mask.key_valid.astype(jnp.int32), 1, tp, 0)      # [B, Tp]
+  segments = mask.key_valid.astype(jnp.int32) if mask.segment_ids is None else mask.segment_ids
+  segments = _pad_axis(segments.astype(jnp.int32), 1, tp, 0)            # [B, Tp]
   q = (q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype)).reshape(b, t, kv_heads, g, h)
   q = _pad_axis(q.transpose(0, 2, 3, 1, 4), 3, tp)                       # [B, K, G, Tp, H]
   k = _pad_axis(k_BxSxKxH.transpose(0, 2, 1, 3), 2, tp)                  # [B, K, Tp, H]

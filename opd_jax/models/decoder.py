@@ -470,6 +470,16 @@ def positions_from_mask(attention_mask: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: Array) -> Array:
+  """Rotary position of each token of packed rows: its index within its segment (a run of equal
+  ids; 0 where a run starts)."""
+  t = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones(segment_ids.shape[:-1] + (1,), bool),
+                            segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
 def causal_valid(attention_mask: Array) -> attention.CausalMask:
   """Query t may attend key s when s <= t and key s is not padding; in factored form (a
   CausalMask over the [B, T] mask; `.dense()` gives the [B, T, T] array), so that a blockwise
@@ -496,7 +506,7 @@ def with_config(model: Decoder, config: ModelConfig) -> Decoder:
 
 
 def forward(model: Decoder, tokens: Array, attention_mask: Array, *,
-            return_hidden: bool = False) -> Array:
+            return_hidden: bool = False, segment_ids: Array | None = None) -> Array:
   """Full causal pass (no cache), for scoring and tests; call it under jax.jit or nnx.jit.
 
   Args:
@@ -507,6 +517,9 @@ def forward(model: Decoder, tokens: Array, attention_mask: Array, *,
       tokens, and no token attends to padding.
     return_hidden: return the final hidden states [B, T, D] (after the last RMSNorm, before the
       unembedding, in the model dtype) instead of the logits.
+    segment_ids: packed rows: int [B, T], the sequence each token belongs to (> 0; runs of equal
+      ids, 0 on padding, where `attention_mask` must be false). A token attends only to its own
+      sequence and its rotary position counts from its sequence's first token.
 
   Returns:
     float32 logits [B, T, V] (or the hidden states). Values at padding positions are finite but
@@ -517,6 +530,9 @@ def forward(model: Decoder, tokens: Array, attention_mask: Array, *,
       other than 0/1 (see `check_tokens`).
   """
   check_tokens(tokens, attention_mask, vocab_size=model.config.vocab_size)
-  hidden, _ = model.trunk(tokens, positions_from_mask(attention_mask),
-                          causal_valid(attention_mask))
+  if segment_ids is None:
+    positions, mask = positions_from_mask(attention_mask), causal_valid(attention_mask)
+  else:
+    positions, mask = positions_from_segments(segment_ids), attention.packed_mask(segment_ids)
+  hidden, _ = model.trunk(tokens, positions, mask)
   return hidden if return_hidden else logits_from_hidden(model, hidden)
