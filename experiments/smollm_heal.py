@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.checkpoint.keep = 1
   c.eval.every = 6                  # held-out evaluation at 0 / 6 / 12
   c.log.samples_every = c.steps     # the trainer's rollout page of the last iteration
-  c.log.tensorboard = False
+  c.log.tensorboard = True          # each method's workdir: tensorboard/ and curves.png
   c.heal = ml_collections.ConfigDict()
   c.heal.seed = 0                   # the prompts' draw and split
   c.heal.dropped_layers = smollm.DEFAULT_DROPPED_LAYERS   # the student: these layers removed
@@ -58,6 +58,7 @@ def get_config(arg=None):
   c.heal.max_new_tokens = c.rollout.max_new_tokens   # evaluation and teacher-sample budget
   if arg == "smoke":
     c.steps, c.eval.every, c.checkpoint.every, c.log.samples_every = 2, 1, 2, 0
+    c.log.tensorboard, c.log.plot = False, False   # seconds matter: no TensorBoard, no figures
     c.data.prompts_per_step, c.rollout.num_samples, c.opt.minibatch_size = 8, 1, 8
     c.rollout.max_new_tokens = c.heal.max_new_tokens = 6
     c.heal.arith_train, c.heal.arith_heldout, c.heal.instructions_heldout = 4, 2, 2

@@ -45,8 +45,8 @@ def get_config(arg=None):
   c.opt.weight_decay = 0.0
   c.checkpoint.every = 50
   c.eval.every = 50                 # exact match and reverse KL at 0 / 50 / 100 / 150
-  c.log.samples_every = 0           # no HTML pages (the arithmetic tokens are single digits)
-  c.log.tensorboard = False
+  c.log.samples_every = 50          # samples/step_N.html: rollouts coloured by the teacher gap
+  c.log.tensorboard = True          # workdir/demo/<run>/tensorboard, and each run's curves.png
   c.demo = ml_collections.ConfigDict()
   c.demo.seeds = (0, 1)             # one pre-trained student and one run per method per seed
   c.demo.methods = ("sampled_token", "lsm", "sft")   # (a) top-p 1, (b) top-p 0.9, (c) control
@@ -76,6 +76,9 @@ def get_config(arg=None):
     c.demo.student = _shape(32, 1, 2, 1, 64)
     c.demo.teacher_max_steps = c.demo.student_max_steps = 20
     c.demo.check_every = 10
+    # Seconds matter here: no pages, TensorBoard files or per-run figures (the demo's own
+    # curves.png is still drawn).
+    c.log.samples_every, c.log.tensorboard, c.log.plot = 0, False, False
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; accepted: 'smoke' or none")
   return c

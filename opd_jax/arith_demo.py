@@ -289,9 +289,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
   summary = summarize(results)
   _print_summary(summary, log)
   _plot(results, workdir / "curves.png")
-  (workdir / "results.json").write_text(json.dumps(
+  (workdir / "results.json").write_text(metrics.strict_json(
       {"teacher": t_info, "table": table, "summary": summary,
-       "seconds": time.perf_counter() - t_start}, allow_nan=False))
+       "seconds": time.perf_counter() - t_start}))
   log(f"total {time.perf_counter() - t_start:.0f} s; curves in {workdir / 'curves.png'}")
   return results
 

@@ -45,8 +45,10 @@ def model_fields(path: str = "") -> ml_collections.ConfigDict:
 def dataset_fields(dataset: str = "") -> ml_collections.ConfigDict:
   """Which prompts a task draws: a registered dataset, built once from local files."""
   d = ml_collections.ConfigDict()
-  d.dataset = dataset      # registered dataset: tiny_arith | dapo_math | math500 | aime24 | ...
-  d.source = ""            # local file the dataset is built from ("" = the dataset's default)
+  d.dataset = dataset      # registered dataset: prompts (your own file) | tiny_arith |
+  #                          dapo_math_17k | math500 | aime24 | ... (opd_jax.data.registry)
+  d.source = ""            # local file the dataset is built from ("" = the dataset's default;
+  #                          prompts: a .jsonl or .parquet file, README "Your own prompts")
   d.data_dir = ""          # TFDS data_dir for the built dataset ("" = workdir/tfds)
   d.split = "train"        # split to draw prompts from
   return d
@@ -97,8 +99,13 @@ def data_fields() -> ml_collections.ConfigDict:
   """config.data: the dataset (dataset_fields()) and the prompts of each iteration."""
   g = dataset_fields()
   g.prompts_per_step = 16     # prompts per iteration (global, over all hosts)
-  g.max_prompt_len = 2048     # longer prompts are an error (the sampler pads to a bucket)
+  g.max_prompt_len = 2048     # prompt tokens at most (the sampler pads to a bucket)
+  g.long_prompts = "drop"     # longer prompts, found when the dataset is opened: drop (left out,
+  #                             counted and reported) | truncate (keep the last max_prompt_len
+  #                             tokens) | error (stop, naming them)
   g.chat_template = True      # wrap the problem in the tokenizer's chat template
+  g.template = "{prompt}"     # dataset "prompts": a row's "prompt" becomes this, {prompt}
+  #                             replaced (e.g. "{prompt}\n\nAnswer in one word.")
   g.retokenize_max_fraction = 0.01  # error above this fraction of response tokens that
   #                                   re-tokenise differently under the teacher's tokenizer
   return g
@@ -217,7 +224,10 @@ def log_fields() -> ml_collections.ConfigDict:
   g.every = 1                  # metrics line every this many iterations
   g.samples_every = 50         # workdir/samples/step_N.html every this many (0 = never)
   g.samples_count = 4          # rollouts shown per samples page
-  g.tensorboard = True         # also write TensorBoard event files
+  g.tensorboard = True         # also write TensorBoard event files (workdir/tensorboard)
+  g.plot = True                # workdir/curves.png at the end of a run (opd_jax.plot)
+  g.wandb = ""                 # Weights & Biases project to log to ("" = none; the wandb extra)
+  g.wandb_mode = "offline"     # offline (files in workdir/wandb; `wandb sync` uploads) | online
   # Diagnostic passes (the student's scores when the estimator reads none, the post-update KL)
   # run every this many iterations and at the last one (0 = never).
   g.diagnostics_every = 10
@@ -287,8 +297,12 @@ def smoke_math(c: ml_collections.ConfigDict) -> None:
   c.eval.samples = min(c.eval.samples, 2)
   c.eval.max_new_tokens = 8
   c.eval.batch_size = 8
+  # Smoke runs last seconds: no samples pages, TensorBoard files or end-of-run figure (each
+  # --config.log.samples_every=1, --config.log.tensorboard=True, --config.log.plot=True
+  # turns one on); the full experiment files write all three.
   c.log.samples_every = 0
   c.log.tensorboard = False
+  c.log.plot = False
 
 
 def math_and_alfworld_tasks(c: ml_collections.ConfigDict) -> None:

@@ -271,6 +271,7 @@ class EpisodeSettings:
   top_k: int = 0
   banned_token_ids: tuple[int, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
+  vocab_size: int | None = None     # tokens sampled and normalised over (sampling.sample)
 
 
 @dataclasses.dataclass
@@ -452,7 +453,7 @@ def _sample_turn(model, episodes: _Episodes, active: list[int], key: jax.Array,
   out = sampling.sample(
       model, ctx, ctx_mask, key, max_new_tokens=new, temperature=settings.temperature,
       top_p=settings.top_p, top_k=settings.top_k, banned_token_ids=settings.banned_token_ids,
-      stop_token_ids=settings.stop_token_ids, mesh=mesh)
+      stop_token_ids=settings.stop_token_ids, mesh=mesh, vocab_size=settings.vocab_size)
   return tuple(sharding.to_host(x) for x in (
       out.tokens, out.mask, out.policy_logprobs, out.sample_logprobs))
 

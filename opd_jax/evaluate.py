@@ -37,9 +37,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from opd_jax import masking, models, sampling, sharding
+from opd_jax import masking, metrics, models, sampling, sharding
 from opd_jax.data import math_datasets, math_grading, prompts, registry
-from opd_jax.settings import ConfigError
+from opd_jax.settings import ConfigError, TrainSettings
 
 # The five test sets of Table 1, in the paper's column order, and their column headers.
 BENCHMARKS = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
@@ -420,7 +420,7 @@ def _write_results(record: Mapping[str, Any], texts: Sequence[Mapping[str, Any]]
   if workdir is not None and jax.process_index() == 0:
     folder = pathlib.Path(workdir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"step_{step}.json").write_text(json.dumps(record, indent=1))
+    (folder / f"step_{step}.json").write_text(metrics.strict_json(record, indent=1))
     with open(folder / f"step_{step}_responses.jsonl", "w", encoding="utf-8") as f:
       f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
     log(table_from_workdir(workdir))
@@ -525,14 +525,15 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
   """The OPD trainer with the math evaluator (the runner of the paper's experiment files)."""
   from opd_jax import train as trainer  # pylint: disable=import-outside-toplevel
   if not config.workdir:
-    raise ValueError("config.workdir='' is not accepted; the trainer needs a folder "
-                     "(--config.workdir=DIR)")
+    raise ConfigError("config.workdir='' is not accepted; the trainer needs a folder "
+                      "(--config.workdir=DIR)")
   missing = missing_paths(config)
   if missing:
     raise ConfigError("this run needs paths that are not set; give:\n  " + "\n  ".join(missing)
                       + ("\n(--config.eval.every=0 trains without evaluating)"
                          if config.eval.every else "") +
                       "\nor run the file's ':smoke' variant, which makes tiny stand-ins")
+  TrainSettings.from_config(config)   # every setting checked (model folders first) before use
   dataset = (config.tasks[0].data.dataset if config.tasks else config.data.dataset)
   tokenizer = registry.tokenizer_for(config.model.tokenizer or config.model.path, dataset,
                                      pathlib.Path(config.workdir))
@@ -610,14 +611,14 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
   from opd_jax.settings import ModelSource, TrainSettings
   folder = pathlib.Path(checkpoint)
   if not folder.is_dir():
-    raise ValueError(f"--checkpoint={str(checkpoint)!r} is not an existing folder")
+    raise ConfigError(f"--checkpoint={str(checkpoint)!r} is not an existing folder")
   mesh = evaluation_mesh(config, log)
   has_own = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
   tok_dir = tokenizer or (str(folder) if _is_hf_folder(folder) and has_own else "") or \
       config.model.tokenizer or config.model.path
   if not tok_dir:
-    raise ValueError("no tokenizer: pass --tokenizer=DIR or set config.model.tokenizer / "
-                     "config.model.path")
+    raise ConfigError("no tokenizer: pass --tokenizer=DIR or set config.model.tokenizer / "
+                      "config.model.path")
   tok = models.load_tokenizer(tok_dir)
   if _is_hf_folder(folder):
     source = ModelSource.from_config(config.model, "model")
@@ -627,8 +628,8 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str | pathlib.Path
   try:
     ckdir, _ = ckpt_lib.locate(folder, name="--checkpoint")
   except ValueError as e:
-    raise ValueError(f"--checkpoint={str(checkpoint)!r} is neither a Hugging Face folder "
-                     f"(config.json + *.safetensors) nor a trainer run ({e})") from e
+    raise ConfigError(f"--checkpoint={str(checkpoint)!r} is neither a Hugging Face folder "
+                      f"(config.json + *.safetensors) nor a trainer run ({e})") from e
   run = config.copy_and_resolve_references()
   if not run.workdir:
     run.workdir = str(ckdir.parent)
@@ -647,19 +648,19 @@ def main(argv, flags) -> dict[str, float]:
   # pylint: disable=import-outside-toplevel
   from opd_jax import checkpoint as ckpt_lib
   if not pathlib.Path(flags.checkpoint).is_dir():
-    raise ValueError(f"--checkpoint={flags.checkpoint!r} is not an existing folder")
+    raise ConfigError(f"--checkpoint={flags.checkpoint!r} is not an existing folder")
   config = flags.config if flags.config is not None else run_config(flags.checkpoint)
   if config is None:
-    raise ValueError(f"--checkpoint={flags.checkpoint!r} is not a trainer run with a "
-                     "config.json: give --config=experiments/<name>.py (its eval settings)")
+    raise ConfigError(f"--checkpoint={flags.checkpoint!r} is not a trainer run with a "
+                      "config.json: give --config=experiments/<name>.py (its eval settings)")
   folder = pathlib.Path(flags.checkpoint)
   if flags.workdir:
     workdir = flags.workdir
   elif _is_hf_folder(folder):
     workdir = config.workdir
     if not workdir:
-      raise ValueError("evaluating a Hugging Face folder needs --workdir=OUT (or "
-                       "--config.workdir) for eval/step_0.json")
+      raise ConfigError("evaluating a Hugging Face folder needs --workdir=OUT (or "
+                        "--config.workdir) for eval/step_0.json")
   else:
     workdir = str(ckpt_lib.locate(folder, name="--checkpoint")[0].parent)
   if config.get("smoke"):   # a ':smoke' experiment file: tiny benchmark files where none is set
@@ -718,7 +719,7 @@ def _cli() -> None:
         workdir=workdir.value, label=label.value, tokenizer=tokenizer.value))
     main(argv, values)
 
-  app.run(run)
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

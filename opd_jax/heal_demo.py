@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import losses, masking, models, sampling, smollm, train
+from opd_jax import losses, masking, metrics, models, sampling, smollm, train
 from opd_jax.data import prompts as prompt_lib
 from opd_jax.data import registry
 
@@ -319,7 +319,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
              "timing": timing, "seconds": total, "dropped_layers": list(h.dropped_layers),
              "train_prompts": len(train_rows), "heldout_prompts": len(heldout)}
   _print_table(summary, log)
-  (workdir / "results.json").write_text(json.dumps(summary, indent=1))
+  (workdir / "results.json").write_text(metrics.strict_json(summary, indent=1))
   _plot(summary, workdir / "curves.png")
   _samples_page(workdir / "samples.html", heldout, responses)
   log(f"total {total:.0f} s; {workdir / 'curves.png'}, {workdir / 'samples.html'}")

@@ -7,6 +7,8 @@ import importlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from opd_jax import cli, errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file exposing get_config(); ':arg' is passed to it.",
     lock_config=True)
@@ -28,7 +30,7 @@ def run_experiment(config) -> object:
   """Dispatch a ConfigDict to the runner named by `config.experiment`."""
   name = config.get("experiment")
   if name not in RUNNERS:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.experiment={name!r} is not a known experiment; accepted: {', '.join(RUNNERS)}")
   if config.get("smoke"):
     from opd_jax import smoke  # pylint: disable=import-outside-toplevel
@@ -48,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_main(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -14,6 +15,8 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+
+from opd_jax import errors
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -48,6 +51,23 @@ def _json_value(value: int | float) -> int | float | str:
   return value
 
 
+def _finite_or_null(value: Any) -> Any:
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, Mapping):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
+  return value
+
+
+def strict_json(value: Any, **kwargs) -> str:
+  """`json.dumps(value, **kwargs)` as strict JSON: NaN and infinities (which are not JSON, and
+  which many readers refuse) written as null. For result files; metrics.jsonl keeps them as the
+  strings "nan", "inf", "-inf" instead (`read_metrics` reads them back)."""
+  return json.dumps(_finite_or_null(value), allow_nan=False, **kwargs)
+
+
 def _config_dict(config: Any) -> dict:
   """`config` (a Mapping or an ml_collections ConfigDict) as a plain JSON-checked dict."""
   if hasattr(config, "to_dict"):
@@ -73,6 +93,51 @@ def _config_dict(config: Any) -> dict:
   return check(config, "")
 
 
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+  """A Weights & Biases run: its project, its mode and the config it records."""
+  project: str
+  mode: str = "offline"         # offline (files under workdir/wandb, `wandb sync` uploads) |
+  #                               online
+  name: str = ""                # the run's name ("" = the workdir's folder name)
+  config: Mapping[str, Any] | None = None
+
+
+class _WandbRun:
+  """One W&B run, started on first use, its history keyed by the same names and steps as
+  metrics.jsonl."""
+
+  def __init__(self, settings: WandbSettings, workdir: str):
+    try:
+      import wandb  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise errors.ConfigError(
+          f"config.log.wandb={settings.project!r} needs the wandb package: pip install "
+          "'.[wandb]' (or set --config.log.wandb='' to log without it)") from e
+    self._settings, self._workdir, self._wandb, self._run = settings, workdir, wandb, None
+
+  def log(self, values: Mapping[str, float], step: int) -> None:
+    if self._run is None:
+      s = self._settings
+      # resume="allow" with a fixed id: a resumed trainer run continues the same W&B run.
+      self._run = self._wandb.init(
+          project=s.project, mode=s.mode, dir=self._workdir, config=dict(s.config or {}),
+          name=s.name or os.path.basename(self._workdir), id=_run_id(self._workdir),
+          resume="allow")
+    self._run.log(dict(values), step=step)
+
+  def finish(self) -> None:
+    if self._run is not None:
+      self._run.finish()
+      self._run = None
+
+
+def _run_id(workdir: str) -> str:
+  """A W&B run id that is the same for every start of the run in `workdir`."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  return hashlib.sha1(os.path.abspath(workdir).encode()).hexdigest()[:16]
+
+
 class MetricsWriter:
   """Appends one JSON line per logged step to workdir/metrics.jsonl and mirrors it to TensorBoard.
 
@@ -82,13 +147,15 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, primary: bool | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, wandb: WandbSettings | None = None):
     """Prepares the writer; files are opened on first use.
 
     Args:
       workdir: the run's output folder (created if missing).
       primary: whether this process writes; None means `jax.process_index() == 0`.
       tensorboard: also write TensorBoard scalars under workdir/tensorboard (tensorboardX).
+      wandb: also log to Weights & Biases (the `wandb` package, `pip install '.[wandb]'`);
+        None = not.
     """
     self._workdir = os.path.abspath(os.fspath(workdir))
     self._primary = jax.process_index() == 0 if primary is None else bool(primary)
@@ -97,6 +164,9 @@ class MetricsWriter:
     self._tb = None
     # Set by truncate_after: TensorBoard then hides the old run's events from this step on.
     self._purge_step: int | None = None
+    self._wandb = None
+    if self._primary and wandb is not None:
+      self._wandb = _WandbRun(wandb, self._workdir)
     if self._primary:
       if os.path.exists(self._workdir) and not os.path.isdir(self._workdir):
         raise ValueError(f"workdir {self._workdir!r} exists and is not a folder")
@@ -204,9 +274,16 @@ class MetricsWriter:
             os.path.join(self._workdir, TENSORBOARD_DIR), purge_step=self._purge_step,
             filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
         self._purge_step = None   # purge once: a later reopen must not hide this run's events
-      for key in sorted(values):
-        self._tb.add_scalar(key, values[key], global_step=int(step))
+      # The tags are the metric names as they are: add_scalar would rename "eval/aime24/pass@1"
+      # to "eval/aime24/pass_1" (TensorFlow's old node-name rules), and every sink must agree.
+      from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=import-outside-toplevel
+      summary = Summary(value=[Summary.Value(tag=key, simple_value=values[key])
+                               for key in sorted(values)])
+      file_writer = self._tb._get_file_writer()  # pylint: disable=protected-access
+      file_writer.add_summary(summary, global_step=int(step))
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(values, step=int(step))
 
   def _close_files(self) -> None:
     if self._jsonl is not None:
@@ -217,8 +294,11 @@ class MetricsWriter:
       self._tb = None
 
   def close(self) -> None:
-    """Flushes and closes the files (a later `write` reopens them)."""
+    """Flushes and closes the files (a later `write` reopens them) and ends a W&B run."""
     self._close_files()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
   def __enter__(self) -> MetricsWriter:
     return self

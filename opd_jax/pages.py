@@ -22,17 +22,21 @@ class RolloutView:
   gaps: per token, log p_teacher(token) - log p_student(token) in nats (the OPD reward).
   teacher_top: per token, the teacher's top tokens as (token string, probability), best first.
   mask: per token, whether it counts in the loss (False: shown greyed).
+  special: per token, whether it is a special token (shown boxed); () = none is.
   """
   prompt: str
   tokens: Sequence[str]
   gaps: Sequence[float]
   teacher_top: Sequence[Sequence[tuple[str, float]]]
   mask: Sequence[bool]
+  special: Sequence[bool] = ()
 
   def __post_init__(self):
     n = len(self.tokens)
     lengths = {"gaps": len(self.gaps), "teacher_top": len(self.teacher_top),
                "mask": len(self.mask)}
+    if self.special:
+      lengths["special"] = len(self.special)
     bad = {k: v for k, v in lengths.items() if v != n}
     if bad:
       raise ValueError(f"RolloutView has {n} tokens but per-token fields of other lengths: {bad}")
@@ -49,6 +53,7 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 .tok { border-radius: 2px; }
 .tok:hover { outline: 1px solid #000; }
 .masked { background: #e0e0e0; color: #999; }
+.special { border: 1px solid #777; font-size: .8em; padding: 0 .15em; }
 .stats { color: #555; font-size: .85em; }
 """
 
@@ -103,6 +108,7 @@ def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
          "student does (negative reward); blue: more likely. Hover a token for its gap and the "
          "teacher's top tokens with probabilities.</div>"]
   for i, row in enumerate(rows):
+    special = row.special or (False,) * len(row.tokens)
     counted = [float(g) for g, m in zip(row.gaps, row.mask) if m]
     mean = sum(counted) / len(counted) if counted else float("nan")
     out.append('<div class="rollout">')
@@ -110,7 +116,8 @@ def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
                f"counted, mean gap {mean:+.4f} nats</div>")
     out.append(f'<div class="prompt">{html.escape(row.prompt)}</div>')
     spans = []
-    for token, gap, top, counted_token in zip(row.tokens, row.gaps, row.teacher_top, row.mask):
+    for token, gap, top, counted_token, marked in zip(row.tokens, row.gaps, row.teacher_top,
+                                                      row.mask, special):
       gap = float(gap)
       top_text = ", ".join(f"{t!r} {float(p):.3f}" for t, p in top)
       tip = f"gap {gap:+.4f} nats\nteacher top: {top_text}"
@@ -121,6 +128,7 @@ def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
         style, cls = ' style="outline:1px dashed #000"', "tok"
       else:
         style, cls = f' style="{_style(gap, scale)}"', "tok"
+      cls += " special" if marked else ""
       spans.append(f'<span class="{cls}"{style} title="{html.escape(tip, quote=True)}">'
                    f"{_visible(token)}</span>")
     out.append('<div class="response">' + "".join(spans) + "</div>")
@@ -131,21 +139,58 @@ def write_rollouts_html(path: str | os.PathLike, rows: Sequence[RolloutView], *,
   metrics.write_atomically(path, "\n".join(out) + "\n")
 
 
+def token_texts(tokenizer, ids: Sequence[int]) -> tuple[list[str], list[bool]]:
+  """Each token of a response as the text it adds (a byte-level "Ġthe" is " the", "Ċ" a
+  newline), and whether it is a special token (its own name then, e.g. "<|im_end|>").
+
+  A character split over several byte-level tokens appears on the token that completes it
+  (the ones before show ""), so the texts join to the decoded response.
+  """
+  special_ids = set(getattr(tokenizer, "all_special_ids", ()) or ())
+  special_ids |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                  if getattr(t, "special", False)}
+  def text(seq) -> str:
+    return tokenizer.decode(list(seq), skip_special_tokens=False,
+                            clean_up_tokenization_spaces=False)
+
+  texts, special, start = [], [], 0
+  for i, token_id in enumerate(ids):
+    if token_id in special_ids:
+      texts.append(tokenizer.convert_ids_to_tokens([token_id])[0])
+      special.append(True)
+      start = i + 1
+      continue
+    special.append(False)
+    # Decoded after the token before it: tokenizers that drop a word's leading space when it
+    # starts the text (SentencePiece) keep it here.
+    context = list(ids[start - 1:start]) if start and ids[start - 1] not in special_ids else []
+    head, piece = text(context), text(context + list(ids[start:i + 1]))
+    piece = piece[len(head):] if piece.startswith(head) else text(ids[start:i + 1])
+    if piece.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < 4:
+      texts.append("")   # an incomplete UTF-8 character: shown with the token that ends it
+      continue
+    texts.append(piece)
+    start = i + 1
+  return texts, special
+
+
 def write_samples_page(path: str | os.PathLike, tokenizer, batch: Mapping[str, np.ndarray],
                        scores: Mapping[str, np.ndarray], count: int,
-                       prompts_text: Sequence[str]) -> None:
+                       prompts_text: Sequence[str], *, title: str = "Rollouts") -> None:
   """Writes the samples page of one trainer step: its first `count` rollouts, token by token,
   each token with its teacher-student gap and the teacher's top 3 tokens.
 
   Args:
     path: the .html file to write (parent folders are created).
-    tokenizer: the student's Hugging Face tokenizer (its `convert_ids_to_tokens` names tokens).
+    tokenizer: the student's Hugging Face tokenizer: tokens are shown as the text they decode
+      to (`token_texts`), special tokens boxed under their names.
     batch: host arrays of the step's rollouts: "response" and "response_mask" [B, T] (a row's
       response is its first `response_mask[r].sum()` tokens) and "loss_mask" [B, T].
     scores: host arrays of the step's scoring: "teacher_logprobs" and "behavior_logprobs"
       [B, T], the teacher's top-K "t_indices" and "t_logits" [B, T, K] and "t_lse" [B, T].
     count: how many rollouts to show at most (the first ones).
     prompts_text: per rollout row, the prompt text shown above it.
+    title: the page's title (the trainer: the run's folder and the step).
   """
   host = {k: batch[k] for k in ("response", "response_mask", "loss_mask")} | {
       k: scores[k] for k in ("teacher_logprobs", "behavior_logprobs", "t_indices", "t_logits",
@@ -156,11 +201,12 @@ def write_samples_page(path: str | os.PathLike, tokenizer, batch: Mapping[str, n
     ids = host["response"][r, :n].tolist()
     top_ids = host["t_indices"][r, :n, :3]
     top_p = np.exp(host["t_logits"][r, :n, :3] - host["t_lse"][r, :n, None])
+    texts, special = token_texts(tokenizer, ids)
     views.append(RolloutView(
-        prompt=prompts_text[r], tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+        prompt=prompts_text[r], tokens=tuple(texts), special=tuple(special),
         gaps=tuple(float(g) for g in (host["teacher_logprobs"][r, :n]
                                       - host["behavior_logprobs"][r, :n])),
-        teacher_top=tuple(tuple(zip(tokenizer.convert_ids_to_tokens(t.tolist()),
+        teacher_top=tuple(tuple(zip([token_texts(tokenizer, [i])[0][0] for i in t.tolist()],
                                     (float(x) for x in p))) for t, p in zip(top_ids, top_p)),
         mask=tuple(bool(c) for c in host["loss_mask"][r, :n])))
-  write_rollouts_html(path, views)
+  write_rollouts_html(path, views, title=title)

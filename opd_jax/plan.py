@@ -401,14 +401,14 @@ def architecture(source, plan_arch: str, field: str, vocab: int | None):
 def plan_config(config, *, log: Callable[[str], None] = print) -> dict[str, Phase]:
   """Plans an experiment config on every present device (the mesh from `config.mesh`)."""
   # pylint: disable=import-outside-toplevel
-  from opd_jax import settings, sharding
+  from opd_jax import settings
   run = config.copy_and_resolve_references()
   # The settings check wants a workdir and datasets; the plan writes and reads nothing.
   run.workdir = run.workdir or "unused-by-the-plan"
   for task in run.tasks:
     task.data.dataset = task.data.dataset or "unused-by-the-plan"
   s = settings.TrainSettings.from_config(run)
-  mesh = sharding.make_mesh(*s.mesh.shape)
+  mesh = s.mesh.make()
   fields = ([(t.teacher, f"tasks[{i}].teacher") for i, t in enumerate(run.tasks)] if run.tasks
             else [(run.teacher, "teacher")])
   student = architecture(s.model, run.model.plan_arch, "model", None)
@@ -502,7 +502,8 @@ def _cli() -> None:
                            f"{devices} devices; give it as --devices=N or --devices N")
     main(config.value, devices=devices, accelerators=accel.value, headroom=head.value)
 
-  app.run(run)
+  from opd_jax import cli
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class Programs:
         self.student(params), prompt, prompt_mask, rng, max_new_tokens=r.max_new_tokens,
         temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
         banned_token_ids=self.banned_ids, stop_token_ids=self.stop_ids,
-        num_samples=r.num_samples, mesh=self.mesh, compact=r.compact)
+        num_samples=r.num_samples, mesh=self.mesh, compact=r.compact, vocab_size=self.vocab)
 
   def layout(self, batch: dict) -> tuple[packing.Layout, dict]:
     """A batch (global arrays: tasks.Batch.scoring_inputs()) in the rows of

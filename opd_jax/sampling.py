@@ -153,7 +153,7 @@ def _start(model, prompts, prompt_mask, *, max_len, max_new_tokens, num_samples,
 
 
 def _decode(model, layers, init, rng, temperature, top_p, *, end, shrink_at, n_total, top_k,
-            banned, stop, mesh, topk_impl):
+            banned, stop, mesh, topk_impl, vocab=None):
   """One `lax.while_loop` over decode steps until step `end`, every row done, or (compaction) at
   most `shrink_at` rows unfinished."""
   stop_ids = jnp.asarray(stop if stop else (-1,), jnp.int32)
@@ -167,6 +167,8 @@ def _decode(model, layers, init, rng, temperature, top_p, *, end, shrink_at, n_t
     # carried [R, V] buffer is copied by XLA every step, since the next logits are written while
     # the current ones are still read.
     logits = constrain(_constrain_hidden(models.logits_from_hidden(model, s.hidden)))
+    if vocab is not None:   # the shared vocabulary only: padding rows are no tokens
+      logits = logits[:, :vocab]
     # Row r's uniform is entry r of one draw over all B*G rows: a function of (rng, r, step)
     # alone, whichever rows share the bucket (compaction leaves every row's tokens unchanged).
     u = jax.random.uniform(jax.random.fold_in(rng, s.step), (n_total,))[s.rows]
@@ -195,9 +197,10 @@ def _decode(model, layers, init, rng, temperature, top_p, *, end, shrink_at, n_t
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "top_k", "banned", "stop", "num_samples",
-                     "mesh", "segment_ends", "topk_impl"))
+                     "mesh", "segment_ends", "topk_impl", "vocab"))
 def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
-              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends, topk_impl):
+              max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends, topk_impl,
+              vocab=None):
   # The uncompacted rollout, one program: the KV cache is allocated here, inside the program,
   # and each while loop updates its carry in place; between loop segments it is grown (copied)
   # into a longer one. No copy of it ever exists outside the compiled program.
@@ -214,7 +217,7 @@ def _generate(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
         out = out.replace(cache=_constrain_tree(mesh, models.grow_cache(out.cache, p + end)))
       out = _decode(model, layers, out, rng, temperature, top_p, end=end, shrink_at=0,
                     n_total=out.done.shape[0], top_k=top_k, banned=banned, stop=stop, mesh=mesh,
-                    topk_impl=topk_impl)
+                    topk_impl=topk_impl, vocab=vocab)
     return Rollout(tokens=out.tokens, mask=out.mask, sample_logprobs=out.sample_logprobs,
                    policy_logprobs=out.policy_logprobs)
 
@@ -240,15 +243,15 @@ def _prefill_rows(graphdef, state, prompts, prompt_mask, *, max_len, max_new_tok
 @functools.partial(
     jax.jit, donate_argnames=("s",),
     static_argnames=("graphdef", "end", "shrink_at", "n_total", "top_k", "banned", "stop",
-                     "mesh", "topk_impl"))
+                     "mesh", "topk_impl", "vocab"))
 def _decode_rows(graphdef, state, s, rng, temperature, top_p, *, end, shrink_at, n_total, top_k,
-                 banned, stop, mesh, topk_impl):
+                 banned, stop, mesh, topk_impl, vocab=None):
   _TRACES["decode"] += 1
   with sharding.traced_under(mesh):
     model = nnx.merge(graphdef, state)
     s = _decode(model, models.decoder.unstack_layers(model), s, rng, temperature, top_p,
                 end=end, shrink_at=shrink_at, n_total=n_total, top_k=top_k, banned=banned,
-                stop=stop, mesh=mesh, topk_impl=topk_impl)
+                stop=stop, mesh=mesh, topk_impl=topk_impl, vocab=vocab)
     return s, jnp.stack([s.step, jnp.sum(~s.done, dtype=jnp.int32)])
 
 
@@ -293,7 +296,7 @@ def _finish_rows(s, full, *, mesh):
 
 def _generate_compacted(graphdef, state, prompts, prompt_mask, rng, temperature, top_p, *,
                         max_new_tokens, top_k, banned, stop, num_samples, mesh, segment_ends,
-                        topk_impl):
+                        topk_impl, vocab=None):
   """The rollout with finished rows dropped between decode programs (see `sample`)."""
   p = prompts.shape[1]
   s, full = _prefill_rows(graphdef, state, prompts, prompt_mask, max_len=p + segment_ends[0],
@@ -307,7 +310,7 @@ def _generate_compacted(graphdef, state, prompts, prompt_mask, rng, temperature,
     s, counts = _decode_rows(graphdef, state, s, rng, temperature, top_p,
                              end=segment_ends[segment], shrink_at=shrink_at, n_total=n_total,
                              top_k=top_k, banned=banned, stop=stop, mesh=mesh,
-                             topk_impl=topk_impl)
+                             topk_impl=topk_impl, vocab=vocab)
     step, active = (int(c) for c in sharding.to_host(counts))
     _LAST_SCHEDULE.append(dict(rows=rows, cache_len=p + segment_ends[segment], start=start,
                                stop=step, active=active))
@@ -320,6 +323,15 @@ def _generate_compacted(graphdef, state, prompts, prompt_mask, rng, temperature,
     s, full = _resize_rows(s, full, rows=rows, max_len=p + segment_ends[segment], mesh=mesh)
     start = step
   return _finish_rows(s, full, mesh=mesh)
+
+
+def _check_vocab(vocab_size, rows: int) -> int:
+  if vocab_size is None:
+    return rows
+  if not isinstance(vocab_size, int) or not 0 < vocab_size <= rows:
+    raise ValueError(f"vocab_size must be an int in [1, {rows}] (the model's embedding rows), "
+                     f"got {vocab_size!r}")
+  return vocab_size
 
 
 def _check_args(prompts, prompt_mask, vocab, *, max_new_tokens, temperature, top_p, top_k,
@@ -355,7 +367,8 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
            top_p: float = 1.0, top_k: int = 0, banned_token_ids: Sequence[int] = (),
            stop_token_ids: Sequence[int] = (), num_samples: int = 1,
            prompt_buckets: Sequence[int] | None = None, mesh: Mesh | None = None,
-           topk_impl: str | None = None, compact: bool = True) -> Rollout:
+           topk_impl: str | None = None, compact: bool = True,
+           vocab_size: int | None = None) -> Rollout:
   """Sample `num_samples` responses per prompt with one compiled program per shape.
 
   Args:
@@ -391,6 +404,10 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
       length) met, compiled on first use. False, or
       `sample` itself traced (under jit the host cannot read the rows): the whole rollout is
       one program over all rows.
+    vocab_size: the tokens to sample from and normalise over, ids [0, vocab_size) (default:
+      every embedding row). The trainer passes the vocabulary the student shares with its
+      teachers: rows past it (padding of an embedding) are never drawn and, like the scorer's,
+      both log-probs are normalised over the shared tokens only. Static.
 
   Returns:
     A Rollout with [B*G, N] fields.
@@ -405,9 +422,14 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
                           for x in (prompts, prompt_mask))
   config = model.config
   banned, stop = tuple(int(i) for i in banned_token_ids), tuple(int(i) for i in stop_token_ids)
+  vocab = _check_vocab(vocab_size, config.vocab_size)
+  if any(vocab <= i < config.vocab_size for i in stop):
+    raise ValueError(f"stop_token_ids {[i for i in stop if i >= vocab]} are outside the sampled "
+                     f"vocabulary [0, {vocab}) (vocab_size)")
   _check_args(prompts, prompt_mask, config.vocab_size, max_new_tokens=max_new_tokens,
               temperature=temperature, top_p=top_p, top_k=top_k, banned=banned, stop=stop,
               num_samples=num_samples)
+  banned = tuple(i for i in banned if i < vocab)   # ids past the vocabulary are never drawn
   topk_impl = rules.resolve_topk_impl(topk_impl)
   b, p = prompts.shape
   padded = bucket_length(p, prompt_buckets)
@@ -426,4 +448,4 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
                   jnp.float32(temperature), jnp.float32(top_p), max_new_tokens=max_new_tokens,
                   top_k=top_k, banned=banned, stop=stop, num_samples=num_samples, mesh=mesh,
                   segment_ends=_segment_ends(max_new_tokens),
-                  topk_impl=topk_impl)
+                  topk_impl=topk_impl, vocab=vocab if vocab < config.vocab_size else None)

@@ -11,6 +11,8 @@ from typing import Any
 import ml_collections
 
 from opd_jax import configs, estimators, packing
+from opd_jax.errors import ConfigError, closest
+from opd_jax.models.hf_io import CheckpointError, check_folder
 from opd_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, ModelConfig
 
 LSM_SUPPORTS = ("teacher", "teacher+sampled")
@@ -18,10 +20,8 @@ TAILS = ("none", "ema_pg")
 PACKING = packing.MODES
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """A setting has a value the trainer cannot use; the message names the setting."""
+LONG_PROMPTS = ("drop", "truncate", "error")   # opd_jax.data.registry.LONG_PROMPTS
+WANDB_MODES = ("offline", "online")
 
 
 def _fail(name: str, value: Any, accepted: str) -> None:
@@ -44,8 +44,8 @@ def check_keys(config: Mapping, defaults: Mapping, prefix: str = "") -> None:
   for key, value in config.items():
     name = f"{prefix}{key}"
     if key not in defaults:
-      raise ConfigError(f"config.{name} is not a setting of this runner; known settings here: "
-                        f"{', '.join(sorted(defaults))}")
+      raise ConfigError(f"config.{name} is not a setting of this runner; "
+                        f"{closest(str(key), defaults)}")
     default = defaults[key]
     if isinstance(default, Mapping):
       if not isinstance(value, Mapping):
@@ -131,10 +131,16 @@ class ModelSource:
       _fail(f"{name}.attention", m["attention"],
             f"accepted: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     _positive(m, "attention_block", f"{name}.")
-    for key in ("path", "tokenizer"):
-      if m[key] and not os.path.isdir(m[key]):
-        _fail(f"{name}.{key}", m[key], "expected an existing local folder (Hugging Face "
-              "checkpoint / tokenizer files); nothing is downloaded")
+    if m["path"]:
+      try:
+        check_folder(m["path"])
+      except CheckpointError as e:
+        raise CheckpointError(f"config.{name}.path={m['path']!r}: {e}; set --config.{name}.path "
+                              "to a local Hugging Face folder (config.json + safetensors; "
+                              "nothing is downloaded)") from None
+    if m["tokenizer"] and not os.path.isdir(m["tokenizer"]):
+      _fail(f"{name}.tokenizer", m["tokenizer"], "expected an existing local folder "
+            "(Hugging Face tokenizer files); nothing is downloaded")
     return cls(m["path"], m["tokenizer"] or m["path"], m["dtype"],
                tuple(sorted(dict(m["random"]).items())), param_dtype or m["dtype"], m["remat"],
                m["attention"], m["attention_block"])
@@ -228,13 +234,19 @@ class DataSettings:
   """config.data (less the dataset's own DatasetSource fields)."""
   prompts_per_step: int
   max_prompt_len: int
+  long_prompts: str
   chat_template: bool
+  template: str
   retokenize_max_fraction: float
 
   @classmethod
   def from_config(cls, d: Mapping) -> "DataSettings":
     for key in ("prompts_per_step", "max_prompt_len"):
       _positive(d, key, "data.")
+    if d["long_prompts"] not in LONG_PROMPTS:
+      _fail("data.long_prompts", d["long_prompts"], f"accepted: {', '.join(LONG_PROMPTS)}")
+    if "{prompt}" not in d["template"]:
+      _fail("data.template", d["template"], "it must hold '{prompt}', where a row's prompt goes")
     if not 0.0 <= d["retokenize_max_fraction"] <= 1.0:
       _fail("data.retokenize_max_fraction", d["retokenize_max_fraction"], "accepted: [0, 1]")
     return _from_group(cls, d)
@@ -363,6 +375,17 @@ class MeshSettings:
     """(data, fsdp, tensor) sizes for `sharding.make_mesh`."""
     return self.data, self.fsdp, self.tensor
 
+  def make(self):
+    """The mesh over every device; a ConfigError naming the `config.mesh` keys when the sizes
+    do not fit the devices present (checked here: the device count is known only now)."""
+    from opd_jax import sharding  # pylint: disable=import-outside-toplevel
+    try:
+      return sharding.make_mesh(*self.shape)
+    except ValueError as e:
+      raise ConfigError(f"config.mesh (data={self.data}, fsdp={self.fsdp}, tensor="
+                        f"{self.tensor}): {e}; set --config.mesh.data, --config.mesh.fsdp, "
+                        "--config.mesh.tensor") from None
+
   @classmethod
   def from_config(cls, m: Mapping) -> "MeshSettings":
     if m["accelerator"]:
@@ -399,12 +422,17 @@ class LogSettings:
   samples_every: int
   samples_count: int
   tensorboard: bool
+  plot: bool
+  wandb: str                # W&B project ("" = none)
+  wandb_mode: str
   diagnostics_every: int
   diagnostics_positions: int
 
   @classmethod
   def from_config(cls, lg: Mapping) -> "LogSettings":
     _positive(lg, "every", "log.")
+    if lg["wandb_mode"] not in WANDB_MODES:
+      _fail("log.wandb_mode", lg["wandb_mode"], f"accepted: {', '.join(WANDB_MODES)}")
     for key in ("samples_every", "samples_count", "diagnostics_every", "diagnostics_positions"):
       if lg[key] < 0:
         _fail(f"log.{key}", lg[key], "accepted: an int >= 0")
@@ -523,3 +551,14 @@ def memory_budget(accelerator: str, name: str = "accelerator") -> float:
 def _positive(d: Mapping, key: str, prefix: str = "") -> None:
   if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
     _fail(prefix + key, d[key], "accepted: a positive int")
+
+
+def token_ids(tokenizer, strings, key: str) -> tuple[int, ...]:
+  """`masking.ids_for_strings` for the setting `config.<key>`: a ConfigError naming it when a
+  string is not one token of the tokenizer."""
+  from opd_jax import masking  # pylint: disable=import-outside-toplevel
+  try:
+    return tuple(masking.ids_for_strings(tokenizer, strings))
+  except ValueError as e:
+    raise ConfigError(f"config.{key}={tuple(strings)!r}: {e}; set --config.{key} to tokens of "
+                      "the student's tokenizer") from None

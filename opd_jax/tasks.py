@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opd_jax import environments, masking, models, programs, sampling, sharding
+from opd_jax import environments, masking, models, programs, sampling, settings, sharding
 from opd_jax.data import order, prompts, registry
 from opd_jax.settings import ConfigError, Task, TrainSettings
 
@@ -102,19 +102,23 @@ def student_tokenizer(s: TrainSettings, workdir: pathlib.Path):
 
 
 def open_task(task: Task, index: int, s: TrainSettings, workdir: pathlib.Path, tokenizer,
-              mesh, samples: bool) -> TaskRuntime:
+              mesh, samples: bool, log: Callable[[str], None] = print) -> TaskRuntime:
   """Loads task `index`'s teacher and data (or environments); `samples`: the estimator trains
-  on the student's rollouts (else on the dataset's reference responses)."""
-  special_ids = tuple(masking.ids_for_strings(tokenizer, s.loss.mask_strings))
+  on the student's rollouts (else on the dataset's reference responses); `log`: where the
+  count of dropped over-long prompts goes."""
+  special_ids = settings.token_ids(tokenizer, s.loss.mask_strings, "loss.mask_strings")
   if task.env is not None:
     return _open_environment_task(task, index, s, tokenizer, mesh, samples, special_ids)
   teacher_tok = registry.tokenizer_for(task.teacher.tokenizer, task.data.dataset, workdir)
   teacher = programs.load_model(task.teacher, len(teacher_tok), seed=s.seed + 1000 + index,
                                 mesh=mesh)
-  examples = registry.open_split(task.data, workdir)
   encode = registry.encoder(task.data.dataset, tokenizer, teacher_tok,
                             chat_template=s.data.chat_template,
-                            max_prompt_len=s.data.max_prompt_len)
+                            max_prompt_len=s.data.max_prompt_len, template=s.data.template,
+                            long_prompts=s.data.long_prompts)
+  examples = registry.fitting_prompts(   # over-long prompts: found now, never drawn mid-run
+      registry.open_split(task.data, workdir), encode, s.data.max_prompt_len,
+      s.data.long_prompts, name=task.name, report=log)
   teacher_def, teacher_params = nnx.split(teacher)
   collect = functools.partial(_collect_rollouts if samples else _collect_references, s=s,
                               index=index, name=task.name, examples=examples, encode=encode,
@@ -231,7 +235,7 @@ def _collect_episodes(p: programs.Programs, params, step: int, key: jax.Array, *
       max_turns=source.max_turns, turn_tokens=source.turn_tokens,
       episode_tokens=source.episode_tokens or s.rollout.max_new_tokens,
       temperature=s.rollout.temperature, top_p=s.rollout.top_p, top_k=s.rollout.top_k,
-      banned_token_ids=p.banned_ids, stop_token_ids=p.stop_ids)
+      banned_token_ids=p.banned_ids, stop_token_ids=p.stop_ids, vocab_size=p.vocab)
   episodes = environments.rollout(
       p.student(params), envs, seeds, renderer, jax.random.fold_in(key, 0), limits, mesh=p.mesh,
       row_multiple=sharding.batch_divisor(p.mesh), max_prompt_len=s.data.max_prompt_len)

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from opd_jax import (check, checkpoint, diagnostics, masking, metrics, packing, pages, plan,
+from opd_jax import (check, checkpoint, diagnostics, metrics, packing, pages, plan, plot,
                      programs, settings, sharding, steps, tasks)
 from opd_jax.data import prompts
 from opd_jax.settings import ConfigError, TrainSettings
@@ -69,21 +69,21 @@ def setup(s: TrainSettings, log: Callable[[str], None]
           ) -> tuple[programs.Programs, list[tasks.TaskRuntime], Any]:
   """The run's programs, its tasks (teachers loaded) and the student's tokenizer."""
   from opd_jax import estimators  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(*s.mesh.shape)
+  mesh = s.mesh.make()
   workdir = pathlib.Path(s.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   estimator = estimators.get(s.loss.estimator)
   tokenizer = tasks.student_tokenizer(s, workdir)
   student_config = programs.model_config_of(s.model, len(tokenizer))
   check.startup(s, tokenizer, student_config.vocab_size, workdir, log)  # FAIL: Incompatible
-  opened = [tasks.open_task(t, i, s, workdir, tokenizer, mesh, estimator.samples)
+  opened = [tasks.open_task(t, i, s, workdir, tokenizer, mesh, estimator.samples, log=log)
             for i, t in enumerate(s.tasks)]
   vocab = min([len(tokenizer), student_config.vocab_size] + [t.teacher_vocab for t in opened])
   _check_layout(s, mesh, vocab, estimator)
   p = programs.build(
       s, student_config, vocab, mesh,
-      banned_ids=tuple(masking.ids_for_strings(tokenizer, s.rollout.banned_strings)),
-      stop_ids=tuple(masking.ids_for_strings(tokenizer, s.rollout.stop_strings)))
+      banned_ids=settings.token_ids(tokenizer, s.rollout.banned_strings, "rollout.banned_strings"),
+      stop_ids=settings.token_ids(tokenizer, s.rollout.stop_strings, "rollout.stop_strings"))
   if s.mesh.accelerator:  # the three programs' memory per device, before any weights of the student
     plan.check_run(p, [(t.teacher_def, t.teacher_params) for t in opened], log=log)
   return p, opened, tokenizer
@@ -234,7 +234,8 @@ class Actions:
       values.update(self.evaluate(done, state.params))
     if page is not None and self.primary:
       pages.write_samples_page(pathlib.Path(s.workdir) / "samples" / f"step_{done}.html",
-                               self.tokenizer, *page, s.log.samples_count, texts)
+                               self.tokenizer, *page, s.log.samples_count, texts,
+                               title=f"{pathlib.Path(s.workdir).name}: rollouts of step {done}")
     if self.due(s.log.every, done) or any(k.startswith("eval/") for k in values):
       self.writer.write(done, values)
     if self.progress is not None:
@@ -268,7 +269,10 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
   primary = jax.process_index() == 0
   say = log if primary else (lambda _: None)
   p, task_list, tokenizer = setup(s, say)
-  writer = metrics.MetricsWriter(s.workdir, tensorboard=s.log.tensorboard, primary=primary)
+  wandb = (metrics.WandbSettings(s.log.wandb, s.log.wandb_mode, config=settings.plain(config))
+           if s.log.wandb else None)
+  writer = metrics.MetricsWriter(s.workdir, tensorboard=s.log.tensorboard, primary=primary,
+                                 wandb=wandb)
   writer.write_config(settings.plain(config))
   ckpt = checkpoint.Checkpointer(pathlib.Path(s.workdir) / "checkpoints",
                                  save_every=s.checkpoint.every, keep=s.checkpoint.keep,
@@ -312,4 +316,6 @@ def run(config: ml_collections.ConfigDict, *, evaluator: Evaluator | None = None
     writer.close()
     if progress is not None:
       progress.close()
+  if primary and s.log.plot and history:   # the curves of a run that trained (opd_jax.plot)
+    plot.after_run(s.workdir, say)
   return history

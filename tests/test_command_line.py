@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import train_helpers
 from opd_jax import smollm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,6 +48,17 @@ def test_every_smoke_variant_runs_from_the_command_line_twice(tmp_path, name):
     # The second run restores the final checkpoint and trains nothing.
     assert "already complete" in again, again[-2000:]
     assert "step 1/" not in again
+  rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
+          ] if (tmp_path / "w" / "metrics.jsonl").exists() else []
+  # Every metric the run wrote is in the glossary (docs/metrics.md).
+  assert not train_helpers.undocumented_metrics({k for r in rows for k in r})
+  if config.get("experiment") in ("opd", "opd_eval") and config["loss"]["estimator"] != "sft" \
+      and config["model"]["dtype"] == "float32":
+    # Sampler and scorer normalise over the same (shared) vocabulary: in float32 their log-probs
+    # of the sampled tokens differ by round-off only (the smoke models have 320 embedding rows
+    # for a 300-token vocabulary; over all rows the mean gap was log(320/300) = 0.064).
+    gaps = [v for r in rows for k, v in r.items() if k.endswith("rollout/logprob_mismatch_mean")]
+    assert gaps and max(gaps) < 1e-5, gaps
 
 
 @pytest.mark.slow

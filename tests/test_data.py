@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import pickle
 import re
 
@@ -13,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from opd_jax.data import math_datasets as md
-from opd_jax.data import prompts
+from opd_jax.data import prompts, registry
 
 DAPO_HEAD = ("Solve the following math problem step by step. The last line of your response "
              "should be of the form Answer: $Answer (without quotes) where $Answer is the answer "
@@ -425,3 +426,116 @@ def test_left_pad_errors(ids, kwargs, message):
   kwargs = {"pad_id": 0, **kwargs}
   with pytest.raises(ValueError, match=re.escape(message)):
     prompts.left_pad(ids, **kwargs)
+
+
+# ------------------------------------------------------------------- your own prompts (registry)
+
+
+def _prompt_rows():
+  return [{"prompt": "What is 1+1?", "answer": "2"},
+          {"id": "q7", "prompt": "Find x such that x^2 = 4, then give the final answer."},
+          {"messages": [{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "What is the value?"}], "answer": 3}]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_prompts_dataset_reads_prompt_and_messages_rows(tmp_path, toks, fmt):
+  student, teacher, _ = toks
+  rows = _prompt_rows()
+  path = tmp_path / f"mine.{fmt}"
+  if fmt == "jsonl":
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  else:   # parquet needs one schema: every row has every column
+    full = [{"id": r.get("id"), "prompt": r.get("prompt"), "messages": r.get("messages"),
+             "answer": None if r.get("answer") is None else str(r["answer"])} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full), path)
+  read = registry.read_prompts(path)
+  assert [r["answer"] for r in read] == ["2", "", "3"]      # optional: "" when absent
+  assert read[1]["id"] == "q7" and read[0]["id"] == "0"      # the row number when no id
+  encode = registry.encoder(registry.PROMPTS, student, teacher, chat_template=True,
+                            max_prompt_len=256, template="{prompt}\n\nOne word.")
+  first, chat = encode(read[0]), encode(read[2])
+  # "prompt": one user turn with the template; no instruction of ours (no <think>, no \boxed).
+  assert student.decode(first.prompt) == ("<|im_start|>user\nWhat is 1+1?\n\nOne word.<|im_end|>"
+                                          "\n<|im_start|>assistant\n")
+  assert teacher.decode(first.teacher_prompt).startswith("<|begin|>### user:\nWhat is 1+1?")
+  # "messages": the chat as given, every turn; the template does not touch it.
+  assert student.decode(chat.prompt) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>"
+                                         "user\nWhat is the value?<|im_end|>\n"
+                                         "<|im_start|>assistant\n")
+  assert first.answer == "2" and first.target is None
+
+
+def test_prompts_dataset_bad_rows_name_the_file_and_row(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  for line, message in [('{"text": "x"}', "bad.jsonl:2: expected a JSON object"),
+                        ('{"messages": [{"role": "user"}]}', "bad.jsonl:2: 'messages' must be"),
+                        ('{"messages": [{"role": "assistant", "content": "a"}]}',
+                         "bad.jsonl:2: the last message is an assistant turn"),
+                        ("{oops", "bad.jsonl:2: not a JSON object")]:
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(registry.DataError, match=re.escape(message)):
+      registry.read_prompts(path)
+  with pytest.raises(registry.DataError, match="expected a .jsonl"):
+    registry.read_prompts(tmp_path / "mine.csv")
+
+
+def test_over_long_prompts_are_dropped_truncated_or_named_when_the_dataset_opens(toks):
+  student, teacher, _ = toks
+  rows = [{"id": f"r{i}", "prompt": "What is 1+1? " * n, "answer": ""}
+          for i, n in enumerate([1, 40, 2, 60, 1])]
+  whole = registry.encoder(registry.PROMPTS, student, teacher, chat_template=True,
+                           max_prompt_len=10_000)
+  lengths = [max(len(whole(r).prompt), len(whole(r).teacher_prompt)) for r in rows]
+  limit = max(lengths[0], lengths[2], lengths[4])
+  assert lengths[1] > limit and lengths[3] > limit
+
+  def make(policy):
+    return registry.encoder(registry.PROMPTS, student, teacher, chat_template=True,
+                            max_prompt_len=limit, long_prompts=policy)
+
+  said = []
+  kept = registry.fitting_prompts(rows, make("drop"), limit, "drop", name="mine",
+                                  report=said.append)
+  assert [kept[i]["id"] for i in range(len(kept))] == ["r0", "r2", "r4"]
+  assert len(said) == 1 and "2 of 5 prompts" in said[0] and "r1" in said[0] and "r3" in said[0]
+  assert f"config.data.max_prompt_len={limit}" in said[0]
+  with pytest.raises(registry.DataError, match=r"2 of 5 prompts .*ids r1 \(\d+ tokens\), r3"):
+    registry.fitting_prompts(rows, make("error"), limit, "error")
+  with pytest.raises(registry.DataError, match="5 of 5 prompts"):   # nothing left: an error
+    registry.fitting_prompts(rows, make("drop"), 3, "drop")
+  truncate = make("truncate")
+  assert registry.fitting_prompts(rows, truncate, limit, "truncate") is rows
+  cut, full = truncate(rows[3]), whole(rows[3])
+  assert len(cut.prompt) == limit and cut.prompt.tolist() == full.prompt[-limit:].tolist()
+  with pytest.raises(registry.DataError, match="exceeds config.data.max_prompt_len"):
+    make("drop")(rows[3])       # the encoder itself never lets one through
+
+
+def test_readme_prompts_example_is_a_file_the_dataset_reads(tmp_path, monkeypatch, toks):
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "my_prompts.jsonl" in b)
+  monkeypatch.chdir(tmp_path)
+  exec(compile(block, "README.md", "exec"), {})  # pylint: disable=exec-used
+  rows = registry.read_prompts(tmp_path / "my_prompts.jsonl")
+  assert [r["id"] for r in rows] == ["0", "q2", "2"] and rows[1]["answer"] == "391"
+  encode = registry.encoder(registry.PROMPTS, toks[0], toks[1], chat_template=True,
+                            max_prompt_len=512)
+  assert all(len(encode(r).prompt) > 0 for r in rows)
+
+
+def test_builds_say_one_line_and_nothing_about_downloads(tmp_path, capfd, caplog):
+  """Built from local files: no "Downloading and preparing dataset Unknown size", no progress
+  bars, no TFDS warning about the folder it is filling; one line saying what is built."""
+  src = _write(str(tmp_path / "test.json"), [{"question": "Q?", "answer": "1"}], "jsonl")
+  md.load_split("minerva_math", source=src, data_dir=tmp_path / "t")
+  from opd_jax.data import tiny_arith  # pylint: disable=import-outside-toplevel
+  tiny_arith.load(tmp_path / "arith", "test")
+  out, err = capfd.readouterr()
+  said = out + err + caplog.text
+  for noise in ("Downloading and preparing", "Unknown size", "downloaded and prepared",
+                "Generating", "Shuffling", "Variant folder"):
+    assert noise not in said, (noise, said[-2000:])
+  assert f"building the minerva_math dataset in {tmp_path / 't'} (once)" in out
+  assert f"building the tiny_arith dataset in {tmp_path / 'arith'} (once)" in out

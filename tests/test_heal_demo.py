@@ -65,7 +65,7 @@ def test_chat_prompts_dataset_renders_one_user_turn(tmp_path):
   (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "target_ids": ["a"]}\n')
   with pytest.raises(ValueError, match="'target_ids' must be a list of ints"):
     registry.read_chat_prompts(tmp_path / "bad.jsonl")
-  with pytest.raises(ValueError, match="needs data.source"):
+  with pytest.raises(ValueError, match="needs a file: set --config.data.source"):
     registry.read_chat_prompts("")
 
 

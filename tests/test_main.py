@@ -46,3 +46,13 @@ def test_demo_settings_are_frozen():
   s = estimator_table.TableSettings.from_config(load_config("estimator_table", "smoke"))
   with pytest.raises(Exception):
     s.vocab = 3
+
+
+def test_transformers_advice_about_missing_pytorch_is_silenced(capfd):
+  import os  # pylint: disable=import-outside-toplevel
+
+  import opd_jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  from transformers.utils import logging as hf_logging  # pylint: disable=import-outside-toplevel
+  assert os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] == "1"
+  hf_logging.get_logger("transformers").warning_advice("PyTorch was not found. Models won't ...")
+  assert "PyTorch was not found" not in capfd.readouterr().err

@@ -6,13 +6,15 @@ import json
 import math
 import os
 import struct
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from opd_jax.metrics import MetricsWriter, Progress
+from opd_jax import errors
+from opd_jax.metrics import MetricsWriter, Progress, WandbSettings
 
 
 def _read_events(workdir):
@@ -60,6 +62,53 @@ def test_jsonl_lines_and_tensorboard_scalars(tmp_path):
     writer.write(3, {"x": np.ones(3)})
   with pytest.raises(ValueError, match="'step'"):
     writer.write(3, {"step": 1})
+
+
+def test_every_sink_uses_the_metric_names_as_they_are(tmp_path):
+  names = {"eval/aime24/pass@1": 0.5, "eval/avg/avg@32": 0.25, "kl/num_tokens": 7,
+           "task/math/loss": 1.5}
+  with MetricsWriter(tmp_path, primary=True) as w:
+    w.write(3, names)
+  tags = {t for _, t, _ in _read_events(tmp_path)}
+  assert tags == set(names) == set(_lines(tmp_path)[0]) - {"step"}
+
+
+def test_weights_and_biases_offline_run_logs_the_same_names_and_steps(tmp_path, monkeypatch):
+  wandb = pytest.importorskip("wandb", reason="the wandb extra: pip install '.[wandb]'")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  logged, real_init = [], wandb.init
+
+  def spying_init(**kw):
+    run = real_init(**kw)
+    real_log = run.log
+    monkeypatch.setattr(run, "log", lambda values, step: (logged.append((step, dict(values))),
+                                                          real_log(values, step=step)))
+    logged.append(("init", kw))
+    return run
+
+  monkeypatch.setattr(wandb, "init", spying_init)
+  settings = WandbSettings("opd-test", "offline", config={"seed": 3})
+  with MetricsWriter(tmp_path, primary=True, tensorboard=False, wandb=settings) as w:
+    w.write(1, {"loss": 0.5, "eval/math500/pass@1": 0.25})
+    w.write(2, {"loss": 0.25})
+  (_, init), *rows = logged
+  assert init["mode"] == "offline" and init["project"] == "opd-test"
+  assert init["dir"] == str(tmp_path) and init["config"] == {"seed": 3}
+  assert rows == [(r.pop("step"), r) for r in _lines(tmp_path)]
+  runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb"))
+  assert len(runs) == 1 and os.path.getsize(runs[0]) > 0
+  # The same workdir gives the same run id (a resumed trainer run continues its W&B run).
+  assert os.path.basename(runs[0]) == f"run-{init['id']}.wandb"
+
+
+def test_weights_and_biases_requested_without_the_package_names_the_setting(tmp_path,
+                                                                            monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)   # import wandb raises ImportError
+  with MetricsWriter(tmp_path, primary=True, tensorboard=False) as w:   # not requested: fine
+    w.write(1, {"loss": 1.0})
+  with pytest.raises(errors.ConfigError, match=r"config.log.wandb='p' needs the wandb package: "
+                                               r"pip install '.\[wandb\]'"):
+    MetricsWriter(tmp_path, primary=True, wandb=WandbSettings("p"))
 
 
 def test_truncate_after_makes_a_resumed_file_equal_an_uninterrupted_one(tmp_path):
@@ -185,3 +234,15 @@ def test_progress_defaults_to_plain_lines_on_a_non_terminal():
   assert stream.getvalue().count("\n") == 2 and "\r" not in stream.getvalue()
   with pytest.raises(ValueError, match="total_steps=0"):
     Progress(0)
+
+
+def test_strict_json_writes_null_for_non_finite_numbers():
+  from opd_jax.metrics import strict_json  # pylint: disable=import-outside-toplevel
+  text = strict_json({"a": float("nan"), "b": [1.5, float("inf"), np.float32("-inf")],
+                      "c": {"d": np.float64(2.0), "e": None, "f": "nan"}}, indent=1)
+
+  def refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+  assert json.loads(text, parse_constant=refuse) == {
+      "a": None, "b": [1.5, None, None], "c": {"d": 2.0, "e": None, "f": "nan"}}

@@ -5,7 +5,8 @@ import html.parser
 import numpy as np
 import pytest
 
-from opd_jax.pages import RolloutView, write_rollouts_html, write_samples_page
+import model_helpers as mh
+from opd_jax.pages import RolloutView, token_texts, write_rollouts_html, write_samples_page
 
 
 class _TagChecker(html.parser.HTMLParser):
@@ -71,10 +72,15 @@ def test_rollouts_html_bad_input(tmp_path):
 
 
 class _Tokenizer:
-  """Names token i "t<i>", as a Hugging Face tokenizer's convert_ids_to_tokens would."""
+  """Token i reads "t<i>", as a Hugging Face tokenizer's decode and convert_ids_to_tokens
+  would name it; no special tokens."""
+  all_special_ids = ()
 
   def convert_ids_to_tokens(self, ids):
     return [f"t{i}" for i in ids]
+
+  def decode(self, ids, **_):
+    return "".join(f"t{i}" for i in ids)
 
 
 def _step():
@@ -108,3 +114,27 @@ def test_samples_page_shows_each_rollouts_response_gaps_and_teacher_top3(tmp_pat
   write_samples_page(path, _Tokenizer(), batch, scores, 1, ["only", "not shown"])
   text = path.read_text()
   assert "rollout 0" in text and "rollout 1" not in text and "not shown" not in text
+
+
+def test_samples_page_shows_byte_level_tokens_as_text_and_marks_special_tokens(tmp_path):
+  tok = mh.make_tokenizer(tmp_path / "tok")
+  text = "Hello the world\n  twice: caf\u00e9 \u65e5\u672c<|im_end|>"
+  ids = tok.encode(text, add_special_tokens=False)
+  texts, special = token_texts(tok, ids)
+  assert "".join(texts) == text and len(texts) == len(ids)
+  assert special == [t == "<|im_end|>" for t in texts] and special[-1]
+  assert not any(c in "".join(texts) for c in "\u0120\u010a")   # no raw "Ġ" / "Ċ"
+  assert " the" in texts and "\n" in "".join(t for t in texts if "\n" in t)
+  n = len(ids)
+  batch = {"response": np.asarray([ids]), "response_mask": np.ones((1, n), bool),
+           "loss_mask": np.ones((1, n), bool)}
+  scores = {"teacher_logprobs": np.zeros((1, n)), "behavior_logprobs": np.zeros((1, n)),
+            "t_indices": np.asarray(ids)[None, :, None].repeat(3, -1),
+            "t_logits": np.zeros((1, n, 3)), "t_lse": np.zeros((1, n))}
+  path = tmp_path / "run" / "samples" / "step_7.html"
+  write_samples_page(path, tok, batch, scores, 1, ["p"], title="run: rollouts of step 7")
+  page = path.read_text()
+  assert "<title>run: rollouts of step 7</title>" in page and "Rollouts<" not in page
+  assert f">{texts[0]}</span>" in page and "> the</span>" in page
+  assert 'class="tok special"' in page and "&lt;|im_end|&gt;</span>" in page
+  assert "\u0120" not in page and "\u010a" not in page

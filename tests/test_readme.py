@@ -79,7 +79,7 @@ def _kind(cmd: str) -> str:
     return "benchmark"
   if cmd.startswith(SETUP):
     return "setup"
-  if re.match(r"python -m opd_jax\.(main|evaluate|plan|check) ", cmd):
+  if re.match(r"python -m opd_jax\.(main|evaluate|plan|check|export|plot) ", cmd):
     return "opd_jax"
   return "unknown"
 
@@ -102,9 +102,11 @@ def test_every_readme_command_is_run_here():
 
 
 @pytest.mark.slow
-def test_readme_python_examples_run_in_order(tmp_path):
+def test_readme_python_examples_run_in_order(tmp_path, monkeypatch):
   """The examples share one namespace, as a reader pasting them one after another would; the
-  checkpoint example's folder is a tiny stand-in with the left-padded batch of the next one."""
+  checkpoint example's folder is a tiny stand-in with the left-padded batch of the next one.
+  They run in a fresh folder (the prompts example writes a file)."""
+  monkeypatch.chdir(tmp_path)
   folder = smoke.make_model_folder(tmp_path / "model", seed=0)
   namespace = {}
   for block in python_blocks():

@@ -323,3 +323,28 @@ def test_compaction_with_rows_that_never_stop_or_all_stop_at_once(tiny, monkeypa
   assert sampling.last_schedule() == [dict(rows=16, cache_len=16 + 8, start=0, stop=1,
                                            active=0)]
   _compare(out, _sample(model, tokens, mask, seed=5, compact=False, **kw))
+
+
+def test_vocab_size_samples_and_normalises_over_the_shared_vocabulary_only(checkpoint, prompts):
+  """An embedding padded past the real tokens (vocab_size < rows): both log-probs over the first
+  vocab_size logits, as the trainer's scorer computes them; padding rows are never drawn."""
+  _, model, _ = checkpoint
+  tokens, mask = prompts
+  rows, vocab = model.config.vocab_size, 100
+  assert rows > vocab
+  out = _sample(model, tokens, mask, seed=5, top_p=0.95, vocab_size=vocab,
+                banned_token_ids=[rows - 1])    # a ban past the vocabulary is moot
+  assert np.asarray(out.tokens).max() < vocab
+  full = np.concatenate([tokens, np.asarray(out.tokens)], axis=1)
+  full_mask = np.concatenate([mask, np.ones_like(out.mask)], axis=1)
+  logits = models.forward(model, full, full_mask)
+  p = tokens.shape[1]
+  for width, close in ((vocab, True), (rows, False)):
+    logp = np.asarray(jax.nn.log_softmax(logits[..., :width], axis=-1))[:, p - 1:-1]
+    want = np.take_along_axis(logp, np.asarray(out.tokens)[..., None], -1)[..., 0]
+    # Over the shared vocabulary: equal; over every embedding row: the mismatch the trainer had.
+    assert np.allclose(out.policy_logprobs, want, atol=1e-4) == close
+  with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 128\]"):
+    _sample(model, tokens, mask, vocab_size=rows + 1)
+  with pytest.raises(ValueError, match="outside the sampled vocabulary"):
+    _sample(model, tokens, mask, vocab_size=vocab, stop_token_ids=[vocab + 3])

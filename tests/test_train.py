@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import train_helpers
-from opd_jax import estimators, models, settings, sharding, steps, train
+from opd_jax import errors, estimators, models, settings, sharding, steps, train
 from opd_jax.data import order, tiny_arith
 from opd_jax.settings import ConfigError
 
@@ -41,7 +41,8 @@ def _strip_timing(rows):
     ({"rollout.top_p": 1.5}, r"config.rollout.top_p=1.5 .*\(0, 1\]"),
     ({"rollout.top_p": 0.0}, r"config.rollout.top_p=0.0"),
     ({"opt.minibatch_size": 3}, r"config.opt.minibatch_size=3 .*8 rollouts per step"),
-    ({"model.path": "/no/such/folder"}, r"config.model.path='/no/such/folder' .*local folder"),
+    ({"model.path": "/no/such/folder"},
+     r"config.model.path='/no/such/folder'.*local Hugging Face folder"),
     ({"teacher.path": "/no/such/folder"}, r"config.teacher.path="),
     ({"data.dataset": ""}, r"config.data.dataset='' .*registered dataset"),
     ({"loss.support": "student"}, r"config.loss.support='student' .*teacher, teacher\+sampled"),
@@ -50,8 +51,11 @@ def _strip_timing(rows):
 ])
 def test_bad_settings_are_refused_before_anything_runs(tmp_path, overrides, match):
   c = train_helpers.tiny_config(tmp_path / "w", tmp_path / "tfds", **overrides)
-  with pytest.raises(settings.ConfigError, match=match):
+  with pytest.raises(errors.UserError, match=match) as raised:
     settings.TrainSettings.from_config(c)
+  # A model folder that cannot be loaded is a CheckpointError (naming the key and the folder).
+  path = any(k.endswith(".path") for k in overrides)
+  assert type(raised.value) is (models.CheckpointError if path else settings.ConfigError)
   assert not (tmp_path / "w").exists()
 
 
@@ -133,6 +137,7 @@ def test_two_iterations_write_metrics_checkpoint_and_samples(tmp_path, tiny_arit
                                                   "rollout/logprob_mismatch_max",
                                                   "rollout/logprob_mismatch_mean"})
   assert not skipped & set(rows[0]) and (expected - skipped) <= set(rows[0])
+  assert not train_helpers.undocumented_metrics({k for r in rows for k in r})   # metrics.md
   assert all(np.isfinite(v) for r in rows for v in r.values())
   assert json.loads((tmp_path / "config.json").read_text())["loss"]["estimator"] == estimator
   assert (tmp_path / "checkpoints" / "2").is_dir()

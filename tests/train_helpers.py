@@ -4,6 +4,9 @@ and as an experiment file that `python -m opd_jax.main` can load in a subprocess
 from __future__ import annotations
 
 import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The body of get_config(); `c` starts as configs.opd(). Random student and teacher, 8 prompts x 2
 # rollouts of up to 5 tokens, two mini-batches per iteration.
@@ -28,6 +31,7 @@ c.opt.lr = 1e-3
 c.checkpoint.every = 2
 c.log.samples_every = 2
 c.log.tensorboard = False
+c.log.plot = False
 """
 
 
@@ -53,3 +57,15 @@ def write_config_file(path: pathlib.Path, data_dir, extra: str = "") -> pathlib.
                   "  c = configs.opd()\n" + "".join(f"  {line}\n" for line in body) +
                   "  return c\n")
   return path
+
+
+def undocumented_metrics(names) -> list[str]:
+  """The metric names that docs/metrics.md's tables do not list (`<...>` there is one path
+  part: a benchmark, a task name, a k; `task/<name>/` prefixes any listed name)."""
+  text = (ROOT / "docs" / "metrics.md").read_text()
+  listed = re.findall(r"^\| `([^`]+)` \|", text, re.M)
+  patterns = [re.compile(re.sub(r"<[^>]+>", r"[^/]+", re.escape(n).replace(r"\<", "<")
+                                .replace(r"\>", ">")) + "$") for n in listed]
+  known = ("step", "task_index")
+  return sorted(n for n in names if n not in known and not any(
+      p.match(re.sub(r"^task/[^/]+/", "", n)) for p in patterns))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import types
@@ -296,7 +298,40 @@ def _fingerprint(files: list[str]) -> list[dict[str, Any]]:
   return [{"name": os.path.basename(f), "bytes": os.path.getsize(f)} for f in files]
 
 
-class _MathBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class QuietBuilder:
+  """TFDS builder hooks for datasets built from local files: TFDS would print "Downloading and
+  preparing dataset Unknown size ..." and "... downloaded and prepared", though nothing is
+  downloaded; the callers print one line of their own instead."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+
+class _DropTfdsNoise(logging.Filter):
+  """TFDS's warning that a folder it is about to fill has no dataset_info.json yet."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+  """Around opening and building a dataset from local files: no TFDS progress bars, no warning
+  that a folder it is about to fill has no dataset_info.json yet."""
+  drop, logger = _DropTfdsNoise(), logging.getLogger("absl")
+  logger.addFilter(drop)
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(True)
+    logger.removeFilter(drop)
+
+
+class _MathBuilder(QuietBuilder, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Builds one dataset of `DATASETS` from local files into array_record shards."""
 
   SPEC: DatasetSpec
@@ -396,6 +431,12 @@ def build(name: str, *, source: PathLike | Sequence[PathLike] | None = None,
     The prepared builder (`builder.as_data_source()` reads it).
   """
   spec = _spec(name)
+  with quiet_tfds():
+    return _build(spec, source, data_dir)
+
+
+def _build(spec: DatasetSpec, source, data_dir) -> tfds.core.DatasetBuilder:
+  name = spec.name
   builder = BUILDERS[spec.name](source=source, data_dir=data_dir, file_format="array_record")
   if builder.is_prepared():
     if source is not None and _sources_exist(source):
@@ -406,6 +447,7 @@ def build(name: str, *, source: PathLike | Sequence[PathLike] | None = None,
             f"{name} is already built in {builder.data_path} from {recorded}, but source={source} "
             f"holds {given}; use another data_dir or delete {builder.data_path} to rebuild")
     return builder
+  print(f"building the {name} dataset in {builder.data_dir_root} (once)")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))

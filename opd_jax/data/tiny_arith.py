@@ -12,6 +12,8 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from opd_jax.data import math_datasets
+
 PAD, EOS = "<pad>", "<eos>"
 CHARS = tuple("0123456789+=")
 VOCAB = (PAD, EOS) + CHARS
@@ -64,7 +66,7 @@ def decode_answer(ids) -> str | None:
   return None
 
 
-class TinyArith(tfds.core.GeneratorBasedBuilder):
+class TinyArith(math_datasets.QuietBuilder, tfds.core.GeneratorBasedBuilder):
   """Train problems and disjoint held-out test problems, both drawn from a fixed seed."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -107,12 +109,9 @@ def load(data_dir: str | pathlib.Path, split: str):
   """The split as a random-access TFDS data source (built into `data_dir` on first use)."""
   if split not in SPLITS:
     raise ValueError(f"tiny_arith has no split {split!r}; accepted: {', '.join(SPLITS)}")
-  builder = TinyArith(data_dir=str(data_dir), file_format="array_record")
-  if not builder.is_prepared():
-    print(f"building the tiny_arith dataset in {data_dir} (once)")
-    tfds.display_progress_bar(False)
-    try:
+  with math_datasets.quiet_tfds():
+    builder = TinyArith(data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+      print(f"building the tiny_arith dataset in {data_dir} (once)")
       builder.download_and_prepare()
-    finally:
-      tfds.display_progress_bar(True)
-  return builder.as_data_source()[split]
+    return builder.as_data_source()[split]

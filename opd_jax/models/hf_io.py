@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from opd_jax.errors import UserError
 from opd_jax.models.config import SUPPORTED_DTYPES, ModelConfig, config_from_hf, config_to_hf
 from opd_jax.models.decoder import Decoder
 from opd_jax.models.partitioning import is_stacked, param_partition_spec
@@ -27,7 +28,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _SHOWN = 5  # names listed in an error message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint folder that cannot be loaded: the message names the file and the problem."""
 
 
@@ -112,6 +113,17 @@ def _read_config(folder: pathlib.Path, dtype: str) -> ModelConfig:
     return config_from_hf(hf, dtype=dtype)
   except ValueError as e:
     raise CheckpointError(f"{config_file}: {e}") from e
+
+
+def check_folder(path) -> None:
+  """Raises CheckpointError naming `path` unless it is a folder with a readable config.json and
+  safetensors weights (single file, or an index whose files are all present). Reads no tensor:
+  a cheap check before models load, so that a run fails at start-up, not minutes in."""
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist or is not a folder")
+  _read_config(folder, "float32")
+  _tensor_files(folder)
 
 
 def _tensor_files(folder: pathlib.Path) -> dict[str, list[str]]:
