@@ -42,7 +42,7 @@ compile_s, iter_s, speedup_per_round; load_before / load_after (1-minute load av
 valid. A ratio is valid only on an idle machine: when the load before the start is above 1.0
 (on 2 cores) the JSON says "valid": false and the script exits with status 3.
 
-Run (about 25 minutes on a 2-core CPU): python benchmarks/bench_train.py [--rounds 3]
+Run (about 20 minutes on a 2-core CPU): python benchmarks/bench_train.py [--rounds 3]
   [--workloads fixed,variable]
 """
 
@@ -69,7 +69,7 @@ from opd_jax.settings import TrainSettings  # noqa: E402
 
 MAX_LOAD = 1.0   # the 1-minute load average above which a ratio is not reported as valid
 PAUSE_S = 0.2   # between turns, so that one side's idle worker threads have gone to sleep
-WARMUP = 2      # untimed iterations per side (the first compiles; others meet more geometries)
+WARMUP = 3      # untimed iterations per side (the first compiles; others meet more geometries)
 ROWS = trl_peer.PROMPTS * trl_peer.COPIES
 # Our two sides per workload: (name, estimator, unpacked).
 SIDES = {"fixed": (("lsm", "lsm", False), ("full_rkl", "full_rkl", False)),
@@ -245,8 +245,12 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
     for _ in range(rounds):
       for side, _, _ in SIDES[name]:
         time.sleep(PAUSE_S)
+        traces = sampling.compiled_programs()
         t = ours[side].iteration()
-        t["compiled"] = t["geometry"] not in seen[side]   # a new row geometry: compiled now
+        # A new row geometry, or a sampler program (compaction: one per row bucket and cache
+        # length met) traced in this round: it compiled now.
+        t["compiled"] = (t["geometry"] not in seen[side]
+                         or sampling.compiled_programs() != traces)
         seen[side].add(t["geometry"])
         times[side].append(t)
       time.sleep(PAUSE_S)
@@ -262,6 +266,7 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
   for side, estimator, unpacked in SIDES[name]:
     med = _median_split([{k: v for k, v in t.items() if k != "geometry"} for t in times[side]])
     rounds_s = [t["s"] for t in times[side]]
+    steady = [t["s"] for t in times[side] if not t["compiled"]]
     tokens = sum(t["tokens"] for t in times[side])
     out[side] = {
         "estimator": estimator, "packing": "off" if unpacked else ours[side].s.opt.packing,
@@ -276,6 +281,9 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
         "rows": [t["rows"] for t in times[side]],
         "compiled_in_round": [t["compiled"] for t in times[side]],
         "speedup_vs_trl": _r(trl["s"] / med["s"], 2),
+        # The rounds that compiled nothing (a long run's steady state), when there are any.
+        "steady_s_per_iter": _r(statistics.median(steady)) if steady else None,
+        "steady_rounds": len(steady),
         "speedup_per_round": [_r(t / o, 2) for o, t in zip(rounds_s, trl_rounds)],
         "losses": [_r(x, 6) for x in ours[side].losses]}
   result = {"workload": name, "new_tokens": work["new"], "top_k": work["top_k"],
@@ -290,6 +298,10 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
     result["speedup_vs_trl_full_rkl"] = out[b]["speedup_vs_trl"]
   else:
     lengths = np.concatenate(ours[a].lengths[WARMUP:])  # the timed rounds
+    if out[a]["steady_s_per_iter"] and out[b]["steady_s_per_iter"]:
+      result["steady_speedup_vs_trl"] = _r(trl["s"] / out[a]["steady_s_per_iter"], 2)
+      result["steady_speedup_vs_unpacked"] = _r(
+          out[b]["steady_s_per_iter"] / out[a]["steady_s_per_iter"], 2)
     result |= {"speedup_vs_unpacked": _r(out[b]["s_per_iter"] / out[a]["s_per_iter"], 2),
                "mean_response_tokens": _r(lengths.mean(), 1),
                "max_response_tokens": int(lengths.max()),
@@ -300,7 +312,7 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--workloads", default="fixed,variable")
   args = parser.parse_args()
   if args.rounds < 1:

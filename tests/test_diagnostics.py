@@ -140,6 +140,7 @@ def test_diagnose_matches_the_logits_of_a_full_pass():
   assert float(got["diag/reverse_kl"]) == pytest.approx(float(want["diag/reverse_kl"]), rel=1e-5)
 
 
+@pytest.mark.slow   # ~20 s; the fast suite's math_lsm command-line smoke logs diag/ too
 def test_trainer_logs_diagnostics_on_diagnostic_iterations(tmp_path, tiny_arith_dir):
   # Rows split 8 ways on the 8 fake devices (the drawn rows are gathered across them).
   c = train_helpers.tiny_config(tmp_path / "w", tiny_arith_dir, **{

@@ -148,7 +148,8 @@ def _compare(a, b, mask):
 
 
 @pytest.mark.parametrize("estimator,loss_kw", [
-    ("lsm", None), ("sampled_token", {"gamma": 0.9}), ("full_rkl", None),
+    ("lsm", None), ("sampled_token", {"gamma": 0.9}),
+    pytest.param("full_rkl", None, marks=pytest.mark.slow),
     pytest.param("sft", None, marks=pytest.mark.slow),
     pytest.param("lsm", {"tail": "ema_pg"}, marks=pytest.mark.slow)])
 def test_every_estimator_is_the_same_on_trimmed_and_packed_rows(estimator, loss_kw):

@@ -295,6 +295,7 @@ def test_compaction_keeps_every_rows_tokens(tiny, monkeypatch):
   assert sampling._row_buckets(24, 4) == (4, 8, 12, 24)
 
 
+@pytest.mark.slow   # ~20 s; the one-device compaction test stays in the fast suite
 def test_compaction_on_the_mesh_keeps_buckets_divisible(tiny):
   """Rows over data x fsdp = 4 ways of a (2, 2, 2) mesh: buckets of 16, 8, 4 rows."""
   model, (tokens, mask) = tiny
@@ -309,6 +310,7 @@ def test_compaction_on_the_mesh_keeps_buckets_divisible(tiny):
   _compare(out, _sample(model, tokens, mask, seed=3, **_VARIABLE), atol=1e-4)  # one device
 
 
+@pytest.mark.slow   # ~14 s
 def test_compaction_with_rows_that_never_stop_or_all_stop_at_once(tiny, monkeypatch):
   model, (tokens, mask) = tiny
   monkeypatch.setattr(sampling, "MIN_SEGMENT", 8)
