@@ -231,5 +231,8 @@ def test_readme_benchmarks_run_at_their_smallest_sizes(script):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, f"benchmarks/{script}", *BENCH_ARGS[script]], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=1200, check=False)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  json.loads(proc.stdout.strip().splitlines()[-1])   # the last line is one JSON object
+  last = json.loads(proc.stdout.strip().splitlines()[-1])   # the last line is one JSON object
+  # bench_train.py exits 3 when the machine was loaded before it started (its ratios are then
+  # marked invalid): a run inside the test suite may well be.
+  refused = script == "bench_train.py" and proc.returncode == 3 and last["valid"] is False
+  assert proc.returncode == 0 or refused, proc.stderr[-4000:]

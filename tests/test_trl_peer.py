@@ -40,6 +40,17 @@ def test_tokenizer_maps_prompt_strings_to_their_ids():
   assert min(min(row) for row in ids) >= 2       # never the pad or EOS id
 
 
+def test_workloads_give_both_sides_the_same_generation_settings():
+  fixed, variable = trl_peer.workload("fixed"), trl_peer.workload("variable")
+  assert fixed == {"new": 128, "top_k": 50, "top_p": 0.9, "stop_ids": (), "exact": True}
+  assert variable["new"] == 512 and variable["top_k"] == 0 and not variable["exact"]
+  # TRL's own EOS and 410 more ids stop a response (geometric lengths, mean near 64).
+  assert variable["stop_ids"][0] == trl_peer.EOS_ID and len(set(variable["stop_ids"])) == 411
+  assert trl_peer.PAD_ID not in variable["stop_ids"]
+  with pytest.raises(ValueError, match="accepted: fixed, variable"):
+    trl_peer.workload("long")
+
+
 @pytest.mark.slow   # ~30 s on an idle 2-core machine: TRL generates 32 x 128 tokens per step
 def test_run_serves_steps_and_splits_them(folders):
   out = io.StringIO()
