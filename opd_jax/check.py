@@ -25,7 +25,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from opd_jax import masking, models, programs
+from opd_jax import cli, masking, models, programs
 from opd_jax.data import prompts, registry
 from opd_jax.settings import ConfigError, TrainSettings
 
@@ -498,7 +498,7 @@ def _probe_inputs(s: TrainSettings, templated: bool, tokenizer, teacher_tokenize
 
 def _cli() -> None:
   # pylint: disable=import-outside-toplevel
-  from absl import app, flags, logging
+  from absl import app, flags
   from ml_collections import config_flags
   config = config_flags.DEFINE_config_file(
       "config", None, "Experiment config file exposing get_config(); ':arg' is passed to it.")
@@ -506,12 +506,7 @@ def _cli() -> None:
                                 "(the trainer's start-up form): no renderer-bias probe.")
 
   def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    if config.value is None:
-      raise app.UsageError("--config=experiments/<name>.py is required")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+    cli.require_config(argv, config)
     out = report(config.value, load_models=not no_models.value)
     return 1 if out["status"] == FAIL else 0
 

@@ -481,7 +481,7 @@ def _cli() -> None:
                              f" --xla_force_host_platform_device_count={devices}").strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
   # pylint: disable=import-outside-toplevel
-  from absl import app, flags, logging
+  from absl import app, flags
   from ml_collections import config_flags
   config = config_flags.DEFINE_config_file(
       "config", None, "Experiment config file exposing get_config(); ':arg' is passed to it.")
@@ -491,12 +491,7 @@ def _cli() -> None:
   head = flags.DEFINE_float("headroom", HEADROOM, "Fraction of memory kept free.")
 
   def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    if config.value is None:
-      raise app.UsageError("--config=experiments/<name>.py is required")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+    cli.require_config(argv, config)
     if flags.FLAGS.devices != devices:   # absl read a form the scan above did not
       raise app.UsageError(f"--devices={flags.FLAGS.devices} was read after JAX started with "
                            f"{devices} devices; give it as --devices=N or --devices N")
