@@ -31,17 +31,23 @@ def flag_value(argv: Sequence[str], name: str) -> str | None:
   return value
 
 
-def require_config(argv: Sequence[str], config) -> None:
-  """The checks every `--config` entry point makes inside absl's `app.run`: no positional
-  arguments, a --config given; absl's INFO logs quiet unless --verbosity is set."""
+def check_usage(argv: Sequence[str]) -> None:
+  """The checks every entry point makes inside absl's `app.run`: no positional arguments;
+  absl's INFO logs quiet unless --verbosity is set."""
   # pylint: disable=import-outside-toplevel
   from absl import app, flags, logging
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-  if config.value is None:
-    raise app.UsageError("--config=experiments/<name>.py is required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def require_config(argv: Sequence[str], config) -> None:
+  """`check_usage`, and a --config given (the entry points that read an experiment file)."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  check_usage(argv)
+  if config.value is None:
+    raise app.UsageError("--config=experiments/<name>.py is required")
 
 
 def _load_config_file(value: str):

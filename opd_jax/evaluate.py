@@ -681,9 +681,7 @@ def _cli() -> None:
   # pylint: disable=import-outside-toplevel
   import sys
 
-  from absl import app
   from absl import flags as absl_flags
-  from absl import logging
   from ml_collections import config_flags
 
   from opd_jax import cli
@@ -710,10 +708,7 @@ def _cli() -> None:
   tokenizer = absl_flags.DEFINE_string("tokenizer", "", "Tokenizer folder (see load_model).")
 
   def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    if not absl_flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+    cli.check_usage(argv)
     values = type("Flags", (), dict(
         config=config.value, checkpoint=checkpoint.value, step=step.value,
         workdir=workdir.value, label=label.value, tokenizer=tokenizer.value))

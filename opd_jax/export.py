@@ -68,7 +68,7 @@ def export(workdir, out, *, step: int | None = None, dtype: str = "",
 
 def _cli() -> None:
   # pylint: disable=import-outside-toplevel
-  from absl import app, flags, logging
+  from absl import flags
 
   from opd_jax import cli
   workdir = flags.DEFINE_string("workdir", None, "The trainer run's workdir.", required=True)
@@ -79,10 +79,7 @@ def _cli() -> None:
   tokenizer = flags.DEFINE_string("tokenizer", "", "Tokenizer folder ('' = the run's).")
 
   def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+    cli.check_usage(argv)
     export(workdir.value, out.value, step=None if step.value < 0 else step.value,
            dtype=dtype.value, tokenizer=tokenizer.value)
 
