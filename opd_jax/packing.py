@@ -200,7 +200,7 @@ def plan_rows(mode: str, batch: Mapping[str, np.ndarray], *, minibatches: int, m
   r, p = batch["prompt_mask"].shape
   pt, n = batch["teacher_prompt_mask"].shape[1], batch["response_mask"].shape[1]
   lengths = response_lengths(batch["response_mask"])
-  if mode == "off" or (mode == "trim"):
+  if mode in ("off", "trim"):
     cols = n if mode == "off" else bucket(_agree(int(lengths.max(initial=0)))[0], n)
     return Geometry(p + cols, pt + cols, cols, minibatches, micro, False), [[i] for i in range(r)]
   p_len = batch["prompt_mask"].sum(axis=1)
