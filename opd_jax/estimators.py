@@ -67,8 +67,15 @@ class Estimator:
     del loss
     return False
 
-  def loss(self, model, hidden: Array, mb: dict, loss: Any, vocab: int, mesh: Mesh | None
-           ) -> tuple[Array, dict]:
+  def diagnostic_metrics(self, loss: Any) -> tuple[str, ...]:
+    """The loss's diagnostics that cost a pass of their own and are computed only when `loss`
+    is called with `diagnose` true (NaN otherwise): the trainer logs them on diagnostic
+    iterations only."""
+    del loss
+    return ()
+
+  def loss(self, model, hidden: Array, mb: dict, loss: Any, vocab: int, mesh: Mesh | None,
+           diagnose: bool | Array = True) -> tuple[Array, dict]:
     """(token-mean loss, scalar diagnostics incl. "policy/entropy") of one mini-batch.
 
     Args:
@@ -80,6 +87,9 @@ class Estimator:
       loss: the run's LossSettings.
       vocab: the vocabulary shared with the teacher (ids >= vocab never count).
       mesh: the mesh the arrays are laid out on (None: one device).
+      diagnose: compute the `diagnostic_metrics` too (a bool, or a traced scalar: one program
+        either way; where false they are NaN, or left out when statically false). The loss and
+        its gradient do not depend on it.
     """
     raise NotImplementedError
 
@@ -133,7 +143,12 @@ class LocalSupportMatching(Estimator):
   def reads_student_scores(self, loss):
     return loss.tail != "none"   # the tail's importance weight reads the behaviour log-probs
 
-  def loss(self, model, hidden, mb, loss, vocab, mesh):
+  def diagnostic_metrics(self, loss):
+    if not loss.renormalize or loss.tail != "none":
+      return ()   # the loss itself reads the vocabulary sweep: they come with it
+    return tuple("policy/entropy" if m == "kl/student_entropy" else m for m in topk.STATISTICS)
+
+  def loss(self, model, hidden, mb, loss, vocab, mesh, diagnose=True):
     k = loss.k
     teacher = topk.TopK(mb["t_indices"][..., :k], mb["t_logits"][..., :k], mb["t_lse"],
                         mb["t_sampled"])
@@ -142,9 +157,10 @@ class LocalSupportMatching(Estimator):
         support=loss.support, renormalize=loss.renormalize, tail=loss.tail,
         sampled_tokens=mb["response"], behavior_logprobs=mb["behavior_logprobs"],
         tail_weight_clip=loss.tail_weight_clip, chunk_tokens=loss.chunk_tokens,
-        chunk_vocab=loss.chunk_vocab, mesh=mesh)
+        chunk_vocab=loss.chunk_vocab, mesh=mesh, statistics=diagnose)
     aux = dict(aux)
-    aux["policy/entropy"] = aux.pop("kl/student_entropy")
+    if "kl/student_entropy" in aux:
+      aux["policy/entropy"] = aux.pop("kl/student_entropy")
     return value, aux
 
   def logits_loss(self, student_logits, teacher_logits, tokens, mask, loss):
@@ -164,7 +180,7 @@ class SampledToken(Estimator):
   def reads_student_scores(self, loss):
     return True
 
-  def loss(self, model, hidden, mb, loss, vocab, mesh):
+  def loss(self, model, hidden, mb, loss, vocab, mesh, diagnose=True):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: losses.sampled_token_opd(
         losses.token_logprobs(logits, mb["response"]), mb["teacher_logprobs"], mb["loss_mask"],
         gamma=loss.gamma, behavior_logprobs=mb["behavior_logprobs"], ppo_clip=loss.ppo_clip,
@@ -185,7 +201,7 @@ class FullReverseKL(Estimator):
   score_keys = ("behavior_logprobs", "teacher_logits")
   full_teacher_logits = True
 
-  def loss(self, model, hidden, mb, loss, vocab, mesh):
+  def loss(self, model, hidden, mb, loss, vocab, mesh, diagnose=True):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: losses.full_reverse_kl(
         logits, mb["teacher_logits"], mb["loss_mask"]))
 
@@ -199,7 +215,7 @@ class SupervisedFineTuning(Estimator):
   name = "sft"
   samples = False
 
-  def loss(self, model, hidden, mb, loss, vocab, mesh):
+  def loss(self, model, hidden, mb, loss, vocab, mesh, diagnose=True):
     return _on_full_logits(model, hidden, mb, vocab, lambda logits: (
         _token_mean(-losses.token_logprobs(logits, mb["response"]), mb["loss_mask"]), {}))
 

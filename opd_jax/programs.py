@@ -160,7 +160,8 @@ class Programs:
     """`values` without the diagnostic metrics iteration `done` did not compute."""
     if self.diagnostic(done):
       return values
-    skip = set(steps.UPDATE_DIAGNOSTIC_METRICS)
+    skip = set(steps.UPDATE_DIAGNOSTIC_METRICS) | set(
+        self.estimator.diagnostic_metrics(self.settings.loss))
     if not self.estimator.reads_student_scores(self.settings.loss):
       skip |= set(steps.STUDENT_PASS_METRICS)
     return {k: v for k, v in values.items() if k not in skip}

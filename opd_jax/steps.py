@@ -309,14 +309,15 @@ class _Update:
     return _response_hidden(model, mb["tokens"], mb["segments"], mb.get("s_index"),
                             mb["response"].shape[1], self.packed)
 
-  def loss_fn(self, params: PyTree, mb: dict) -> tuple[Array, dict]:
+  def loss_fn(self, params: PyTree, mb: dict, diagnose) -> tuple[Array, dict]:
     model = self.model(params)
     return self.estimator.loss(model, self.hidden(model, mb), mb, self.loss, self.shapes.vocab,
-                               self.shapes.mesh)
+                               self.shapes.mesh, diagnose=diagnose)
 
-  def grads(self, params: PyTree, mb: dict):
+  def grads(self, params: PyTree, mb: dict, diagnose):
     """((loss, aux), grads) of a mini-batch's token-mean loss, one micro-batch at a time."""
-    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    grad_fn = functools.partial(jax.value_and_grad(self.loss_fn, has_aux=True),
+                                diagnose=diagnose)
     if self.micro == 1:
       return grad_fn(params, mb)
     parts = jax.tree.map(lambda x: _split_rows(x, self.micro), mb)
@@ -340,11 +341,11 @@ class _Update:
 
     return jax.lax.scan(add, zeros, parts)[0]
 
-  def step(self, carry, mb: dict):
+  def step(self, carry, mb: dict, diagnose):
     """One AdamW step on one mini-batch (a lax.scan body); `carry` ends with the step count
     of the iteration's first mini-batch plus this one's index."""
     params, opt_state, j = carry
-    (value, aux), grads = self.grads(params, self.constrain(mb))
+    (value, aux), grads = self.grads(params, self.constrain(mb), diagnose)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     out = {"loss": value, "opt/grad_norm": optax.tree.norm(grads), "opt/lr": self.schedule(j),
@@ -371,15 +372,19 @@ class _Update:
     batch = self.constrain(as_rows(batch))
     mbs = jax.tree.map(lambda x: _split_rows(x, self.minibatches), batch)
     first = state.step * self.minibatches
+    # Diagnostic iterations (Programs.diagnostic: every diagnostics_every-th and the last; none
+    # when it is 0) also compute the loss's own diagnostic metrics and the KL below.
+    done = state.step + 1
+    due = ((done % self.diagnostics_every == 0) | (done == self.steps)
+           if self.diagnostics_every else False)
     (params, opt_state, _), per_mb = jax.lax.scan(
-        self.step, (state.params, state.opt_state, first.astype(jnp.int32)), mbs)
+        functools.partial(self.step, diagnose=due),
+        (state.params, state.opt_state, first.astype(jnp.int32)), mbs)
     metrics = jax.tree.map(jnp.mean, per_mb)
     metrics["opt/grad_norm_max"] = jnp.max(per_mb["opt/grad_norm"])
     if self.estimator.samples and self.diagnostics_every:
       # The KL to the policy that sampled the rollouts: one more student pass, on diagnostic
       # iterations only (elsewhere 0, and the trainer does not log it).
-      done = state.step + 1
-      due = (done % self.diagnostics_every == 0) | (done == self.steps)
       metrics["policy/kl_before_after"] = jax.lax.cond(
           due, lambda: self.kl_before_after(params, batch), lambda: jnp.zeros((), jnp.float32))
     return TrainState(params, opt_state, state.step + 1), metrics

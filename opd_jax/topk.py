@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -25,6 +26,9 @@ FUSED_SUPPORTS = ("teacher", "teacher+sampled")
 SUPPORTS = losses.SUPPORTS
 TAILS = losses.TAILS
 LOGP_FLOOR = losses.LOGP_FLOOR
+# The diagnostics of `topk_reverse_kl_from_hidden` that read the student's full-vocabulary sweep
+# (left out, or NaN, when `statistics` is off).
+STATISTICS = ("kl/student_mass", "kl/logp_gap", "kl/overlap", "kl/student_entropy")
 
 
 class TopK(NamedTuple):
@@ -53,6 +57,10 @@ class _Plan:
   mesh: Mesh | None
   data_axis: tuple[str, ...]
   tensor_axis: str | None
+  # The forward's vocabulary sweep (logsumexp, entropy, top-K): "always"; "never" (the logits at
+  # the requested columns alone, by row gathers; the other statistics NaN); "cond" (a traced
+  # flag chooses, one program for both).
+  sweep: str = "always"
 
 
 class _Stats(NamedTuple):
@@ -143,6 +151,36 @@ def _local_forward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, of
   return _Stats(got, m + jnp.log(s), entropy, top_v, top_i)
 
 
+def _gather_tokens(plan: _Plan, n: int, c: int, d: int) -> int:
+  """Tokens per block of the row-gathered passes: [t, c, d] gathered unembedding rows, as many
+  floats as one [chunk_tokens, chunk_vocab] logits block of the sweep."""
+  return max(1, min(n, plan.chunk_tokens * plan.chunk_vocab // max(c * d, 1)))
+
+
+def _local_gathered(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, offset: Array
+                    ) -> Array:
+  """The logits at `cols` alone, [n, C]: rows of the unembedding's transpose gathered per token
+  (no vocabulary sweep). Columns another shard owns give 0 before the merge, as in the sweep."""
+  n, d, v_loc = h.shape[0], h.shape[1], w.shape[1]
+  c = cols.shape[1]
+  wt = w.T
+  cols_loc = cols - offset
+
+  def block(xs):
+    h_c, cols_c, mask_c = xs
+    h_c = jnp.where(mask_c[:, None], h_c.astype(jnp.float32), 0.0)
+    owned = (cols_c >= 0) & (cols_c < v_loc)
+    rows = jnp.take(wt, jnp.clip(cols_c, 0, v_loc - 1), axis=0).astype(jnp.float32)
+    return jnp.where(owned, jnp.einsum("td,tcd->tc", h_c, rows), 0.0)
+
+  chunks = _token_chunks(_gather_tokens(plan, n, c, d), h, cols_loc, mask)
+  got = lax.map(block, chunks)
+  got = got.reshape((-1, c))[:n]
+  if plan.tensor_axis is not None:
+    got = lax.psum(got, plan.tensor_axis)
+  return got
+
+
 def _local_backward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, lse: Array,
                     g_got: Array, g_lse: Array, offset: Array) -> tuple[Array, Array]:
   """(dh, dw) of this device's vocabulary: dz = g_lse·softmax + scatter(g_got), in chunks."""
@@ -174,26 +212,24 @@ def _local_backward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, l
     (dh, dw), _ = lax.scan(body, init, jnp.arange(-(-v_loc // cv)))
     return dw, dh
 
-  def sparse(dw, xs):
-    # Only the gathered columns carry gradient: one column gather / scatter per slot, so no
-    # vocabulary sweep and no matmul against the whole unembedding.
+  def sparse(dwt, xs):
+    # Only the gathered columns carry gradient: rows of the unembedding's transpose are gathered
+    # and scattered per token (no vocabulary sweep, no matmul against the whole unembedding).
     h_c, cols_c, mask_c, _, gg_c, _ = xs
     h_c = jnp.where(mask_c[:, None], h_c.astype(jnp.float32), 0.0)
+    idx = jnp.clip(cols_c, 0, v_loc - 1)   # slots of other shards carry a zero cotangent
+    dh = jnp.einsum("tc,tcd->td", gg_c, jnp.take(w.T, idx, axis=0).astype(jnp.float32))
+    dwt = dwt.at[idx.reshape(-1)].add((gg_c[:, :, None] * h_c[:, None, :]).reshape(-1, d))
+    return dwt, dh
 
-    def body(carry, slot):
-      dh, dw = carry
-      idx, g = slot
-      idx = jnp.clip(idx, 0, v_loc - 1)
-      dh = dh + g[:, None] * jnp.take(w, idx, axis=1).astype(jnp.float32).T
-      return (dh, dw.at[:, idx].add(h_c.T * g[None, :])), None
-
-    init = (jnp.zeros((ct, d), jnp.float32), dw)
-    (dh, dw), _ = lax.scan(body, init, (cols_c.T, gg_c.T))
-    return dw, dh
-
-  chunks = _token_chunks(ct, h, cols_loc, mask, lse, g_got, g_lse)
-  dw0 = jnp.zeros(w.shape, jnp.float32)
-  dw, dh = lax.scan(dense if plan.dense_grad else sparse, dw0, chunks)
+  if plan.dense_grad:
+    chunks = _token_chunks(ct, h, cols_loc, mask, lse, g_got, g_lse)
+    dw, dh = lax.scan(dense, jnp.zeros(w.shape, jnp.float32), chunks)
+  else:
+    chunks = _token_chunks(_gather_tokens(plan, n, cols.shape[1], d), h, cols_loc, mask, lse,
+                           g_got, g_lse)
+    dwt, dh = lax.scan(sparse, jnp.zeros(w.shape[::-1], jnp.float32), chunks)
+    dw = dwt.T
   dh = dh.reshape(-1, d)[:n]
   if plan.tensor_axis is not None:
     dh = lax.psum(dh, plan.tensor_axis)
@@ -230,21 +266,44 @@ def _sharded(plan: _Plan, fn, in_specs, out_specs):
                                 for a, spec in zip(args, in_specs)))
 
 
-def _forward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array) -> _Stats:
+def _local_stats(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, sweep: Array
+                 ) -> _Stats:
+  offset = _offset(plan, w.shape[1])
+
+  def full():
+    return _local_forward(plan, h, w, cols, mask, offset)
+
+  def gathered():
+    nan = jnp.full((h.shape[0],), jnp.nan, jnp.float32)
+    return _Stats(_local_gathered(plan, h, w, cols, mask, offset), nan, nan,
+                  jnp.full((h.shape[0], plan.k), jnp.nan, jnp.float32),
+                  jnp.zeros((h.shape[0], plan.k), jnp.int32))
+
+  if plan.sweep == "always":
+    return full()
+  if plan.sweep == "never":
+    return gathered()
+  return lax.cond(sweep, full, gathered)
+
+
+def _forward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array,
+             sweep: Array | None = None) -> _Stats:
   tok, voc = plan.data_axis or None, plan.tensor_axis
-  fn = lambda h, w, c, m: _local_forward(plan, h, w, c, m, _offset(plan, w.shape[1]))
+  fn = lambda h, w, c, m, s: _local_stats(plan, h, w, c, m, s)
   out_specs = _Stats(P(tok, None), P(tok), P(tok), P(tok, None), P(tok, None))
-  return _sharded(plan, fn, (P(tok, None), P(None, voc), P(tok, None), P(tok)), out_specs)(
-      h, w, cols, mask)
+  sweep = jnp.asarray(True if sweep is None else sweep, bool)
+  return _sharded(plan, fn, (P(tok, None), P(None, voc), P(tok, None), P(tok), P()), out_specs)(
+      h, w, cols, mask, sweep)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _student_stats(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array) -> _Stats:
-  return _forward(plan, h, w, cols, mask)
+def _student_stats(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, sweep: Array
+                   ) -> _Stats:
+  return _forward(plan, h, w, cols, mask, sweep)
 
 
-def _student_stats_fwd(plan, h, w, cols, mask):
-  stats = _forward(plan, h, w, cols, mask)
+def _student_stats_fwd(plan, h, w, cols, mask, sweep):
+  stats = _forward(plan, h, w, cols, mask, sweep)
   return stats, (h, w, cols, mask, stats.lse)
 
 
@@ -258,7 +317,7 @@ def _student_stats_bwd(plan, res, g):
       h, w, cols, mask, lse, g.gathered, g.lse)
   if _explicit(plan):  # cotangents must carry their primal's sharding type
     dh, dw = (jax.reshard(x, jax.typeof(p).sharding) for x, p in ((dh, h), (dw, w)))
-  return dh, dw, None, None
+  return dh, dw, None, None, None
 
 
 _student_stats.defvjp(_student_stats_fwd, _student_stats_bwd)
@@ -376,7 +435,8 @@ def topk_reverse_kl_from_hidden(
     sampled_tokens: Array | None = None, behavior_logprobs: Array | None = None,
     tail_weight_clip: float | None = None, chunk_tokens: int = 1024, chunk_vocab: int = 8192,
     mesh: Mesh | None = None, data_axis: str | tuple[str, ...] | None = BATCH_AXES,
-    tensor_axis: str | None = "tensor") -> tuple[Array, dict[str, Array]]:
+    tensor_axis: str | None = "tensor", statistics: bool | Array = True
+    ) -> tuple[Array, dict[str, Array]]:
   """`losses.topk_reverse_kl` on the teacher's top-K, from the student's final hidden states.
 
   Same value, gradient and "kl/…" diagnostics as materialising `student_hidden @ unembed` and
@@ -399,6 +459,14 @@ def topk_reverse_kl_from_hidden(
     renormalize, tail, sampled_tokens, behavior_logprobs, tail_weight_clip: as in
       `losses.topk_reverse_kl`.
     chunk_tokens, chunk_vocab, mesh, data_axis, tensor_axis: as in `teacher_topk_from_hidden`.
+    statistics: whether to compute the student's full-vocabulary statistics that only the
+      diagnostics read when the loss is renormalised without a tail ("kl/student_mass",
+      "kl/logp_gap", "kl/overlap", "kl/student_entropy"). False: the forward gathers the
+      support's unembedding rows instead of sweeping the vocabulary (the sweep is most of the
+      loss's cost) and those diagnostics are left out; a traced bool chooses at run time in one
+      program, and the skipped diagnostics are NaN. The loss and its gradient are the same
+      either way (to float rounding). Ignored (always computed) when the loss itself needs them
+      (renormalize=False or a tail).
 
   Returns:
     (loss, aux): scalar token-mean loss and the scalar diagnostics of `losses.topk_reverse_kl`.
@@ -424,9 +492,17 @@ def topk_reverse_kl_from_hidden(
       ("behavior_logprobs", behavior_logprobs, "float", lead)):
     losses._check_array(name, x, kind, shape, positions)
   dense = (not renormalize) or tail == "ema_pg"
-  plan = _make_plan(student_hidden, student_unembed, k=k, chunk_tokens=chunk_tokens,
-                    chunk_vocab=chunk_vocab, entropy=True, dense_grad=dense, mesh=mesh,
-                    data_axis=data_axis, tensor_axis=tensor_axis)
+  if dense or (isinstance(statistics, (bool, np.bool_)) and statistics):
+    sweep = "always"
+  elif isinstance(statistics, (bool, np.bool_)):
+    sweep = "never"
+  else:
+    losses._check_array("statistics", statistics, "mask", (), "a scalar")
+    sweep = "cond"
+  plan = dataclasses.replace(
+      _make_plan(student_hidden, student_unembed, k=k, chunk_tokens=chunk_tokens,
+                 chunk_vocab=chunk_vocab, entropy=True, dense_grad=dense, mesh=mesh,
+                 data_axis=data_axis, tensor_axis=tensor_axis), sweep=sweep)
 
   # Masked positions get harmless constants, so nothing there can turn a zero gradient into NaN.
   mask = mask.astype(bool)
@@ -443,11 +519,14 @@ def topk_reverse_kl_from_hidden(
     blp = jnp.where(mask, behavior_logprobs.astype(jnp.float32), 0.0)
 
   h, w_cols, w_mask = _flat_rows(plan, student_hidden, cols, mask)
-  stats = _student_stats(plan, h, student_unembed, w_cols, w_mask)
+  swept = jnp.asarray(statistics, bool) if sweep == "cond" else jnp.asarray(sweep == "always")
+  stats = _student_stats(plan, h, student_unembed, w_cols, w_mask, swept)
   unflat = lambda x: _unflat(plan, x, tuple(lead))
   got, lse_s = unflat(stats.gathered), unflat(stats.lse)
   if not dense:
     lse_s = lax.stop_gradient(lse_s)  # the sparse backward drops the logsumexp's cotangent
+  if sweep != "always":   # the renormalised loss does not read it: no NaN from a skipped sweep
+    lse_s = jnp.where(swept, lse_s, 0.0)
 
   zs_sup, zt_sup = got[..., :k], zt_top
   if support == "teacher+sampled":  # the sampled token as a (K+1)-th slot when not in the top-K
@@ -458,8 +537,14 @@ def topk_reverse_kl_from_hidden(
       zs_y=None if zt_y is None else got[..., k], zt_y=zt_y,
       outside=None if zt_y is None else valid[..., k], behavior_logprobs=blp,
       tail_weight_clip=tail_weight_clip)
+  if sweep == "never":
+    aux_tok = {name: v for name, v in aux_tok.items() if name not in STATISTICS}
+    return losses._reduce_token_terms(per_token, aux_tok, mask)
   s_top = unflat(stats.top_indices)
   hit = jnp.any(s_top[..., :, None] == t_top[..., None, :], axis=-2)
   aux_tok["kl/overlap"] = jnp.mean(hit.astype(jnp.float32), axis=-1)
   aux_tok["kl/student_entropy"] = lax.stop_gradient(unflat(stats.entropy))
+  if sweep == "cond":
+    aux_tok = {name: jnp.where(swept, v, jnp.nan) if name in STATISTICS else v
+               for name, v in aux_tok.items()}
   return losses._reduce_token_terms(per_token, aux_tok, mask)

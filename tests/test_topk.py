@@ -171,6 +171,47 @@ def test_sharded_equals_unsharded(opt, mesh_shape, axis_type):
   _assert_same(got, want)
 
 
+@functools.partial(jax.jit, static_argnames=("opt", "mesh"))
+def _fused_statistics(hs, ws, teacher, mask, y, blp, statistics, *, opt, mesh=None):
+  kw = _kwargs(opt, dict(y=y, blp=blp))
+  f = lambda h, w: topk.topk_reverse_kl_from_hidden(
+      h, w, teacher, mask, chunk_tokens=CT, chunk_vocab=CV, mesh=mesh, statistics=statistics,
+      **kw)
+  return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hs, ws)
+
+
+@pytest.mark.parametrize("opt,mesh_shape", [("lsm", None), ("teacher+sampled", (2, 1, 4)),
+                                            ("ema_pg", None)])
+def test_statistics_off_gives_the_same_loss_and_gradients(opt, mesh_shape):
+  # Without the sweep the forward gathers the support's rows: same loss and gradients, and the
+  # diagnostics that read the sweep are NaN (traced flag) or left out (static False). A loss
+  # that needs the logsumexp (the EMA-PG tail) sweeps whatever the flag says.
+  d = _data(seed=3, b=3)
+  mesh = None if mesh_shape is None else _mesh(mesh_shape)
+  teacher = _teacher(d["ht"], d["wt"], d["y"])
+  args = (d["hs"], d["ws"], teacher, d["mask"], d["y"], d["blp"])
+  want = _fused(*args, opt=opt)
+  _assert_same(_fused_statistics(*args, jnp.asarray(True), opt=opt, mesh=mesh), want)
+  (loss, aux), grads = _fused_statistics(*args, jnp.asarray(False), opt=opt, mesh=mesh)
+  (loss_w, aux_w), grads_w = want
+  np.testing.assert_allclose(loss, loss_w, atol=2e-6, rtol=2e-5)
+  for g, w in zip(grads, grads_w):
+    np.testing.assert_allclose(g, w, atol=2e-6, rtol=2e-5)
+  assert set(aux) == set(aux_w)
+  for name in aux_w:
+    if name in topk.STATISTICS and opt != "ema_pg":
+      assert np.isnan(aux[name]), name
+    else:
+      np.testing.assert_allclose(aux[name], aux_w[name], atol=2e-6, rtol=2e-5, err_msg=name)
+  kw = _kwargs(opt, d)
+  (loss_s, aux_s), _ = topk.topk_reverse_kl_from_hidden(
+      d["hs"], d["ws"], teacher, d["mask"], chunk_tokens=CT, chunk_vocab=CV, statistics=False,
+      **kw), None
+  np.testing.assert_allclose(loss_s, loss_w, atol=2e-6, rtol=2e-5)
+  left_out = set(topk.STATISTICS) & set(aux_w) if opt != "ema_pg" else set()
+  assert set(aux_s) == set(aux_w) - left_out
+
+
 def _shard_map_in_specs(jaxpr):
   """The in_specs of every shard_map in a (closed) jaxpr, nested jaxprs included."""
   found = []
