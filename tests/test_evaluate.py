@@ -54,8 +54,8 @@ def test_accuracy_metrics_against_brute_force():
 
 
 def test_table_has_the_papers_columns_and_average():
-  student = dict(zip(evaluate.BENCHMARKS, (0.682, 0.133, 0.0, 0.265, 0.329)))
-  lsm = dict(zip(evaluate.BENCHMARKS, (0.804, 0.233, 0.267, 0.342, 0.439)))
+  student = dict(zip(evaluate.MATH_BENCHMARKS, (0.682, 0.133, 0.0, 0.265, 0.329)))
+  lsm = dict(zip(evaluate.MATH_BENCHMARKS, (0.804, 0.233, 0.267, 0.342, 0.439)))
   rows = [(label, {f"{b}/pass@1": v for b, v in m.items()})
           for label, m in (("student", student), ("LSM", lsm))]
   lines = evaluate.format_table(rows).splitlines()
@@ -209,7 +209,7 @@ def test_evaluator_on_a_tiny_model_is_consistent_and_reproducible(assets, tmp_pa
   again = evaluator(3, model)
   assert first == again   # the same draws at every step: common random numbers
   record = json.loads((tmp_path / "eval" / "step_0.json").read_text())
-  for b in evaluate.BENCHMARKS:
+  for b in evaluate.MATH_BENCHMARKS:
     items = record["benchmarks"][b]["items"]
     assert len(items) == c.eval.limit
     lengths = np.array([it["length"] for it in items])
@@ -220,7 +220,7 @@ def test_evaluator_on_a_tiny_model_is_consistent_and_reproducible(assets, tmp_pa
     truncated = np.array([it["truncated"] for it in items])
     assert not (truncated & (lengths < c.eval.max_new_tokens)).any()
   assert first["avg/pass@1"] == pytest.approx(np.mean([first[f"{b}/pass@1"]
-                                                        for b in evaluate.BENCHMARKS]))
+                                                        for b in evaluate.MATH_BENCHMARKS]))
   assert evaluate.table_from_workdir(tmp_path).count("student step") == 2
 
 
@@ -244,7 +244,7 @@ def test_standalone_entry_on_a_hugging_face_folder(assets, tmp_path):
   out = evaluate.main([], flags)
   record = json.loads((tmp_path / "teacher_eval" / "eval" / "step_0.json").read_text())
   assert record["label"] == "teacher" and record["metrics"] == out
-  assert set(record["benchmarks"]) == set(evaluate.BENCHMARKS)
+  assert set(record["benchmarks"]) == set(evaluate.MATH_BENCHMARKS)
 
 
 @pytest.mark.slow   # a 2-step training run (~25 s); test_paper_experiments covers restoring fast
