@@ -547,10 +547,11 @@ def missing_benchmarks(e: EvalSettings, workdir: str | pathlib.Path | None) -> l
 
 
 def check_benchmarks(e: EvalSettings, workdir: str | pathlib.Path | None) -> None:
-  """Raises one ValueError naming every benchmark that is neither built nor has a source."""
+  """Raises one ConfigError (a ValueError the command line prints without a traceback) naming
+  every benchmark that is neither built nor has a source (nor, for `prompts`, a file)."""
   missing = missing_benchmarks(e, workdir)
   if missing:
-    raise ValueError("the evaluation cannot start; set:\n  " + "\n  ".join(missing) +
+    raise ConfigError("the evaluation cannot start; set:\n  " + "\n  ".join(missing) +
                      "\n(or --config.eval.benchmarks to evaluate fewer)")
 
 
@@ -769,6 +770,11 @@ def main(argv, flags) -> dict[str, float]:
     config = config.copy_and_resolve_references()
     config.workdir = str(workdir)
     smoke.fill_missing(config)
+  # The benchmarks' files (and the prompts file's answers) checked before a model loads.
+  e = EvalSettings.from_config(config)
+  check_benchmarks(e, workdir)
+  if PROMPTS in e.benchmarks:
+    load_benchmark(PROMPTS, data_dir=None, source=dict(e.sources)[PROMPTS])
   model, tok, step, label = load_model(
       config, flags.checkpoint, step=None if flags.step < 0 else flags.step,
       tokenizer=flags.tokenizer)
