@@ -198,7 +198,8 @@ def eval_fields() -> ml_collections.ConfigDict:
   g = ml_collections.ConfigDict()
   g.every = 0                 # evaluate every this many iterations, at 0 and at the end
   #                             (0 = never; the runner supplies the evaluation)
-  # Math evaluation (opd_jax.evaluate; the "opd_eval" runner and the standalone entry point).
+  # Math evaluation (opd_jax.evaluate; the "opd_eval" runner and the standalone entry point):
+  # the paper's five benchmarks below, and "prompts", your own file (sources.prompts).
   g.benchmarks = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
   g.samples = 1               # k responses per problem: 1 = pass@1 (Table 1), 32 = avg@32
   g.max_new_tokens = 16384    # response budget of an evaluation sample
@@ -212,9 +213,11 @@ def eval_fields() -> ml_collections.ConfigDict:
   g.data_dir = ""             # TFDS folder of the benchmark builds ("" = data.data_dir,
   #                             else workdir/tfds)
   # Published file or folder each benchmark is built from the first time ("" = already built,
-  # or <data_dir>/downloads/manual/<name>/).
+  # or <data_dir>/downloads/manual/<name>/). prompts: a JSONL or parquet file in the format of
+  # data.dataset="prompts" (README "Your own prompts"), every row with an "answer"; read as it
+  # is at each evaluation (no build), rendered with data.template and data.chat_template.
   g.sources = ml_collections.ConfigDict(dict(
-      math500="", aime24="", aime25="", minerva_math="", olympiadbench=""))
+      math500="", aime24="", aime25="", minerva_math="", olympiadbench="", prompts=""))
   return g
 
 

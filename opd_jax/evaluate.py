@@ -1,8 +1,14 @@
-"""Math evaluation: pass@1 / avg@k on the five test benchmarks, during training and standalone.
+"""Math evaluation: pass@1 / avg@k on the five test benchmarks, or on your own prompts with
+answers, during training and standalone.
 
-Each problem is rendered like a training prompt (the student's chat template and the instruction
-of `opd_jax.data.prompts`), k responses are sampled (the paper: top-p 0.9, temperature 1), and
-each response is graded on its text after `</think>` (last `\\boxed{}`) by
+Each problem is rendered like a training prompt: the five math benchmarks with the student's chat
+template and the instruction of `opd_jax.data.prompts`; `prompts` (your own JSONL or parquet
+file, `config.eval.sources.prompts`, in the format of `data.dataset="prompts"`, every row with an
+"answer") exactly as training renders that dataset (`data.template`, `data.chat_template`).
+Prompts longer than `data.max_prompt_len` tokens follow `data.long_prompts` (drop, reported;
+truncate; error), decided when the benchmark is read, before any sampling. k responses are
+sampled (the paper: top-p 0.9, temperature 1), and each response is graded against the
+problem's answer on its text after `</think>` (last `\\boxed{}`) by
 `opd_jax.data.math_grading`. Per benchmark:
 
   pass@1  fraction of problems whose FIRST sample is correct (Table 1's protocol with k = 1);
@@ -39,12 +45,18 @@ from jax.sharding import NamedSharding
 
 from opd_jax import masking, metrics, models, sampling, sharding
 from opd_jax.data import math_datasets, math_grading, prompts, registry
+from opd_jax.errors import DataError
 from opd_jax.settings import ConfigError, TrainSettings
 
-# The five test sets of Table 1, in the paper's column order, and their column headers.
-BENCHMARKS = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
+# The five test sets of Table 1, in the paper's column order (built once with TFDS), then
+# "prompts": your own file of prompts with answers (config.eval.sources.prompts, read as it is).
+MATH_BENCHMARKS = ("math500", "aime24", "aime25", "minerva_math", "olympiadbench")
+PROMPTS = registry.PROMPTS
+BENCHMARKS = MATH_BENCHMARKS + (PROMPTS,)
+# Their column headers.
 COLUMNS = {"math500": "MATH500", "aime24": "AIME24", "aime25": "AIME25",
-           "minerva_math": "Minerva", "olympiadbench": "Olympiad"}
+           "minerva_math": "Minerva", "olympiadbench": "Olympiad", PROMPTS: "Prompts"}
+_PROMPTS_KEY = "config.eval.sources.prompts"
 _STEP_FILE = re.compile(r"^step_(\d+)\.json$")
 
 
@@ -69,7 +81,9 @@ class EvalSettings:
   grade_timeout_s: float
   grade_workers: int
   chat_template: bool
+  template: str               # data.template: a "prompt" row of the prompts benchmark
   max_prompt_len: int
+  long_prompts: str           # data.long_prompts: drop | truncate | error
   stop_strings: tuple[str, ...]
   banned_strings: tuple[str, ...]
   seed: int
@@ -115,14 +129,21 @@ class EvalSettings:
       if not pathlib.Path(path).exists():
         raise ValueError(f"config.eval.sources.{name}={path!r} does not exist; give the local "
                          "file or folder the benchmark is built from")
+    d = c["data"]
+    if d["long_prompts"] not in registry.LONG_PROMPTS:
+      raise ConfigError(f"config.data.long_prompts={d['long_prompts']!r} is not accepted; "
+                        f"accepted: {', '.join(registry.LONG_PROMPTS)}")
+    if PROMPTS in benchmarks and "{prompt}" not in d["template"]:
+      raise ConfigError(f"config.data.template={d['template']!r} is not accepted; it must hold "
+                        "'{prompt}', where each row's prompt goes")
     return cls(
         benchmarks=benchmarks, samples=e["samples"], max_new_tokens=e["max_new_tokens"],
         top_p=float(e["top_p"]), temperature=float(e["temperature"]),
         batch_size=e["batch_size"], limit=e["limit"], math_verify=bool(e["math_verify"]),
         data_dir=e["data_dir"] or c["data"]["data_dir"], sources=sources,
         grade_timeout_s=float(e["grade_timeout_s"]), grade_workers=e["grade_workers"],
-        chat_template=bool(c["data"]["chat_template"]),
-        max_prompt_len=c["data"]["max_prompt_len"],
+        chat_template=bool(d["chat_template"]), template=str(d["template"]),
+        max_prompt_len=d["max_prompt_len"], long_prompts=str(d["long_prompts"]),
         stop_strings=tuple(c["rollout"]["stop_strings"]),
         banned_strings=tuple(c["rollout"]["banned_strings"]), seed=c["seed"])
 
@@ -153,12 +174,13 @@ def headline(k: int) -> str:
 
 
 def format_table(rows: Sequence[tuple[str, Mapping[str, float]]],
-                 benchmarks: Sequence[str] = BENCHMARKS, *, metric: str = "pass@1") -> str:
+                 benchmarks: Sequence[str] = MATH_BENCHMARKS, *, metric: str = "pass@1") -> str:
   """A text table in the paper's layout: MATH500, AIME24, AIME25, Minerva, Olympiad, Avg.
 
   Args:
     rows: (label, flat metrics) pairs, e.g. ("LSM step 400", {"math500/pass@1": 0.804, ...}).
-    benchmarks: the columns (in BENCHMARKS order); Avg is their unweighted mean.
+    benchmarks: the columns (in BENCHMARKS order: Prompts after the paper's five); Avg is their
+      unweighted mean.
     metric: which per-benchmark metric to show (in percent, one decimal).
 
   Returns:
@@ -222,27 +244,84 @@ def _decode(tokenizer, ids: Sequence[int], stop_texts: Sequence[str]) -> str:
   return text
 
 
-def load_benchmark(name: str, *, data_dir: str | pathlib.Path, source: str | None = None,
-                   limit: int = 0) -> list[dict[str, str]]:
-  """The problems of a benchmark ({id, problem, answer, source}), built once under data_dir.
+def load_benchmark(name: str, *, data_dir: str | pathlib.Path | None,
+                   source: str | None = None, limit: int = 0) -> list[dict]:
+  """The problems of a benchmark: a math benchmark's ({id, problem, answer, source}), built once
+  under data_dir; the rows of the `prompts` file (`registry.read_prompts`), each with an answer.
 
   Args:
     name: one of BENCHMARKS.
-    data_dir: the TFDS data folder of the builds.
-    source: the published file(s) for the first build (None: `<data_dir>/downloads/manual/`).
-    limit: 0 for every problem, else the first `limit` (in the build's fixed order).
+    data_dir: the TFDS data folder of the builds (unused by `prompts`).
+    source: the published file(s) for the first build (None: `<data_dir>/downloads/manual/`);
+      for `prompts`, the file itself (config.eval.sources.prompts).
+    limit: 0 for every problem, else the first `limit` (in the build's fixed order, the file's
+      order).
 
   Returns:
-    The problems as dicts of str.
+    The problems as dicts.
   """
   if name not in BENCHMARKS:
     raise ValueError(f"benchmark {name!r} is not accepted; accepted: {', '.join(BENCHMARKS)}")
+  if name == PROMPTS:
+    rows = _prompt_problems(source)
+    return rows[:limit] if limit else rows
+  if data_dir is None:
+    raise ValueError(f"benchmark {name!r} needs data_dir, the TFDS folder of its build")
   split = math_datasets.load_split(name, source=source or None, data_dir=data_dir)
   n = len(split) if not limit else min(limit, len(split))
   return list(split[:n])
 
 
-def evaluate(model, tokenizer, e: EvalSettings, *, data_dir: str | pathlib.Path,
+def _prompt_problems(source: str | None) -> list[dict]:
+  """The rows of the `prompts` benchmark's file; a DataError unless every row has an answer."""
+  if not source:
+    raise ConfigError(f"benchmark {PROMPTS!r} needs a file: set --{_PROMPTS_KEY}=FILE, a JSONL "
+                      "or parquet file of prompts with answers in the format of "
+                      "data.dataset='prompts' (README \"Your own prompts\")")
+  rows = registry.read_prompts(source, dataset=PROMPTS, setting=_PROMPTS_KEY)
+  lacking = [r["id"] for r in rows if not r["answer"].strip()]
+  if lacking:
+    shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+    raise DataError(f"{source}: {len(lacking)} of {len(rows)} rows have no 'answer' (ids "
+                    f"{shown}); benchmark {PROMPTS!r} grades every response against its row's "
+                    "answer: give each row a non-empty \"answer\", or set "
+                    f"--{_PROMPTS_KEY} to a file whose rows all have one")
+  return rows
+
+
+def _encoder(name: str, tokenizer, e: EvalSettings) -> Callable[..., registry.Encoded]:
+  """The benchmark's encoder: the math instruction for the five, the `prompts` dataset's own
+  rendering (data.template, data.chat_template) for `prompts`, as training renders them."""
+  return registry.encoder(name, tokenizer, tokenizer, chat_template=e.chat_template,
+                          max_prompt_len=e.max_prompt_len, long_prompts=e.long_prompts,
+                          **({"template": e.template} if name == PROMPTS else {}))
+
+
+def prepare_benchmark(name: str, tokenizer, e: EvalSettings, *,
+                      data_dir: str | pathlib.Path | None,
+                      log: Callable[[str], None] = print) -> tuple[list[dict], list[np.ndarray]]:
+  """The problems of benchmark `name` that the evaluation samples, and their prompt ids.
+
+  Prompts longer than `e.max_prompt_len` tokens follow `e.long_prompts` as the training data
+  does (`registry.fitting_prompts`): "drop" leaves them out (said in `log`), "truncate" keeps
+  their last tokens, "error" (or none left) is a DataError naming them.
+
+  Returns:
+    (problems, prompt ids), one each per problem kept.
+  """
+  problems = load_benchmark(name, data_dir=data_dir, source=dict(e.sources).get(name),
+                            limit=e.limit)
+  encode = _encoder(name, tokenizer, e)
+  try:
+    kept = registry.fitting_prompts(problems, encode, e.max_prompt_len, e.long_prompts,
+                                    report=lambda line: log(f"eval {name}: {line}"))
+    kept = [kept[i] for i in range(len(kept))]
+    return kept, [encode(p).prompt for p in kept]
+  except DataError as err:
+    raise DataError(f"eval benchmark {name!r}: {err}") from None
+
+
+def evaluate(model, tokenizer, e: EvalSettings, *, data_dir: str | pathlib.Path | None,
              workdir: str | pathlib.Path | None = None, step: int = 0, label: str = "model",
              log: Callable[[str], None] = print) -> dict[str, float]:
   """Samples k responses per problem of each benchmark, grades them and reports the scores.
@@ -259,7 +338,8 @@ def evaluate(model, tokenizer, e: EvalSettings, *, data_dir: str | pathlib.Path,
       make steps comparable); `banned_strings`: ids past the tokenizer's vocabulary (embedding
       padding) are always banned too; `math_verify`: also report the agreement rate with
       math-verify.
-    data_dir: TFDS data folder of the benchmark builds.
+    data_dir: TFDS data folder of the math benchmark builds (None when only `prompts`, read
+      from its file, is evaluated).
     workdir: where `eval/step_N.json` (scores and per-problem results) and
       `eval/step_N_responses.jsonl` (the texts) go; None writes nothing.
     step: the training step (names the files and the table row).
@@ -274,19 +354,15 @@ def evaluate(model, tokenizer, e: EvalSettings, *, data_dir: str | pathlib.Path,
   draws = _Draws.of(model, tokenizer, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                     temperature=e.temperature, top_p=e.top_p, stop_strings=e.stop_strings,
                     banned_strings=e.banned_strings)
-  encode = registry.encoder(benchmarks[0], tokenizer, tokenizer, chat_template=e.chat_template,
-                            max_prompt_len=e.max_prompt_len)
   root = jax.random.key(e.seed)
   flat: dict[str, float] = {}
   details: dict[str, Any] = {}
   texts: list[dict[str, Any]] = []
   with math_grading.Grader(workers=e.grade_workers or None) as grader:
     for name in benchmarks:
-      problems = load_benchmark(name, data_dir=data_dir, source=dict(e.sources).get(name),
-                                limit=e.limit)
+      problems, encoded = prepare_benchmark(name, tokenizer, e, data_dir=data_dir, log=log)
       responses, stopped = _sample_responses(
-          model, [encode(p).prompt for p in problems], k,
-          jax.random.fold_in(root, BENCHMARKS.index(name)), draws)
+          model, encoded, k, jax.random.fold_in(root, BENCHMARKS.index(name)), draws)
       decoded = [_decode(tokenizer, ids, e.stop_strings) for ids in responses]
       refs = [p["answer"] for p in problems for _ in range(k)]
       report = grader.grade(decoded, refs, timeout_s=e.grade_timeout_s)
@@ -296,12 +372,16 @@ def evaluate(model, tokenizer, e: EvalSettings, *, data_dir: str | pathlib.Path,
         m.update(_math_verify_agreement(decoded, refs, report, log))
       flat.update({f"{name}/{key}": v for key, v in m.items()})
       details[name] = dict(m, problems=len(problems), items=items)
+      if name == PROMPTS:
+        details[name]["source"] = dict(e.sources)[PROMPTS]
       texts += [{"benchmark": name, "id": p["id"], "sample": j, "response": decoded[i * k + j]}
                 for i, p in enumerate(problems) for j in range(k)]
   flat.update(_benchmark_means(flat, benchmarks, k))
   settings = dict(benchmarks=list(benchmarks), samples=k, max_new_tokens=e.max_new_tokens,
                   top_p=e.top_p, temperature=e.temperature, limit=e.limit, seed=e.seed,
-                  chat_template=e.chat_template)
+                  chat_template=e.chat_template, max_prompt_len=e.max_prompt_len,
+                  long_prompts=e.long_prompts,
+                  **({"template": e.template} if PROMPTS in benchmarks else {}))
   record = {"step": step, "label": label, "settings": settings, "metrics": flat,
             "benchmarks": details}
   _write_results(record, texts, workdir=workdir, log=log)
@@ -429,7 +509,11 @@ def _write_results(record: Mapping[str, Any], texts: Sequence[Mapping[str, Any]]
                      settings["benchmarks"], metric=headline(settings["samples"])))
 
 
-def _benchmark_dir(e: EvalSettings, workdir: str | pathlib.Path | None) -> pathlib.Path:
+def _benchmark_dir(e: EvalSettings, workdir: str | pathlib.Path | None) -> pathlib.Path | None:
+  """The TFDS folder of the math benchmarks' builds; None when only `prompts` (no build) is
+  evaluated."""
+  if all(b == PROMPTS for b in e.benchmarks):
+    return None
   data_dir = e.data_dir or (pathlib.Path(workdir) / "tfds" if workdir else "")
   if not data_dir:
     raise ValueError("config.eval.data_dir (or config.data.data_dir, or a workdir) must name the "
@@ -444,21 +528,30 @@ def _buildable(name: str, source: str, data_dir: pathlib.Path) -> bool:
 
 
 def missing_benchmarks(e: EvalSettings, workdir: str | pathlib.Path | None) -> list[str]:
-  """One line per benchmark that is neither built nor has a source: the setting to give."""
-  data_dir = _benchmark_dir(e, workdir)
+  """One line per benchmark that is neither built nor has a source: the setting to give
+  (`prompts` is read from its file, which it always needs)."""
   sources = dict(e.sources)
-  missing = [b for b in e.benchmarks if not _buildable(b, sources.get(b, ""), data_dir)]
-  return [f"--config.eval.sources.{b}=FILE (the published {COLUMNS[b]} file or folder)"
-          for b in missing] + ([f"  or --config.eval.data_dir=DIR, a TFDS folder where "
-                                f"{'they are' if len(missing) > 1 else 'it is'} built "
-                                f"({data_dir} holds no build)"] if missing else [])
+  out = []
+  data_dir = _benchmark_dir(e, workdir)
+  if data_dir is not None:
+    missing = [b for b in e.benchmarks
+               if b != PROMPTS and not _buildable(b, sources.get(b, ""), data_dir)]
+    out += [f"--config.eval.sources.{b}=FILE (the published {COLUMNS[b]} file or folder)"
+            for b in missing] + ([f"  or --config.eval.data_dir=DIR, a TFDS folder where "
+                                  f"{'they are' if len(missing) > 1 else 'it is'} built "
+                                  f"({data_dir} holds no build)"] if missing else [])
+  if PROMPTS in e.benchmarks and not sources.get(PROMPTS):
+    out.append(f"--{_PROMPTS_KEY}=FILE (your prompts with answers: a JSONL or parquet file, "
+               "README \"Your own prompts\")")
+  return out
 
 
 def check_benchmarks(e: EvalSettings, workdir: str | pathlib.Path | None) -> None:
-  """Raises one ValueError naming every benchmark that is neither built nor has a source."""
+  """Raises one ConfigError (a ValueError the command line prints without a traceback) naming
+  every benchmark that is neither built nor has a source (nor, for `prompts`, a file)."""
   missing = missing_benchmarks(e, workdir)
   if missing:
-    raise ValueError("the evaluation cannot start; set:\n  " + "\n  ".join(missing) +
+    raise ConfigError("the evaluation cannot start; set:\n  " + "\n  ".join(missing) +
                      "\n(or --config.eval.benchmarks to evaluate fewer)")
 
 
@@ -512,7 +605,10 @@ def make_evaluator(config: ml_collections.ConfigDict, tokenizer, *,
   Returns:
     The evaluator (settings are checked here, before training starts).
   """
-  EvalSettings.from_config(config)   # fail before the run, not at its first evaluation
+  e = EvalSettings.from_config(config)   # fail before the run, not at its first evaluation
+  if PROMPTS in e.benchmarks:
+    # Its file, its answers and its prompts' lengths, checked now: never an error mid-run.
+    prepare_benchmark(PROMPTS, tokenizer, e, data_dir=None, log=log)
   label = "student"
 
   def evaluator(step: int, model) -> dict[str, float]:
@@ -583,6 +679,12 @@ def run_config(checkpoint: str | pathlib.Path) -> ml_collections.ConfigDict | No
 
   config = ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
   config.workdir = str(ckdir.parent)
+  # Benchmark sources added since the run was written (eval.sources.prompts) can be set too.
+  from opd_jax import configs  # pylint: disable=import-outside-toplevel
+  if "eval" in config and "sources" in config.eval:
+    for name, value in configs.eval_fields().sources.items():
+      if name not in config.eval.sources:
+        config.eval.sources[name] = value
   return config
 
 
@@ -668,6 +770,11 @@ def main(argv, flags) -> dict[str, float]:
     config = config.copy_and_resolve_references()
     config.workdir = str(workdir)
     smoke.fill_missing(config)
+  # The benchmarks' files (and the prompts file's answers) checked before a model loads.
+  e = EvalSettings.from_config(config)
+  check_benchmarks(e, workdir)
+  if PROMPTS in e.benchmarks:
+    load_benchmark(PROMPTS, data_dir=None, source=dict(e.sources)[PROMPTS])
   model, tok, step, label = load_model(
       config, flags.checkpoint, step=None if flags.step < 0 else flags.step,
       tokenizer=flags.tokenizer)

@@ -9,7 +9,7 @@ reused by a second run in the same workdir):
   - random Qwen2-style student and teacher folders (config.json + safetensors + tokenizer) whose
     embedding has more rows than the tokenizer has tokens (padding rows, as real checkpoints have);
   - a few rows of DAPO-Math-17K and of each benchmark in their published layouts, built into a
-    TFDS folder.
+    TFDS folder, and a prompts file with answers (the `prompts` benchmark's file).
 The tests make the same assets with `build_assets`, so what a user runs is what is tested.
 """
 
@@ -132,6 +132,14 @@ def write_benchmarks(root, n: int = 3) -> dict[str, pathlib.Path]:
   }
 
 
+def write_prompts(root, n: int = 3) -> pathlib.Path:
+  """A held-out prompts file (the format of data.dataset="prompts"), every row with its answer:
+  the `prompts` benchmark's stand-in."""
+  return _jsonl(pathlib.Path(root) / "prompts" / "heldout.jsonl", [
+      {"id": f"p{i}", "prompt": problem("prompts", i)[0], "answer": problem("prompts", i)[1]}
+      for i in range(n)])
+
+
 def write_dapo(root, n: int = 8) -> pathlib.Path:
   """DAPO-Math-17K's published parquet layout, n distinct problems."""
   head = ("Solve the following math problem step by step. The last line of your response should "
@@ -150,7 +158,7 @@ def build_assets(root) -> dict[str, pathlib.Path]:
   with every dataset already built; made once (a second call reads `root/assets.json`).
 
   Returns:
-    {tokenizer, student, teacher, dapo, tfds: path, sources: {benchmark: path}}.
+    {tokenizer, student, teacher, dapo, prompts, tfds: path, sources: {benchmark: path}}.
   """
   # pylint: disable=import-outside-toplevel
   from opd_jax.data import math_datasets
@@ -158,6 +166,9 @@ def build_assets(root) -> dict[str, pathlib.Path]:
   done = root / _DONE
   if done.is_file():
     saved = json.loads(done.read_text())
+    if "prompts" not in saved:   # assets made before the prompts benchmark's file
+      saved["prompts"] = str(write_prompts(root / "sources"))
+      done.write_text(json.dumps(saved, indent=1))
     return {k: ({b: pathlib.Path(p) for b, p in v.items()} if isinstance(v, dict)
                 else pathlib.Path(v)) for k, v in saved.items()}
   make_tokenizer(root / "tokenizer")
@@ -170,7 +181,7 @@ def build_assets(root) -> dict[str, pathlib.Path]:
     math_datasets.build(name, source=src, data_dir=tfds_dir)
   math_datasets.build("dapo_math_17k", source=dapo, data_dir=tfds_dir)
   assets = dict(tokenizer=root / "tokenizer", student=student, teacher=teacher, sources=sources,
-                dapo=dapo, tfds=tfds_dir)
+                dapo=dapo, prompts=write_prompts(root / "sources"), tfds=tfds_dir)
   done.write_text(json.dumps({k: ({b: str(p) for b, p in v.items()} if isinstance(v, dict)
                                   else str(v)) for k, v in assets.items()}, indent=1))
   return assets
@@ -213,9 +224,14 @@ def fill_missing(config: ml_collections.ConfigDict,
   else:
     model(config.teacher, "teacher", "teacher")
     data(config.data, "data")
-  if (config.eval.every and not config.eval.data_dir
-      and not any(dict(config.eval.sources).values())):
+  sources = dict(config.eval.sources)
+  math = [b for b in config.eval.benchmarks if b != "prompts"]
+  if (config.eval.every and math and not config.eval.data_dir
+      and not any(sources.get(b) for b in math)):
     filled.append(("eval.data_dir", lambda a: setattr(config.eval, "data_dir", str(a["tfds"]))))
+  if config.eval.every and "prompts" in config.eval.benchmarks and not sources.get("prompts"):
+    filled.append(("eval.sources.prompts",
+                   lambda a: setattr(config.eval.sources, "prompts", str(a["prompts"]))))
   if not filled:
     return []
   assets = build_assets(root)

@@ -1,5 +1,6 @@
 """Math evaluation: score arithmetic, the paper-layout table, eval/step_N.json, the trainer hook,
-and the standalone entry on Hugging Face folders and trainer checkpoints."""
+the standalone entry on Hugging Face folders and trainer checkpoints, and the `prompts`
+benchmark (your own file of prompts with answers)."""
 
 import dataclasses
 import importlib.util
@@ -17,7 +18,9 @@ import pytest
 from flax import nnx
 
 import eval_helpers
-from opd_jax import evaluate, models, sampling, sharding, train
+import train_helpers
+from opd_jax import configs, errors, evaluate, models, sampling, sharding, smoke, train
+from opd_jax.data import registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -54,8 +57,8 @@ def test_accuracy_metrics_against_brute_force():
 
 
 def test_table_has_the_papers_columns_and_average():
-  student = dict(zip(evaluate.BENCHMARKS, (0.682, 0.133, 0.0, 0.265, 0.329)))
-  lsm = dict(zip(evaluate.BENCHMARKS, (0.804, 0.233, 0.267, 0.342, 0.439)))
+  student = dict(zip(evaluate.MATH_BENCHMARKS, (0.682, 0.133, 0.0, 0.265, 0.329)))
+  lsm = dict(zip(evaluate.MATH_BENCHMARKS, (0.804, 0.233, 0.267, 0.342, 0.439)))
   rows = [(label, {f"{b}/pass@1": v for b, v in m.items()})
           for label, m in (("student", student), ("LSM", lsm))]
   lines = evaluate.format_table(rows).splitlines()
@@ -209,7 +212,7 @@ def test_evaluator_on_a_tiny_model_is_consistent_and_reproducible(assets, tmp_pa
   again = evaluator(3, model)
   assert first == again   # the same draws at every step: common random numbers
   record = json.loads((tmp_path / "eval" / "step_0.json").read_text())
-  for b in evaluate.BENCHMARKS:
+  for b in evaluate.MATH_BENCHMARKS:
     items = record["benchmarks"][b]["items"]
     assert len(items) == c.eval.limit
     lengths = np.array([it["length"] for it in items])
@@ -220,7 +223,7 @@ def test_evaluator_on_a_tiny_model_is_consistent_and_reproducible(assets, tmp_pa
     truncated = np.array([it["truncated"] for it in items])
     assert not (truncated & (lengths < c.eval.max_new_tokens)).any()
   assert first["avg/pass@1"] == pytest.approx(np.mean([first[f"{b}/pass@1"]
-                                                        for b in evaluate.BENCHMARKS]))
+                                                        for b in evaluate.MATH_BENCHMARKS]))
   assert evaluate.table_from_workdir(tmp_path).count("student step") == 2
 
 
@@ -244,7 +247,209 @@ def test_standalone_entry_on_a_hugging_face_folder(assets, tmp_path):
   out = evaluate.main([], flags)
   record = json.loads((tmp_path / "teacher_eval" / "eval" / "step_0.json").read_text())
   assert record["label"] == "teacher" and record["metrics"] == out
-  assert set(record["benchmarks"]) == set(evaluate.BENCHMARKS)
+  assert set(record["benchmarks"]) == set(evaluate.MATH_BENCHMARKS)
+
+
+# ----------------------------------------------------------------------------------------------
+# the prompts benchmark: your own file of prompts with answers
+# ----------------------------------------------------------------------------------------------
+
+# Graded against each row's own answer: row "b" asks for 1 plus 0 but its answer is "2" (what the
+# scripted sampler's first sample gives), so its first sample is the correct one.
+PROMPT_ROWS = [
+    {"id": "a", "prompt": "What is 0 plus 0?", "answer": "0"},
+    {"id": "b", "prompt": "What is 1 plus 0?", "answer": "2"},
+    {"id": "c", "messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "What is 2 plus 0?"}], "answer": 2},
+]
+TEMPLATE = "{prompt}\n\nAnswer with a number."
+
+
+def _write_rows(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def _tiny_model(mesh=None):
+  return models.init_model(models.ModelConfig(
+      model_type="qwen2", vocab_size=eval_helpers.MODEL_VOCAB, hidden_size=16,
+      intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8), mesh=mesh)
+
+
+def _prompts_config(source, **data):
+  """The trainer's defaults evaluating `source` (and math500), data settings overridden."""
+  c = configs.opd()
+  c.eval.benchmarks = ("math500", "prompts")
+  c.eval.sources.prompts = str(source)
+  c.data.update(data)
+  return c
+
+
+def test_prompts_benchmark_renders_as_training_and_grades_each_rows_answer(assets, tmp_path,
+                                                                           monkeypatch):
+  tok = models.load_tokenizer(assets["tokenizer"])
+  source = _write_rows(tmp_path / "heldout.jsonl", PROMPT_ROWS)
+  c = _prompts_config(source, template=TEMPLATE)
+  e = dataclasses.replace(evaluate.EvalSettings.from_config(c), samples=3,
+                          max_new_tokens=N_TOKENS, batch_size=6)
+  assert e.template == TEMPLATE and e.long_prompts == c.data.long_prompts
+  seen = []
+  fake = _fake_sample(tok, [])
+
+  def sample(model, tokens, mask, rng, **kwargs):
+    seen.extend(tuple(tokens[r][mask[r]].tolist()) for r in range(tokens.shape[0]))
+    return fake(model, tokens, mask, rng, **kwargs)
+  monkeypatch.setattr(evaluate.sampling, "sample", sample)
+  lines = []
+  out = evaluate.evaluate(_tiny_model(), tok, e, data_dir=assets["tfds"], workdir=tmp_path,
+                          step=3, label="mine", log=lines.append)
+
+  # Each benchmark with its own encoder: the math problems with the \boxed instruction, the rows
+  # of the file exactly as training encodes data.dataset="prompts" (data.template on "prompt"
+  # rows, a "messages" chat as it is).
+  kwargs = dict(chat_template=True, max_prompt_len=c.data.max_prompt_len)
+  train_encode = registry.encoder("prompts", tok, tok, template=TEMPLATE, **kwargs)
+  rows = registry.read_prompts(source)
+  want = {tuple(train_encode(r).prompt.tolist()) for r in rows}
+  math_encode = registry.encoder("math500", tok, tok, **kwargs)
+  math_problems = evaluate.load_benchmark("math500", data_dir=assets["tfds"])
+  want_math = {tuple(math_encode(p).prompt.tolist()) for p in math_problems}
+  assert set(seen) == want | want_math and not want & want_math
+  shown = "".join(tok.decode(list(ids)) for ids in want)
+  assert "user\nWhat is 0 plus 0?\n\nAnswer with a number.<|im_end|>" in shown
+  assert "Be brief." in shown and "boxed" not in shown
+  assert all("boxed" in tok.decode(list(ids)) for ids in want_math)
+
+  # Graded against the rows' answers with the math grader: [[T, F, T], [T, F, F], [F, T, F]].
+  correct = np.array([[True, False, True], [True, False, False], [False, True, False]])
+  assert out["prompts/pass@1"] == pytest.approx(2 / 3)
+  assert out["prompts/avg@3"] == pytest.approx(correct.mean())
+  assert out["prompts/pass@3"] == 1.0
+  assert out["prompts/no_answer_fraction"] == pytest.approx(2 / 9)
+  assert out["avg/pass@1"] == pytest.approx((out["math500/pass@1"] + 2 / 3) / 2)
+  assert not train_helpers.undocumented_metrics({f"eval/{k}" for k in out})
+  record = json.loads((tmp_path / "eval" / "step_3.json").read_text())
+  details = record["benchmarks"]["prompts"]
+  assert details["source"] == str(source) and details["problems"] == 3
+  assert [(it["id"], it["answer"]) for it in details["items"]] == [("a", "0"), ("b", "2"),
+                                                                   ("c", "2")]
+  assert [it["correct"] for it in details["items"]] == correct.tolist()
+  assert record["settings"]["template"] == TEMPLATE
+  texts = [json.loads(x) for x in (tmp_path / "eval" / "step_3_responses.jsonl").open()]
+  assert [t["id"] for t in texts if t["benchmark"] == "prompts"] == ["a"] * 3 + ["b"] * 3 + [
+      "c"] * 3
+  # The table: the paper's columns evaluated, then Prompts.
+  header = [x.strip() for x in lines[-1].splitlines()[0].split("|")]
+  assert header == ["Model", "MATH500", "Prompts", "Avg"]
+
+
+def test_prompts_benchmark_needs_its_file_and_an_answer_in_every_row(assets, tmp_path):
+  rows = [{"id": "q1", "prompt": "x", "answer": "1"}, {"id": "q2", "prompt": "y"},
+          {"prompt": "z", "answer": " "}, {"id": "q4", "prompt": "w", "answer": None}]
+  source = _write_rows(tmp_path / "heldout.jsonl", rows)
+  with pytest.raises(errors.DataError, match=re.escape(
+      f"{source}: 3 of 4 rows have no 'answer' (ids q2, 2, q4)")) as info:
+    evaluate.load_benchmark("prompts", data_dir=None, source=str(source))
+  assert "--config.eval.sources.prompts" in str(info.value)
+  c = _prompts_config(source)
+  c.eval.benchmarks = ("prompts",)
+  with pytest.raises(errors.DataError, match="3 of 4 rows have no 'answer'"):
+    evaluate.make_evaluator(c, models.load_tokenizer(assets["tokenizer"]))   # before a run
+  # No file: the key to set, before anything loads; no TFDS folder is asked for.
+  c.eval.sources.prompts = ""
+  c.workdir, c.eval.every = str(tmp_path), 5
+  e = evaluate.EvalSettings.from_config(c)
+  assert evaluate.missing_benchmarks(e, None) == [
+      '--config.eval.sources.prompts=FILE (your prompts with answers: a JSONL or parquet file, '
+      'README "Your own prompts")']
+  assert any(line.startswith("--config.eval.sources.prompts=FILE")
+             for line in evaluate.missing_paths(c))
+  with pytest.raises(errors.ConfigError, match=re.escape("set --config.eval.sources.prompts=FILE")):
+    evaluate.load_benchmark("prompts", data_dir=None)
+  c.eval.sources.prompts = str(tmp_path / "absent.jsonl")
+  with pytest.raises(ValueError, match=re.escape("config.eval.sources.prompts=")):
+    evaluate.EvalSettings.from_config(c)
+  c.eval.sources.prompts = str(_write_rows(tmp_path / "heldout.csv", rows[:1]))
+  with pytest.raises(errors.DataError, match=re.escape("config.eval.sources.prompts='")):
+    evaluate.load_benchmark("prompts", data_dir=None, source=c.eval.sources.prompts)
+  c.eval.sources.prompts, c.data.template = str(source), "no placeholder"
+  with pytest.raises(errors.ConfigError, match="config.data.template"):
+    evaluate.EvalSettings.from_config(c)
+
+
+def test_prompts_benchmark_over_long_prompts_follow_data_long_prompts(assets, tmp_path):
+  tok = models.load_tokenizer(assets["tokenizer"])
+  rows = [{"id": f"r{i}", "prompt": "What is 1 plus 0? " * n, "answer": "1"}
+          for i, n in enumerate([1, 30, 2])]
+  source = _write_rows(tmp_path / "heldout.jsonl", rows)
+  whole = registry.encoder("prompts", tok, tok, chat_template=True, max_prompt_len=10_000)
+  limit = max(len(whole(r).prompt) for r in (rows[0], rows[2]))
+
+  def prepare(policy, log=None):
+    c = _prompts_config(source, max_prompt_len=limit, long_prompts=policy)
+    c.eval.benchmarks = ("prompts",)
+    e = evaluate.EvalSettings.from_config(c)
+    return c, evaluate.prepare_benchmark("prompts", tok, e, data_dir=None,
+                                         log=log or (lambda _: None))
+  said = []
+  _, (kept, ids) = prepare("drop", said.append)
+  assert [p["id"] for p in kept] == ["r0", "r2"] and len(ids) == 2
+  assert len(said) == 1 and said[0].startswith("eval prompts: 1 of 3 prompts") and "r1" in said[0]
+  _, (kept, ids) = prepare("truncate")
+  assert len(kept) == 3 and len(ids[1]) == limit
+  assert ids[1].tolist() == whole(rows[1]).prompt[-limit:].tolist()
+  with pytest.raises(errors.DataError, match=r"eval benchmark 'prompts': 1 of 3 prompts .*r1"):
+    prepare("error")
+  c = _prompts_config(source, max_prompt_len=limit, long_prompts="error")
+  c.eval.benchmarks = ("prompts",)
+  with pytest.raises(errors.DataError, match="1 of 3 prompts"):
+    evaluate.make_evaluator(c, tok)   # found before a run, not at an evaluation mid-run
+  # A "messages" row needs the chat template, as in training: also found before a run.
+  _write_rows(source, [{"messages": [{"role": "user", "content": "hi"}], "answer": "1"}])
+  c = _prompts_config(source, chat_template=False)
+  c.eval.benchmarks = ("prompts",)
+  with pytest.raises(errors.DataError, match="chat_template=True"):
+    evaluate.make_evaluator(c, tok)
+  c.data.long_prompts = "cut"
+  with pytest.raises(errors.ConfigError, match="config.data.long_prompts='cut'"):
+    evaluate.EvalSettings.from_config(c)
+
+
+def test_standalone_entry_on_your_own_prompts_needs_no_benchmark_build(assets, tmp_path):
+  c = _smoke_config(assets, tmp_path / "unused")
+  c.eval.benchmarks = ("prompts",)
+  c.eval.sources.prompts = str(assets["prompts"])
+  c.eval.data_dir = c.data.data_dir = ""
+  c.data.template = TEMPLATE
+  flags = types.SimpleNamespace(config=c, checkpoint=str(assets["student"]), step=-1,
+                                workdir=str(tmp_path / "out"), label="", tokenizer="")
+  out = evaluate.main([], flags)
+  record = json.loads((tmp_path / "out" / "eval" / "step_0.json").read_text())
+  assert record["metrics"] == out and set(record["benchmarks"]) == {"prompts"}
+  rows = registry.read_prompts(assets["prompts"])[:c.eval.limit]
+  items = record["benchmarks"]["prompts"]["items"]
+  assert [(it["id"], it["answer"]) for it in items] == [(r["id"], r["answer"]) for r in rows]
+  assert {"prompts/pass@1", "avg/pass@1"} <= set(out)
+  assert not (tmp_path / "out" / "tfds").exists()
+
+
+def test_smoke_fills_the_prompts_benchmarks_file(assets, tmp_path):
+  (tmp_path / "smoke_assets").symlink_to(assets["tokenizer"].parent)   # made once, reused
+  c = _experiment("math_lsm", "smoke")
+  c.workdir = str(tmp_path)
+  c.eval.benchmarks = ("prompts",)
+  filled = smoke.fill_missing(c, log=lambda _: None)
+  assert "eval.sources.prompts" in filled and "eval.data_dir" not in filled
+  assert c.eval.sources.prompts == str(assets["prompts"])
+  assert all(r["answer"] for r in registry.read_prompts(c.eval.sources.prompts))
+
+
+def test_a_run_written_before_the_prompts_benchmark_takes_its_source(tmp_path):
+  c = configs.opd()
+  del c.eval.sources["prompts"]
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+  assert evaluate.run_config(tmp_path).eval.sources.prompts == ""
 
 
 @pytest.mark.slow   # a 2-step training run (~25 s); test_paper_experiments covers restoring fast
@@ -279,8 +484,13 @@ def test_command_line_on_a_hugging_face_folder(assets, tmp_path):
   args = [sys.executable, "-m", "opd_jax.evaluate",
           f"--config={ROOT / 'experiments' / 'math_lsm.py'}:smoke",
           f"--checkpoint={assets['student']}", f"--workdir={tmp_path / 'out'}",
-          f"--config.eval.data_dir={assets['tfds']}", "--config.eval.benchmarks=('aime24',)"]
+          f"--config.eval.data_dir={assets['tfds']}",
+          "--config.eval.benchmarks=('aime24', 'prompts')",   # and your own prompts with answers
+          f"--config.eval.sources.prompts={assets['prompts']}",
+          "--config.data.template={prompt} Answer with a number."]
   out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "AIME24" in out.stdout
-  assert json.loads((tmp_path / "out" / "eval" / "step_0.json").read_text())["label"] == "student"
+  assert "AIME24" in out.stdout and "Prompts" in out.stdout
+  record = json.loads((tmp_path / "out" / "eval" / "step_0.json").read_text())
+  assert record["label"] == "student" and "prompts/pass@1" in record["metrics"]
+  assert record["settings"]["template"] == "{prompt} Answer with a number."

@@ -60,7 +60,7 @@ def test_table_a1_settings(name, arg):
   if name in ABLATIONS:
     assert (tuple(c.eval.benchmarks), c.eval.samples) == (("aime24",), 32)
   else:
-    assert (tuple(c.eval.benchmarks), c.eval.samples) == (evaluate.BENCHMARKS, 1)
+    assert (tuple(c.eval.benchmarks), c.eval.samples) == (evaluate.MATH_BENCHMARKS, 1)
   want_top_p = {"p1.0": 1.0, "p0.8": 0.8}.get((arg or "").split(",")[-1], 0.9)
   if name in TABLE1 + MULTITASK:
     want_top_p = 1.0 if sampled else 0.9

@@ -26,7 +26,7 @@ SETUP = ("source .venv/bin/activate", "pip install -e '.[", "jupyter lab noteboo
 PLACEHOLDERS = {"/models/Qwen2.5-7B-Instruct": "student", "QWEN": "student",
                 "/models/OpenThinker3-7B": "teacher", "OPENTHINKER": "teacher",
                 "/data/dapo-math-17k": "dapo", "DAPO_PARQUET": "dapo",
-                "/data/tfds": "tfds", "TFDS": "tfds"}
+                "/data/tfds": "tfds", "TFDS": "tfds", "heldout.jsonl": "prompts"}
 # Benchmarks at their smallest sizes (the README's figures come from the defaults).
 BENCH_ARGS = {
     "bench_forward.py": ["--repeats=1", "--batch=1", "--seq_len=16"],

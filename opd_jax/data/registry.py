@@ -103,19 +103,26 @@ def _messages(value, where: str) -> list[dict[str, str]]:
   return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def read_prompts(path, dataset: str = PROMPTS) -> list[dict]:
+def read_prompts(path, dataset: str = PROMPTS, setting: str = "config.data.source"
+                 ) -> list[dict]:
   """The rows of a prompts file (see `PROMPTS`: JSONL or parquet), checked row by row.
+
+  Args:
+    path: the file.
+    dataset: the dataset's name, for the messages.
+    setting: the key that names the file, for the messages (the evaluation's prompts
+      benchmark reads "config.eval.sources.prompts").
 
   Returns:
     One dict per row: id, prompt (the text shown on the samples pages), messages (None for a
     "prompt" row), answer ("" if none), target, target_ids (None if none).
   """
   if not path:
-    raise DataError(f"dataset {dataset!r} needs a file: set --config.data.source to a local "
+    raise DataError(f"dataset {dataset!r} needs a file: set --{setting} to a local "
                     'JSONL or parquet file of {"prompt": ...} (or {"messages": [...]}) rows')
   path = pathlib.Path(path)
   if path.suffix not in (".jsonl", ".json", ".parquet"):
-    raise DataError(f"config.data.source={str(path)!r}: expected a .jsonl (one JSON object a "
+    raise DataError(f"{setting}={str(path)!r}: expected a .jsonl (one JSON object a "
                     "line) or .parquet file")
   rows = []
   for i, (where, row) in enumerate(_file_rows(path)):
