@@ -19,18 +19,22 @@ Our side runs the trainer's own compiled programs (`opd_jax.programs.build`) in 
 rows of config.opt.packing) + `Programs.score` -> `Programs.run_update` (the state donated),
 with the settings, models and state built the trainer's way; the split rollout / scoring /
 update is timed at the same points as the trainer's time/* metrics. Diagnostic passes (every
-`log.diagnostics_every` = 10 iterations: the student's scoring pass and the post-update KL) do
-not fall on the timed iterations. TRL's scoring is the teacher alone and its update holds the
-student's forward. Compile time = first iteration - median (XLA's caches are cleared before each
-side's first iteration); in the variable workload a new row geometry may compile again later,
-which then shows in that round's time.
+`log.diagnostics_every` iterations, 10 by default, here 50: the student's scoring pass, its
+vocabulary sweep in the LSM update and the post-update KL) do not fall on the timed
+iterations. TRL's scoring is the teacher alone and its update holds the student's forward.
+Compile time = first iteration - median (XLA's caches are cleared before each
+side's first iteration, so the sides before it are warmed up again before the timed rounds);
+in the variable workload a new row geometry may compile again later, which then shows in that
+round's time.
 
 TRL runs in a child process per workload (benchmarks/trl_peer.py --serve, torch on 2 threads)
 on the same weights saved as Hugging Face folders and the same prompt ids. The sides take turns:
-a warm-up on each side (TRL one step, ours WARMUP iterations: compilation, and in the variable
-workload more row geometries), then --rounds rounds of [ours A, ours B, one TRL step]; medians
-over the rounds, and per-round ratios TRL s / ours s. A round in which our side met a row
-geometry for the first time compiled it then (compiled_in_round: true); it stays in the
+a warm-up on each side (TRL one step; ours at least WARMUP iterations, and more, up to
+MAX_WARMUP, while the last one still compiled something: in the variable workload new row
+geometries and compacted sampler programs keep appearing for a few iterations, as at the start
+of any run), then --rounds rounds of [ours A, ours B, one TRL step]; medians over the rounds,
+and per-round ratios TRL s / ours s. A round in which our side still met a row geometry or a
+sampler program for the first time compiled it then (compiled_in_round: true); it stays in the
 median.
 
 The last line's keys: fixed.speedup_vs_trl (TRL median s per step / our LSM median s per
@@ -70,6 +74,7 @@ from opd_jax.settings import TrainSettings  # noqa: E402
 MAX_LOAD = 1.0   # the 1-minute load average above which a ratio is not reported as valid
 PAUSE_S = 0.2   # between turns, so that one side's idle worker threads have gone to sleep
 WARMUP = 3      # untimed iterations per side (the first compiles; others meet more geometries)
+MAX_WARMUP = 8  # ... and more while the last one still compiled something, up to this many
 ROWS = trl_peer.PROMPTS * trl_peer.COPIES
 # Our two sides per workload: (name, estimator, unpacked).
 SIDES = {"fixed": (("lsm", "lsm", False), ("full_rkl", "full_rkl", False)),
@@ -82,6 +87,7 @@ def settings(estimator: str, student: str, teacher: str, workdir: str, workload:
   c = configs.opd()
   c.workdir = workdir
   c.steps = 1000                       # no timed iteration is the last (a diagnostic one)
+  c.log.diagnostics_every = 50         # nor a diagnostic one (at most 2 x 8 + rounds before)
   c.model.path, c.teacher.path = student, teacher
   c.data.dataset = "tiny_arith"        # validated by name only; the prompts are trl_peer's
   c.data.prompts_per_step = trl_peer.PROMPTS
@@ -232,16 +238,33 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
   peer = TrlPeer(student, teacher, 1 + rounds, os.path.join(folder, f"trl_{name}.log"), name)
   try:
     trl_times = [peer.step()]                       # TRL's warm-up, alone
-    ours, first, seen = {}, {}, {}
+    ours, first, seen, warm = {}, {}, {}, {}
     times = {side: [] for side, _, _ in SIDES[name]}
+
+    def warm_up(side, at_least):
+      """Untimed iterations until one compiles nothing (at least `at_least`, at most
+      MAX_WARMUP): the row geometries and compacted sampler programs a run meets first."""
+      seen[side] = set()
+      for n in range(1, MAX_WARMUP + 1):
+        traces = sampling.compiled_programs()
+        geometry = ours[side].iteration()["geometry"]
+        compiled = geometry not in seen[side] or sampling.compiled_programs() != traces
+        seen[side].add(geometry)
+        warm[side] = warm.get(side, 0) + 1
+        if n >= at_least and not compiled:
+          break
+
     for side, estimator, unpacked in SIDES[name]:
       s = settings(estimator, student, teacher, os.path.join(folder, name, side), work, unpacked)
       ours[side] = OurTrainer(s, mesh, prompt_ids, work)
       jax.clear_caches()                            # its first iteration compiles everything
       first[side] = ours[side].iteration()
-      seen[side] = {first[side]["geometry"]}
-      for _ in range(WARMUP - 1):                   # row geometries of other lengths
-        seen[side].add(ours[side].iteration()["geometry"])
+      warm[side] = 1
+      warm_up(side, WARMUP - 1)
+    # The later sides' jax.clear_caches() dropped the earlier sides' programs: compile them again
+    # (untimed) before the timed rounds.
+    for side, _, _ in SIDES[name][:-1]:
+      warm_up(side, 2)
     for _ in range(rounds):
       for side, _, _ in SIDES[name]:
         time.sleep(PAUSE_S)
@@ -276,7 +299,7 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
         **{f"{k}_cpu_s": _r(med[f"{k}_cpu_s"]) for k in ("rollout", "scoring", "update")},
         "tokens_per_s": _r(tokens / sum(rounds_s), 1),
         "compile_s": _r(first[side]["s"] - med["s"], 2), "first_iter_s": _r(first[side]["s"]),
-        "iter_s": [_r(x) for x in rounds_s],
+        "iter_s": [_r(x) for x in rounds_s], "warmup_iterations": warm[side],
         "row_tokens": [t["row_tokens"] for t in times[side]],
         "rows": [t["rows"] for t in times[side]],
         "compiled_in_round": [t["compiled"] for t in times[side]],
@@ -297,7 +320,7 @@ def run_workload(name: str, student: str, teacher: str, folder: str, rounds: int
   if name == "fixed":
     result["speedup_vs_trl_full_rkl"] = out[b]["speedup_vs_trl"]
   else:
-    lengths = np.concatenate(ours[a].lengths[WARMUP:])  # the timed rounds
+    lengths = np.concatenate(ours[a].lengths[warm[a]:])  # the timed rounds
     if out[a]["steady_s_per_iter"] and out[b]["steady_s_per_iter"]:
       result["steady_speedup_vs_trl"] = _r(trl["s"] / out[a]["steady_s_per_iter"], 2)
       result["steady_speedup_vs_unpacked"] = _r(
