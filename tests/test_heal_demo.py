@@ -40,6 +40,17 @@ def test_last_number_reads_the_final_integer():
   assert heal_demo.last_number("no digits") is None
 
 
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_kth_largest_matches_top_k(k):
+  # The evaluation's "outside the teacher's top-k" threshold (bisection, no sort).
+  import jax   # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(k), (3, 5, 1000)) * 4.0
+  t = np.asarray(heal_demo._kth_largest(x, k))
+  ref = np.asarray(jax.lax.top_k(x, k)[0][..., -1])
+  np.testing.assert_allclose(t, ref, atol=1e-5)
+  np.testing.assert_array_equal((np.asarray(x) >= t[..., None]).sum(-1), k)
+
+
 def test_chat_prompts_dataset_renders_one_user_turn(tmp_path):
   tok = mh.make_tokenizer(tmp_path / "tok")
   source = tmp_path / "p.jsonl"
