@@ -146,10 +146,10 @@ def _kth_largest(x: jax.Array, k: int, iterations: int = 40) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("student_def", "teacher_def", "k"))
-def _kl_and_ends(student_def, student_params, teacher_def, teacher_params, prompt, prompt_mask,
-                 response, response_mask, end_id, k):
-  """On [prompt | response]: the full reverse KL (token mean), the part of it and the student's
-  mass outside the teacher's top-k (what LSM does not see), and which rows end with `end_id`."""
+def _reverse_kl(student_def, student_params, teacher_def, teacher_params, prompt, prompt_mask,
+                response, response_mask, k):
+  """On [prompt | response]: the full reverse KL (token mean), and the part of it and the
+  student's mass outside the teacher's top-k (what LSM does not see)."""
   p = prompt.shape[1]
   tokens = jnp.concatenate([prompt, response], axis=1)
   mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
@@ -162,8 +162,21 @@ def _kl_and_ends(student_def, student_params, teacher_def, teacher_params, promp
   n = jnp.maximum(response_mask.sum(), 1)
   tail_kl = jnp.sum(jnp.where(response_mask, jnp.sum(prob * (logp - logq), -1), 0.0)) / n
   tail_mass = jnp.sum(jnp.where(response_mask, jnp.sum(prob, -1), 0.0)) / n
-  last = jnp.take_along_axis(response, jnp.maximum(response_mask.sum(1) - 1, 0)[:, None], 1)
-  return kl, tail_kl, tail_mass, (last[:, 0] == end_id) & response_mask.any(1)
+  return kl, tail_kl, tail_mass
+
+
+def _eval_samples(model, prompt, mask, *, samples: int, max_new_tokens: int,
+                  stop: tuple[int, ...], seed: int) -> sampling.Rollout:
+  """The evaluation's draw: `samples` responses per prompt at temperature 1, top-p 1."""
+  return sampling.sample(model, prompt, mask, jax.random.key(seed), temperature=1.0,
+                         max_new_tokens=max_new_tokens, stop_token_ids=stop, num_samples=samples)
+
+
+def _ends(out: sampling.Rollout, end_id: int) -> np.ndarray:
+  """[rows] bool: the response's last token is `end_id`."""
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  last = tokens[np.arange(len(tokens)), np.maximum(mask.sum(1) - 1, 0)]
+  return (last == end_id) & mask.any(1)
 
 
 def sampled_kl(model, teacher, prompt, mask, *, samples: int, max_new_tokens: int,
@@ -172,15 +185,15 @@ def sampled_kl(model, teacher, prompt, mask, *, samples: int, max_new_tokens: in
   included: the reverse KL to the teacher per response token ("reverse_kl"), its part outside
   the teacher's top-k ("tail_kl") and the student's mass there ("tail_mass"), and the fraction
   of samples ending with `end_id` ("end_fraction")."""
-  out = sampling.sample(model, prompt, mask, jax.random.key(seed), temperature=1.0,
-                        max_new_tokens=max_new_tokens, stop_token_ids=stop, num_samples=samples)
+  out = _eval_samples(model, prompt, mask, samples=samples, max_new_tokens=max_new_tokens,
+                      stop=stop, seed=seed)
   s_def, s_params = nnx.split(model)
   t_def, t_params = nnx.split(teacher)
-  kl, tail_kl, tail_mass, ends = _kl_and_ends(
+  kl, tail_kl, tail_mass = _reverse_kl(
       s_def, s_params, t_def, t_params, jnp.repeat(prompt, samples, 0),
-      jnp.repeat(mask, samples, 0), out.tokens, out.mask, end_id, k)
+      jnp.repeat(mask, samples, 0), out.tokens, out.mask, k)
   return {"reverse_kl": float(kl), "tail_kl": float(tail_kl), "tail_mass": float(tail_mass),
-          "end_fraction": float(np.mean(np.asarray(ends)))}
+          "end_fraction": float(np.mean(_ends(out, end_id)))}
 
 
 def _teacher_assets(workdir: pathlib.Path, h, teacher, tok, train_rows, heldout, stop, end_id,
@@ -200,9 +213,9 @@ def _teacher_assets(workdir: pathlib.Path, h, teacher, tok, train_rows, heldout,
   prompt, mask = _encode(heldout, tok)
   # The teacher's own end-of-turn fraction under the student's evaluation (same draw): what a
   # healed student can reach within the token budget.
-  ended = sampled_kl(teacher, teacher, prompt, mask, samples=h.eval_samples,
-                     max_new_tokens=h.max_new_tokens, stop=stop, end_id=end_id, seed=h.seed + 1,
-                     k=1)["end_fraction"]
+  out = _eval_samples(teacher, prompt, mask, samples=h.eval_samples,
+                      max_new_tokens=h.max_new_tokens, stop=stop, seed=h.seed + 1)
+  ended = float(np.mean(_ends(out, end_id)))
   answers = {"greedy": greedy(teacher, prompt, mask, tok, h.max_new_tokens, stop),
              "end_fraction": ended}
   prompt, mask = _encode(train_rows, tok)

@@ -35,6 +35,8 @@ def test_experiment_file_documents_itself_and_has_a_smoke_variant(path):
     load(path, "no-such-variant")
 
 
+@pytest.mark.slow   # 44 s; the demo's :smoke runs from the command line in the slow
+#                     tests/test_command_line.py too
 def test_tiny_arith_smoke_runs_every_method(tmp_path, tiny_arith_dir, capsys):
   _, config = load(ROOT / "experiments" / "tiny_arith.py", "smoke")
   config.workdir = str(tmp_path)
