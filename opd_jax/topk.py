@@ -157,21 +157,25 @@ def _gather_tokens(plan: _Plan, n: int, c: int, d: int) -> int:
   return max(1, min(n, plan.chunk_tokens * plan.chunk_vocab // max(c * d, 1)))
 
 
+def _support_rows(w: Array, cols: Array) -> Array:
+  """[t, C, D] float32: the unembedding's columns `cols` ([t, C], clipped to this device's
+  vocabulary) as rows of its transpose."""
+  return jnp.take(w.T, jnp.clip(cols, 0, w.shape[1] - 1), axis=0).astype(jnp.float32)
+
+
 def _local_gathered(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, offset: Array
                     ) -> Array:
   """The logits at `cols` alone, [n, C]: rows of the unembedding's transpose gathered per token
   (no vocabulary sweep). Columns another shard owns give 0 before the merge, as in the sweep."""
   n, d, v_loc = h.shape[0], h.shape[1], w.shape[1]
   c = cols.shape[1]
-  wt = w.T
   cols_loc = cols - offset
 
   def block(xs):
     h_c, cols_c, mask_c = xs
     h_c = jnp.where(mask_c[:, None], h_c.astype(jnp.float32), 0.0)
     owned = (cols_c >= 0) & (cols_c < v_loc)
-    rows = jnp.take(wt, jnp.clip(cols_c, 0, v_loc - 1), axis=0).astype(jnp.float32)
-    return jnp.where(owned, jnp.einsum("td,tcd->tc", h_c, rows), 0.0)
+    return jnp.where(owned, jnp.einsum("td,tcd->tc", h_c, _support_rows(w, cols_c)), 0.0)
 
   chunks = _token_chunks(_gather_tokens(plan, n, c, d), h, cols_loc, mask)
   got = lax.map(block, chunks)
@@ -218,7 +222,7 @@ def _local_backward(plan: _Plan, h: Array, w: Array, cols: Array, mask: Array, l
     h_c, cols_c, mask_c, _, gg_c, _ = xs
     h_c = jnp.where(mask_c[:, None], h_c.astype(jnp.float32), 0.0)
     idx = jnp.clip(cols_c, 0, v_loc - 1)   # slots of other shards carry a zero cotangent
-    dh = jnp.einsum("tc,tcd->td", gg_c, jnp.take(w.T, idx, axis=0).astype(jnp.float32))
+    dh = jnp.einsum("tc,tcd->td", gg_c, _support_rows(w, idx))
     dwt = dwt.at[idx.reshape(-1)].add((gg_c[:, :, None] * h_c[:, None, :]).reshape(-1, d))
     return dwt, dh
 
