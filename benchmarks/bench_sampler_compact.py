@@ -45,12 +45,16 @@ def main():
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--min_rows", type=int, default=sampling.COMPACT_MIN_ROWS,
                       help="the smallest row bucket (sampling.COMPACT_MIN_ROWS)")
+  parser.add_argument("--full_cache", type=int, default=sampling.COMPACT_FULL_CACHE,
+                      help="buckets of at most rows / this take the whole budget's cache "
+                           "(sampling.COMPACT_FULL_CACHE; a huge value: never)")
   args = parser.parse_args()
   sampling.COMPACT_MIN_ROWS = args.min_rows
+  sampling.COMPACT_FULL_CACHE = args.full_cache
   result = {"load_before": round(os.getloadavg()[0], 2), "jax_backend": jax.default_backend(),
             "rows": args.prompts * args.samples, "prompt": args.prompt_len,
             "max_new_tokens": args.max_new_tokens, "stop_ids": args.stop_ids,
-            "min_rows": args.min_rows,
+            "min_rows": args.min_rows, "full_cache": args.full_cache,
             "rounds": args.repeats}
   config = models.ModelConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=256,
                               intermediate_size=1024, num_layers=args.layers, num_heads=4,

@@ -29,6 +29,12 @@ MIN_SEGMENT = 32
 # COMPACT_HALVINGS times below the full batch, never below COMPACT_MIN_ROWS (see _row_buckets).
 COMPACT_HALVINGS = 6
 COMPACT_MIN_ROWS = 1
+# Buckets of at most B*G / COMPACT_FULL_CACHE rows take a cache for the whole budget at once
+# instead of one per loop segment: one decode program per small bucket, not one per (bucket,
+# segment). The rare long responses that reach the late segments run in these buckets, so each new
+# (bucket, segment) pair met late in a run would otherwise compile another program; a few rows'
+# reads of a longer cache cost less than that (see _cache_end).
+COMPACT_FULL_CACHE = 8
 _TRACES = {"generate": 0, "prefill": 0, "decode": 0, "resize": 0, "finish": 0}
 _LAST_SCHEDULE: list = []
 
@@ -111,6 +117,13 @@ def _row_buckets(n_rows: int, divisor: int = 1) -> tuple[int, ...]:
     b = max(-(-b // 2), COMPACT_MIN_ROWS)
     out.add(min(n_rows, -(-b // divisor) * divisor))
   return tuple(sorted(out))
+
+
+def _cache_end(rows: int, n_total: int, segment_end: int, max_new_tokens: int) -> int:
+  """The decode step up to which a bucket of `rows` rows runs in one program (its cache holds the
+  prompt and this many response slots): the current segment's end, or the whole budget for a
+  bucket of at most n_total / COMPACT_FULL_CACHE rows."""
+  return max_new_tokens if rows * COMPACT_FULL_CACHE <= n_total else segment_end
 
 
 def _constrain(mesh, x, axis=0):
@@ -299,28 +312,29 @@ def _generate_compacted(graphdef, state, prompts, prompt_mask, rng, temperature,
                         topk_impl, vocab=None):
   """The rollout with finished rows dropped between decode programs (see `sample`)."""
   p = prompts.shape[1]
-  s, full = _prefill_rows(graphdef, state, prompts, prompt_mask, max_len=p + segment_ends[0],
-                          max_new_tokens=max_new_tokens, num_samples=num_samples, mesh=mesh)
   n_total = prompts.shape[0] * num_samples
   buckets = _row_buckets(n_total, 1 if mesh is None else sharding.batch_divisor(mesh))
   rows, segment, start = n_total, 0, 0
+  end = _cache_end(rows, n_total, segment_ends[0], max_new_tokens)
+  s, full = _prefill_rows(graphdef, state, prompts, prompt_mask, max_len=p + end,
+                          max_new_tokens=max_new_tokens, num_samples=num_samples, mesh=mesh)
   while True:
     smaller = [b for b in buckets if b < rows]
     shrink_at = smaller[-1] if smaller else 0
-    s, counts = _decode_rows(graphdef, state, s, rng, temperature, top_p,
-                             end=segment_ends[segment], shrink_at=shrink_at, n_total=n_total,
-                             top_k=top_k, banned=banned, stop=stop, mesh=mesh,
-                             topk_impl=topk_impl, vocab=vocab)
+    s, counts = _decode_rows(graphdef, state, s, rng, temperature, top_p, end=end,
+                             shrink_at=shrink_at, n_total=n_total, top_k=top_k, banned=banned,
+                             stop=stop, mesh=mesh, topk_impl=topk_impl, vocab=vocab)
     step, active = (int(c) for c in sharding.to_host(counts))
-    _LAST_SCHEDULE.append(dict(rows=rows, cache_len=p + segment_ends[segment], start=start,
-                               stop=step, active=active))
+    _LAST_SCHEDULE.append(dict(rows=rows, cache_len=p + end, start=start, stop=step,
+                               active=active))
     if active == 0 or step >= max_new_tokens:
       break
     if active <= shrink_at:
       rows = min(b for b in buckets if b >= active)
-    if step >= segment_ends[segment]:
+    while step >= segment_ends[segment]:
       segment += 1
-    s, full = _resize_rows(s, full, rows=rows, max_len=p + segment_ends[segment], mesh=mesh)
+    end = _cache_end(rows, n_total, segment_ends[segment], max_new_tokens)
+    s, full = _resize_rows(s, full, rows=rows, max_len=p + end, mesh=mesh)
     start = step
   return _finish_rows(s, full, mesh=mesh)
 
@@ -401,7 +415,9 @@ def sample(model, prompts, prompt_mask, rng, *, max_new_tokens: int, temperature
       shapes), a draw within rounding of a token boundary can take the neighbouring token,
       as it can in a batch of another size without compaction. The cost follows the
       unfinished rows instead of the longest one; one program per (row bucket, cache
-      length) met, compiled on first use. False, or
+      length) met, compiled on first use, where buckets of at most B*G / COMPACT_FULL_CACHE
+      rows take a cache for the whole budget (one program each, whichever segment the rare
+      long responses reach). False, or
       `sample` itself traced (under jit the host cannot read the rows): the whole rollout is
       one program over all rows.
     vocab_size: the tokens to sample from and normalise over, ids [0, vocab_size) (default:

@@ -291,6 +291,11 @@ def test_compaction_keeps_every_rows_tokens(tiny, monkeypatch):
   assert plan[-1]["active"] == 0 and plan[-1]["stop"] == lengths.max()
   for d in plan:                                          # each bucket held its unfinished rows
     assert d["rows"] >= np.sum(lengths > d["start"])
+    # Buckets of at most 16 / COMPACT_FULL_CACHE = 2 rows: the whole budget's cache at once.
+    small = d["rows"] * sampling.COMPACT_FULL_CACHE <= 16
+    assert d["cache_len"] == 16 + (48 if small else sampling._segment_ends(48)[
+        np.searchsorted(sampling._segment_ends(48), d["start"], side="right")])
+  assert any(d["rows"] <= 2 for d in plan) and any(d["rows"] > 2 for d in plan)
   assert sampling._row_buckets(16) == (1, 2, 4, 8, 16)
   assert sampling._row_buckets(24, 4) == (4, 8, 12, 24)
 
