@@ -123,10 +123,11 @@ def _texts(tok, out: sampling.Rollout, keep_special: bool = False) -> list[str]:
   return [tok.decode(r[m], skip_special_tokens=not keep_special) for r, m in zip(ids, mask)]
 
 
-def greedy(model, prompt, mask, tok, max_new_tokens: int, stop: tuple[int, ...]) -> list[str]:
+def greedy(model, prompt, mask, tok, max_new_tokens: int, stop: tuple[int, ...],
+           compact: bool = True) -> list[str]:
   """Greedy responses (special tokens shown) of `model` to left-padded prompts."""
   out = sampling.sample(model, prompt, mask, jax.random.key(0), temperature=0.0,
-                        max_new_tokens=max_new_tokens, stop_token_ids=stop)
+                        max_new_tokens=max_new_tokens, stop_token_ids=stop, compact=compact)
   return _texts(tok, out, keep_special=True)
 
 
@@ -153,8 +154,13 @@ def _reverse_kl(student_def, student_params, teacher_def, teacher_params, prompt
   p = prompt.shape[1]
   tokens = jnp.concatenate([prompt, response], axis=1)
   mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-  sl = models.forward(nnx.merge(student_def, student_params), tokens, mask)[:, p - 1:-1]
-  tl = models.forward(nnx.merge(teacher_def, teacher_params), tokens, mask)[:, p - 1:-1]
+
+  def logits(graphdef, params):   # the unembedding on the response's positions only
+    model = nnx.merge(graphdef, params)
+    hidden = models.forward(model, tokens, mask, return_hidden=True)[:, p - 1:-1]
+    return models.logits_from_hidden(model, hidden)
+
+  sl, tl = logits(student_def, student_params), logits(teacher_def, teacher_params)
   kl = losses.full_reverse_kl(sl, tl, response_mask)[0]
   logp, logq = jax.nn.log_softmax(sl), jax.nn.log_softmax(tl)
   outside = tl < _kth_largest(tl, k)[..., None]        # [B, T, V]: not in the teacher's top-k
@@ -166,10 +172,11 @@ def _reverse_kl(student_def, student_params, teacher_def, teacher_params, prompt
 
 
 def _eval_samples(model, prompt, mask, *, samples: int, max_new_tokens: int,
-                  stop: tuple[int, ...], seed: int) -> sampling.Rollout:
+                  stop: tuple[int, ...], seed: int, compact: bool = True) -> sampling.Rollout:
   """The evaluation's draw: `samples` responses per prompt at temperature 1, top-p 1."""
   return sampling.sample(model, prompt, mask, jax.random.key(seed), temperature=1.0,
-                         max_new_tokens=max_new_tokens, stop_token_ids=stop, num_samples=samples)
+                         max_new_tokens=max_new_tokens, stop_token_ids=stop, num_samples=samples,
+                         compact=compact)
 
 
 def _ends(out: sampling.Rollout, end_id: int) -> np.ndarray:
@@ -180,24 +187,27 @@ def _ends(out: sampling.Rollout, end_id: int) -> np.ndarray:
 
 
 def sampled_kl(model, teacher, prompt, mask, *, samples: int, max_new_tokens: int,
-               stop: tuple[int, ...], end_id: int, seed: int, k: int) -> dict[str, float]:
+               stop: tuple[int, ...], end_id: int, seed: int, k: int,
+               compact: bool = True) -> dict[str, float]:
   """On the student's own samples (temperature 1, top-p 1), the final end-of-turn token
   included: the reverse KL to the teacher per response token ("reverse_kl"), its part outside
   the teacher's top-k ("tail_kl") and the student's mass there ("tail_mass"), and the fraction
   of samples ending with `end_id` ("end_fraction")."""
   out = _eval_samples(model, prompt, mask, samples=samples, max_new_tokens=max_new_tokens,
-                      stop=stop, seed=seed)
+                      stop=stop, seed=seed, compact=compact)
   s_def, s_params = nnx.split(model)
   t_def, t_params = nnx.split(teacher)
+  # Prompt columns that are padding in every row are left out of the two forward passes.
+  first = int(np.argmax(np.asarray(mask).any(axis=0)))
   kl, tail_kl, tail_mass = _reverse_kl(
-      s_def, s_params, t_def, t_params, jnp.repeat(prompt, samples, 0),
-      jnp.repeat(mask, samples, 0), out.tokens, out.mask, k)
+      s_def, s_params, t_def, t_params, jnp.repeat(prompt[:, first:], samples, 0),
+      jnp.repeat(mask[:, first:], samples, 0), out.tokens, out.mask, k)
   return {"reverse_kl": float(kl), "tail_kl": float(tail_kl), "tail_mass": float(tail_mass),
           "end_fraction": float(np.mean(_ends(out, end_id)))}
 
 
 def _teacher_assets(workdir: pathlib.Path, h, teacher, tok, train_rows, heldout, stop, end_id,
-                    log) -> tuple[dict, pathlib.Path]:
+                    log, compact: bool = True) -> tuple[dict, pathlib.Path]:
   """({"greedy": the teacher's greedy held-out responses, "end_fraction": the fraction of its
   held-out samples that end with <|im_end|>}, kd.jsonl of its train samples), made once."""
   cache = workdir / "teacher_outputs.json"
@@ -214,14 +224,15 @@ def _teacher_assets(workdir: pathlib.Path, h, teacher, tok, train_rows, heldout,
   # The teacher's own end-of-turn fraction under the student's evaluation (same draw): what a
   # healed student can reach within the token budget.
   out = _eval_samples(teacher, prompt, mask, samples=h.eval_samples,
-                      max_new_tokens=h.max_new_tokens, stop=stop, seed=h.seed + 1)
+                      max_new_tokens=h.max_new_tokens, stop=stop, seed=h.seed + 1,
+                      compact=compact)
   ended = float(np.mean(_ends(out, end_id)))
-  answers = {"greedy": greedy(teacher, prompt, mask, tok, h.max_new_tokens, stop),
+  answers = {"greedy": greedy(teacher, prompt, mask, tok, h.max_new_tokens, stop, compact),
              "end_fraction": ended}
   prompt, mask = _encode(train_rows, tok)
   out = sampling.sample(teacher, prompt, mask, jax.random.key(h.seed + 7), temperature=1.0,
                         max_new_tokens=h.max_new_tokens, stop_token_ids=stop,
-                        num_samples=h.kd_samples)
+                        num_samples=h.kd_samples, compact=compact)
   targets = _texts(tok, out, keep_special=True)
   # The exact sampled ids: re-encoding the text gave one of 156 samples 49 tokens, past the
   # 48-token budget that the trainer pads reference responses to.
@@ -281,8 +292,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
   (workdir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
   log(f"prompts: {len(train_rows)} train, {len(heldout)} held-out "
       f"({sum(r['kind'] == 'arith' for r in heldout)} arithmetic)")
+  # The trainer's setting for every sampling of the demo (evaluation, teacher samples too).
+  compact = config.rollout.compact
   teacher_out, kd_file = _teacher_assets(workdir, h, teacher, tok, train_rows, heldout, stop,
-                                         end_id, log)
+                                         end_id, log, compact)
   teacher_greedy = teacher_out["greedy"]
   h_prompt, h_mask = _encode(heldout, tok)
   arith = [i for i, r in enumerate(heldout) if r["kind"] == "arith"]
@@ -297,8 +310,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     model = jax.device_put(model, jax.devices()[0])
     out = sampled_kl(model, teacher, h_prompt, h_mask, samples=h.eval_samples,
                      max_new_tokens=h.max_new_tokens, stop=stop, end_id=end_id, seed=h.seed + 1,
-                     k=config.loss.k)
-    texts = greedy(model, h_prompt, h_mask, tok, h.max_new_tokens, stop)
+                     k=config.loss.k, compact=compact)
+    texts = greedy(model, h_prompt, h_mask, tok, h.max_new_tokens, stop, compact)
     numbers = [last_number(texts[i]) for i in arith]
     out |= {"exact_match": float(np.mean([a == b for a, b in zip(numbers, teacher_numbers)])),
             "correct": float(np.mean([n == heldout[i]["answer"]

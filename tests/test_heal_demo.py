@@ -51,6 +51,36 @@ def test_kth_largest_matches_top_k(k):
   np.testing.assert_array_equal((np.asarray(x) >= t[..., None]).sum(-1), k)
 
 
+def test_sampled_kl_matches_brute_force_on_the_students_samples():
+  """The evaluation's reverse KL, its part outside the teacher's top-k and the student's mass
+  there, against per-token sums over full logits of the untrimmed batch (the evaluation drops
+  all-padding prompt columns and unembeds the response positions only)."""
+  import jax   # pylint: disable=import-outside-toplevel
+  from opd_jax import models   # pylint: disable=import-outside-toplevel
+  config = mh.tiny_model_config()
+  student = models.init_model(config, seed=1, std=0.5)
+  teacher = models.init_model(config, seed=2, std=0.5)
+  prompt, mask = mh.left_padded_batch(0, 3, 12, config.vocab_size, pads=[4, 6, 9])
+  k, stop = 5, (3, 7)
+  got = heal_demo.sampled_kl(student, teacher, prompt, mask, samples=2, max_new_tokens=6,
+                             stop=stop, end_id=3, seed=4, k=k)
+  out = heal_demo._eval_samples(student, prompt, mask, samples=2, max_new_tokens=6, stop=stop,
+                                seed=4)
+  tokens = np.concatenate([np.repeat(prompt, 2, 0), np.asarray(out.tokens)], 1)
+  full_mask = np.concatenate([np.repeat(mask, 2, 0), np.asarray(out.mask)], 1)
+  logits = [np.asarray(models.forward(m, tokens, full_mask), np.float64)[:, 11:-1]
+            for m in (student, teacher)]
+  logp, logq = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in logits)
+  p, m = np.exp(logp), np.asarray(out.mask)
+  outside = logits[1] < np.sort(logits[1], -1)[..., -k][..., None]
+  per_token = {"reverse_kl": (p * (logp - logq)).sum(-1),
+               "tail_kl": np.where(outside, p * (logp - logq), 0).sum(-1),
+               "tail_mass": np.where(outside, p, 0).sum(-1)}
+  for name, value in per_token.items():
+    np.testing.assert_allclose(got[name], value[m].mean(), rtol=2e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(got["end_fraction"], np.mean(heal_demo._ends(out, 3)))
+
+
 def test_chat_prompts_dataset_renders_one_user_turn(tmp_path):
   tok = mh.make_tokenizer(tmp_path / "tok")
   source = tmp_path / "p.jsonl"
