@@ -3,11 +3,12 @@
 Run:      make real-demo   (= python -m opd_jax.main --config=experiments/smollm_heal.py
           --config.workdir=workdir/real_demo, after make real-model)
 Smoke:    python -m opd_jax.main --config=experiments/smollm_heal.py:smoke --config.workdir=DIR
-Runtime:  19 min 20 s on the idle 2-core development machine (12 iterations of ~19 s per OPD
-          method, ~40 s per evaluation, the teacher's outputs ~1.5 min), install not
-          included; the converted models, the teacher's outputs and each method's checkpoints
-          are cached in DIR, so an interrupted run resumes. Smoke: about 4 min.
-Expected: held-out reverse KL to the teacher 1.54 -> LSM (teacher top-512) 0.98 (-36 %),
+Runtime:  17 min 57 s from a fresh clone on the idle 2-core development machine: install 89 s,
+          conversion 5 s, the demo 985 s (12 iterations of ~20 s per OPD method, ~8 s for the
+          control, ~40 s per evaluation, the teacher's outputs ~1.5 min); the converted models,
+          the teacher's outputs and each method's checkpoints are cached in DIR, so an
+          interrupted run resumes. Smoke: about 4 min.
+Expected: held-out reverse KL to the teacher 1.54 -> LSM (teacher top-512) 1.00 (-35 %),
           sampled-token OPD 1.23 (-20 %), sequence-level KD 1.10 (-29 %) after 12 iterations.
           README, "A real model: healing a pruned SmolLM2-135M", has the table, the curves and
           why K = 512 here (K = 32: -4 %).
