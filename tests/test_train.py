@@ -164,7 +164,11 @@ def test_checkpoint_init_starts_from_another_runs_step_folder(tmp_path, tiny_ari
       tmp_path / "b", tiny_arith_dir, steps=1,
       **_mesh8(**{"checkpoint.init": str(tmp_path / "a" / "checkpoints" / "1")}))
   train.run(second, log=said.append)
-  assert said[0] == f"started from {tmp_path / 'a' / 'checkpoints' / '1'} step 1 (parameters only)"
+  # The first line after the teacher/student check's.
+  started = [m for m in said if m.startswith("started from")]
+  assert started[:1] == [
+      f"started from {tmp_path / 'a' / 'checkpoints' / '1'} step 1 (parameters only)"]
+  assert said.index(started[0]) == 1 and said[0].startswith("teacher/student check:")
   second.checkpoint.init_step = 2
   second.workdir = str(tmp_path / "c")
   with pytest.raises(ConfigError, match=r"config.checkpoint.init=.* is the folder of step 1, "
