@@ -188,6 +188,8 @@ def _substitute(args: list[str], assets: dict, tmp: pathlib.Path) -> list[str]:
       if re.match(r"(runs|workdir)/", value):
         # A step's folder names a step of the 2-step ':smoke' run.
         value = str(tmp / re.sub(r"(checkpoints/)\d+$", r"\g<1>2", value))
+      elif key == "--config.workdir" and not os.path.isabs(value):
+        value = str(tmp / value)   # e.g. DIR: never a folder in the repository
       a = f"{key}={value}"
     out.append(a)
   return out
