@@ -112,10 +112,12 @@ def last_number(text: str) -> str | None:
 
 
 def _encode(rows: list[dict], tok) -> tuple[np.ndarray, np.ndarray]:
-  """Left-padded chat-template prompts (one user turn each; the template adds its system turn)."""
+  """Chat-template prompts (one user turn each; the template adds its system turn), left-padded
+  to the longest: the sampler pads them on to its prompt bucket itself, and the evaluation's
+  forward passes run on no column that is padding in every row."""
   ids = [prompt_lib.encode_prompt(prompt_lib.prompt_messages(r["prompt"], instruction=""), tok)
          for r in rows]
-  return prompt_lib.left_pad(ids, 0, sampling.bucket_length(max(len(x) for x in ids)))
+  return prompt_lib.left_pad(ids, 0)
 
 
 def _texts(tok, out: sampling.Rollout, keep_special: bool = False) -> list[str]:
@@ -197,11 +199,9 @@ def sampled_kl(model, teacher, prompt, mask, *, samples: int, max_new_tokens: in
                       stop=stop, seed=seed, compact=compact)
   s_def, s_params = nnx.split(model)
   t_def, t_params = nnx.split(teacher)
-  # Prompt columns that are padding in every row are left out of the two forward passes.
-  first = int(np.argmax(np.asarray(mask).any(axis=0)))
   kl, tail_kl, tail_mass = _reverse_kl(
-      s_def, s_params, t_def, t_params, jnp.repeat(prompt[:, first:], samples, 0),
-      jnp.repeat(mask[:, first:], samples, 0), out.tokens, out.mask, k)
+      s_def, s_params, t_def, t_params, jnp.repeat(prompt, samples, 0),
+      jnp.repeat(mask, samples, 0), out.tokens, out.mask, k)
   return {"reverse_kl": float(kl), "tail_kl": float(tail_kl), "tail_mass": float(tail_mass),
           "end_fraction": float(np.mean(_ends(out, end_id)))}
 

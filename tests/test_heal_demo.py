@@ -53,9 +53,8 @@ def test_kth_largest_matches_top_k(k):
 
 def test_sampled_kl_matches_brute_force_on_the_students_samples():
   """The evaluation's reverse KL, its part outside the teacher's top-k and the student's mass
-  there, against per-token sums over full logits of the untrimmed batch (the evaluation drops
-  all-padding prompt columns and unembeds the response positions only)."""
-  import jax   # pylint: disable=import-outside-toplevel
+  there, against per-token sums over full logits (the evaluation unembeds the response
+  positions only)."""
   from opd_jax import models   # pylint: disable=import-outside-toplevel
   config = mh.tiny_model_config()
   student = models.init_model(config, seed=1, std=0.5)
